@@ -1,0 +1,236 @@
+"""Shared plumbing: device and dtype choice, distributed setup, rank-0 printing, base dir, seeding, JSONL metrics.
+
+Nothing here runs on import. Every stage calls `setup_runtime()` once at the start of its main() and
+`teardown_runtime()` at the end; under `torchrun` that joins the process group from the environment
+(NCCL on CUDA, gloo on CPU), otherwise it is a single process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A problem with the user's input (flag, file, checkpoint, request): printed as one line, no traceback."""
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only (RANK from torchrun's environment), flushed so progress shows under pipes."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def get_base_dir() -> Path:
+    """Where tokenizers, corpora and checkpoints live: $PICOCHAT_BASE_DIR, else ~/.cache/picochat."""
+    env = os.environ.get("PICOCHAT_BASE_DIR")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "picochat"
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # numpy is a dependency, but seeding must not be the thing that breaks
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# device and dtype
+
+
+def autodetect_device(requested: str = "auto") -> torch.device:
+    """CUDA > MPS > CPU unless `requested` names one ('cpu', 'cuda', 'cuda:1', 'mps')."""
+    if requested and requested != "auto":
+        dev = torch.device(requested)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise UserError(f"--device {requested}: MPS is not available on this machine; use --device cpu")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@lru_cache(maxsize=None)
+def measure_matmul_flops(dtype_name: str = "float32", device_type: str = "cpu", n: int = 1024, reps: int = 8) -> float:
+    """Measured dense matmul throughput in FLOP/s for an n×n×n product (the 'peak' MFU is quoted against)."""
+    dtype = getattr(torch, dtype_name)
+    dev = torch.device(device_type)
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    for _ in range(2):  # warm up kernels/caches
+        a @ b
+    _sync(dev)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 * reps / best
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """The compute dtype for autocast: bf16 where the hardware runs it fast, fp32 otherwise.
+
+    On CPUs this is decided by the hardware, not assumed: CPUs here differ by ~400× in bf16 matmul speed (a Zen 5 ran
+    bf16 at 907 GFLOP/s vs 213 fp32; an AVX2-only one ran bf16 ~100× slower than fp32). With the avx512_bf16/amx_bf16
+    flags we still confirm with a 0.1 s measurement. Override with `requested` or $PICOCHAT_DTYPE.
+    """
+    requested = os.environ.get("PICOCHAT_DTYPE", requested) or "auto"
+    if requested != "auto":
+        table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+        if requested not in table:
+            raise UserError(f"dtype '{requested}' is not one of auto, fp32, bf16")
+        return table[requested]
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float32
+    if device.type == "cpu":
+        flags = _cpu_flags()
+        if flags & {"avx512_bf16", "amx_bf16"}:
+            fast = measure_matmul_flops("bfloat16", "cpu", 512, 4) > 1.5 * measure_matmul_flops("float32", "cpu", 512, 4)
+            return torch.bfloat16 if fast else torch.float32
+        return torch.float32
+    return torch.float32
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype):
+    """Autocast for bf16, a no-op context for fp32 (so the same training code serves both)."""
+    if dtype == torch.float32:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# distributed
+
+
+@dataclass
+class Runtime:
+    """What a stage needs to know about where it runs. rank/world_size are 0/1 outside torchrun."""
+
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0) -> Runtime:
+    """Pick device/dtype and join torchrun's process group when WORLD_SIZE > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = autodetect_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if world_size > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    seed_all(seed + rank)
+    return Runtime(device=dev, dtype=pick_dtype(dev, dtype), rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def teardown_runtime() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# metrics
+
+
+class MetricsLogger:
+    """Append-only JSONL file: one object per line, flushed per write, so tools can tail it during a run.
+
+    Only rank 0 writes (other ranks get a logger whose log() does nothing). Every record gets `time` (unix seconds).
+    """
+
+    def __init__(self, path: str | Path | None, enabled: bool = True):
+        self.path = Path(path) if path else None
+        self._f = None
+        if self.path is not None and enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "a", encoding="utf-8")
+
+    def log(self, record: dict) -> None:
+        if self._f is None:
+            return
+        rec = {"time": round(time.time(), 3), **record}
+        self._f.write(json.dumps(rec, default=_json_default) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.item() if o.numel() == 1 else o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_main(fn, argv=None) -> int:
+    """Run a stage's body, turning UserError into one clear line on stderr and exit status 2."""
+    try:
+        fn(argv)
+        return 0
+    except UserError as e:
+        print(f"picochat: error: {e}", file=sys.stderr, flush=True)
+        return 2

@@ -1,0 +1,166 @@
+"""Typed configuration: the model shape and one run-config dataclass per stage.
+
+Each field's one-line doc (the `doc` metadata) becomes its `--help` text: `parse_config(Cls, argv)` builds the
+argparse parser from the dataclass, so a new field is a new flag with no other edit. No YAML: presets are plain
+Python functions that return a dict of overrides (`preset_cpu()`, `preset_d20()` ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field, fields
+
+from picochat.common import UserError, print0
+
+
+def f(default, doc: str, **kw):
+    """A dataclass field with a one-line doc that becomes `--help`."""
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class ModelConfig:
+    """The GPT's shape. `n_embd` / `n_head` are derived from depth by `derive_model_config` unless given."""
+
+    depth: int = f(4, "number of transformer blocks")
+    n_embd: int = f(0, "width; 0 = 64*depth rounded up to a multiple of head_dim")
+    head_dim: int = f(64, "dimension of each attention head")
+    n_head: int = f(0, "query heads; 0 = n_embd // head_dim")
+    n_kv_head: int = f(0, "key/value heads for GQA; 0 = n_head (plain multi-head attention)")
+    vocab_size: int = f(8192, "tokenizer vocabulary size (the embedding is padded to a multiple of 64)")
+    sequence_len: int = f(512, "context length in tokens")
+    logit_softcap: float = f(15.0, "tanh soft cap on the logits (0 = off), computed in fp32")
+    rope_base: float = f(10000.0, "rotary embedding base")
+    window_pattern: str = f("L", "per-layer attention pattern, repeated: L = full causal, S = sliding window")
+    short_window: int = f(0, "sliding window size for S layers; 0 = sequence_len // 4")
+
+    def validate(self) -> None:
+        if self.depth < 1:
+            raise UserError(f"depth must be >= 1, got {self.depth}")
+        if self.n_embd % self.head_dim != 0:
+            raise UserError(f"n_embd {self.n_embd} must be a multiple of head_dim {self.head_dim}")
+        if self.n_head * self.head_dim != self.n_embd:
+            raise UserError(f"n_head*head_dim ({self.n_head}*{self.head_dim}) must equal n_embd {self.n_embd}")
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head != 0:
+            raise UserError(f"n_kv_head {self.n_kv_head} must divide n_head {self.n_head}")
+        if self.head_dim % 2:
+            raise UserError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if not self.window_pattern or set(self.window_pattern) - {"S", "L"}:
+            raise UserError(f"window_pattern '{self.window_pattern}' may contain only S and L")
+
+    def layer_window(self, layer: int) -> int:
+        """Sliding window for `layer` (0 = full causal). The last layer is always full so every token sees all."""
+        ch = self.window_pattern[layer % len(self.window_pattern)]
+        if ch == "L" or layer == self.depth - 1:
+            return 0
+        return self.short_window or max(1, self.sequence_len // 4)
+
+
+def derive_model_config(cfg: ModelConfig) -> ModelConfig:
+    """Fill the 0 = derived fields: width = 64·depth rounded up to head_dim, heads = width / head_dim."""
+    c = dataclasses.replace(cfg)
+    if c.n_embd == 0:
+        c.n_embd = math.ceil(64 * c.depth / c.head_dim) * c.head_dim
+    if c.n_head == 0:
+        c.n_head = c.n_embd // c.head_dim
+    if c.n_kv_head == 0:
+        c.n_kv_head = c.n_head
+    c.validate()
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# argparse from dataclasses
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _bool(s: str) -> bool:
+    v = s.lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got '{s}'")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: set[str] = frozenset()) -> None:
+    hints = typing.get_type_hints(cls)
+    for fl in fields(cls):
+        if fl.name in skip:
+            continue
+        typ = hints[fl.name]
+        doc = fl.metadata.get("doc", "")
+        default = fl.default if fl.default is not dataclasses.MISSING else None
+        kw: dict = {"default": argparse.SUPPRESS, "help": f"{doc} (default: {default!r})", "dest": prefix + fl.name}
+        origin = typing.get_origin(typ)
+        if typ is bool:
+            kw.update(type=_bool, nargs="?", const=True, metavar="BOOL")
+        elif origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+            inner = [a for a in typing.get_args(typ) if a is not type(None)][0]
+            kw.update(type=inner)
+        elif typ in (int, float, str):
+            kw.update(type=typ)
+        if "choices" in fl.metadata:
+            kw["choices"] = fl.metadata["choices"]
+        parser.add_argument(_flag(fl.name), **kw)
+
+
+def build(cls, values: dict):
+    """Instantiate `cls` from a dict, ignoring keys it does not have."""
+    names = {fl.name for fl in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def parse_config(cls, argv, prog: str, description: str = "", presets: dict | None = None, extra=None):
+    """Parse argv into `cls` (a run config). `presets` maps a name to a function returning overrides; the chosen
+    preset is applied first, then explicit flags. `extra(parser)` may add flags that are not config fields.
+    Returns (config, explicit_flags_dict, namespace)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=None, help="named preset applied before flags")
+    add_dataclass_args(parser, cls)
+    if extra:
+        extra(parser)
+    ns = parser.parse_args(argv)
+    explicit = {k: v for k, v in vars(ns).items() if k != "preset"}
+    values: dict = {}
+    if presets and getattr(ns, "preset", None):
+        values.update(presets[ns.preset]())
+    values.update(explicit)
+    try:
+        cfg = build(cls, values)
+    except TypeError as e:
+        raise UserError(f"{prog}: {e}") from None
+    return cfg, explicit, ns
+
+
+def log_config(cfg, title: str) -> None:
+    print0(f"--- {title} ---")
+    for fl in fields(cfg):
+        print0(f"  {fl.name:24s} = {getattr(cfg, fl.name)!r}")
+
+
+def inherit(child, parent_values: dict, explicit: dict, inheritable: list[str], title: str = "config"):
+    """Later stages inherit hyperparameters from the parent checkpoint's meta; explicit flags win.
+    Prints what was inherited and what was overridden, then returns the merged config."""
+    c = dataclasses.replace(child)
+    for name in inheritable:
+        if name in explicit:
+            if name in parent_values and parent_values[name] != explicit[name]:
+                print0(f"  {title}.{name}: overridden {parent_values[name]!r} -> {explicit[name]!r}")
+            continue
+        if name in parent_values:
+            setattr(c, name, parent_values[name])
+            print0(f"  {title}.{name}: inherited {parent_values[name]!r}")
+    return c
