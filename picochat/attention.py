@@ -1,0 +1,112 @@
+"""Attention kernels behind one API, the backend chosen once per process.
+
+    attn(q, k, v, causal=True, window=0)                      training / full forward
+    attn_with_cache(q, k, v, k_cache, v_cache, pos, kv_len, window=0)   prefill and decode with a KV cache
+
+Layouts: q (B, T, H, D); k, v (B, T, Hkv, D) with H % Hkv == 0 (GQA); the output is (B, T, H, D).
+Backends: FlashAttention-3 (`flash_attn_interface`) on Hopper GPUs when it is installed, otherwise PyTorch SDPA
+(which itself dispatches to flash / memory-efficient / CPU-flash kernels). `PICOCHAT_ATTN=sdpa|fa3` overrides the
+choice (the parity test uses it). The choice and its reason are logged once by `describe_backend()`.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+
+@lru_cache(maxsize=None)
+def _backend() -> tuple[str, str]:
+    """(name, reason). Cached: decided once per process."""
+    forced = os.environ.get("PICOCHAT_ATTN", "").lower()
+    if forced and forced not in ("sdpa", "fa3"):
+        raise ValueError(f"PICOCHAT_ATTN={forced!r}: expected 'sdpa' or 'fa3'")
+    if forced == "sdpa":
+        return "sdpa", "forced by PICOCHAT_ATTN"
+    fa3_reason = "no CUDA device"
+    if torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability()
+        if major != 9:
+            fa3_reason = f"GPU is sm{major}x, FlashAttention-3 needs Hopper (sm90)"
+        else:
+            try:
+                import flash_attn_interface  # noqa: F401
+
+                return "fa3", "Hopper GPU with flash_attn_interface installed"
+            except ImportError:
+                fa3_reason = "flash_attn_interface not installed"
+    if forced == "fa3":
+        raise RuntimeError(f"PICOCHAT_ATTN=fa3 but FlashAttention-3 is unavailable: {fa3_reason}")
+    return "sdpa", f"PyTorch SDPA ({fa3_reason})"
+
+
+def describe_backend() -> str:
+    name, reason = _backend()
+    return f"attention backend: {name} ({reason})"
+
+
+def _band_mask(Tq: int, Tk: int, offset: int, window: int, device) -> torch.Tensor:
+    """(Tq, Tk) bool: query i (at absolute position offset+i) may see key j iff j <= offset+i and, with a window,
+    offset+i - j < window."""
+    qpos = torch.arange(Tq, device=device)[:, None] + offset
+    kpos = torch.arange(Tk, device=device)[None, :]
+    m = kpos <= qpos
+    if window > 0:
+        m = m & (qpos - kpos < window)
+    return m
+
+
+def _sdpa(q, k, v, mask=None, causal=False):
+    # SDPA wants (B, H, T, D); GQA via enable_gqa, which broadcasts kv heads without materialising copies
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.size(1) != k.size(1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=gqa)
+    return y.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
+
+
+def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, window: int = 0) -> torch.Tensor:
+    """Self-attention over one sequence block (no cache). `window` > 0 limits each query to the last `window` keys."""
+    name, _ = _backend()
+    T = q.size(1)
+    if name == "fa3":
+        import flash_attn_interface
+
+        ws = (window - 1 if window > 0 else -1, 0)
+        return flash_attn_interface.flash_attn_func(q, k, v, causal=causal, window_size=ws)
+    if window > 0 and window < T:
+        return _sdpa(q, k, v, mask=_band_mask(T, T, 0, window, q.device))
+    return _sdpa(q, k, v, causal=causal)
+
+
+def attn_with_cache(q, k, v, k_cache, v_cache, pos, kv_len: int, window: int = 0) -> torch.Tensor:
+    """Write this step's k, v into the cache at each row's position, then attend over the cache.
+
+    k_cache, v_cache: (B, Tmax, Hkv, D) storage for one layer, written in place.
+    pos: an int when every row starts at the same position (generation of N samples from one prompt), else a (B,)
+         int64 tensor of per-row start positions (continuous batching: rows of different requests).
+    kv_len: a Python int >= max(pos) + T, how much of the cache to attend over (passed in so no device sync is needed).
+    The cache's own bookkeeping (advancing positions) belongs to the caller, after the forward pass.
+    """
+    B, T = q.shape[:2]
+    if isinstance(pos, int):
+        k_cache[:, pos : pos + T] = k
+        v_cache[:, pos : pos + T] = v
+        kk, vv = k_cache[:, :kv_len], v_cache[:, :kv_len]
+        if T == 1 and (window <= 0 or kv_len <= window):
+            return _sdpa(q, kk, vv)  # one query sees every cached key: no mask needed
+        return _sdpa(q, kk, vv, mask=_band_mask(T, kv_len, pos, window, q.device))
+    # per-row positions: scatter each row's T new entries to pos[b] .. pos[b]+T-1
+    idx = pos[:, None] + torch.arange(T, device=q.device)  # (B, T)
+    rows = torch.arange(B, device=q.device)[:, None].expand(B, T)
+    k_cache[rows, idx] = k
+    v_cache[rows, idx] = v
+    kk, vv = k_cache[:, :kv_len], v_cache[:, :kv_len]
+    kpos = torch.arange(kv_len, device=q.device)[None, None, :]  # (1, 1, S)
+    qpos = idx[:, :, None]  # (B, T, 1)
+    mask = kpos <= qpos
+    if window > 0:
+        mask = mask & (qpos - kpos < window)
+    return _sdpa(q, kk, vv, mask=mask[:, None])  # mask (B, 1, T, S) broadcasts over heads

@@ -1,0 +1,222 @@
+"""Checkpoints: atomic save/load of model weights, per-rank optimizer shards, per-rank loader state and meta.
+
+Layout: <base>/checkpoints/<stage>/step_000100/{model.pt, optim_rank0.pt, ..., loader_rank0.json, ..., meta.json}
+with stage in base | mid | sft | rl.
+
+Atomicity: every rank writes its files into `.tmp_step_000100/`, each file is fsynced, then rank 0 renames the
+directory to `step_000100/` and fsyncs the parent. A rename is atomic on POSIX filesystems, so a crash at any point
+leaves either the old set of checkpoints or the old set plus the new one; never a half-written `step_*` directory.
+Older checkpoints beyond `keep_last` are deleted only after the new one is in place. Multi-node runs need a shared
+filesystem for the checkpoint directory (each rank writes its own shard into the same folder).
+
+Provenance: meta.json holds the resolved model and run config, git commit + dirty flag, tokenizer hash, world size,
+step, wall time and the sizes of every file (a truncated file is detected before torch.load is even tried).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from picochat.common import UserError, autodetect_device, get_base_dir
+from picochat.config import ModelConfig
+
+STAGES = ("base", "mid", "sft", "rl")  # in pipeline order: latest_source() picks the last that exists
+_STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+def checkpoint_dir(stage: str, base_dir: str | Path | None = None) -> Path:
+    if stage not in STAGES:
+        raise UserError(f"unknown checkpoint source '{stage}'; expected one of {', '.join(STAGES)}")
+    return Path(base_dir or get_base_dir()) / "checkpoints" / stage
+
+
+def git_info() -> dict:
+    """Commit and dirty flag of the source tree, or 'unknown' outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"commit": "unknown", "dirty": None}
+
+
+def _plain(x):
+    return asdict(x) if is_dataclass(x) else dict(x)
+
+
+def build_meta(model_config: ModelConfig, run_config, tokenizer_hash: str, step: int, world_size: int,
+               **extra) -> dict:
+    return {"model_config": _plain(model_config), "run_config": _plain(run_config) if run_config else {},
+            "tokenizer_hash": tokenizer_hash, "step": step, "world_size": world_size, "git": git_info(),
+            "saved_at": time.time(), **extra}
+
+
+def _fsync_write(path: Path, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def strip_compile_prefix(state: dict) -> dict:
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, optim_state: dict | None,
+                    meta: dict, loader_state: dict | None = None, rank: int = 0, keep_last: int = 2) -> Path:
+    """Collective under torch.distributed: every rank calls it with its own optimizer/loader state; rank 0 also
+    passes model_state and meta. Returns the final directory."""
+    ckpt_dir = Path(ckpt_dir)
+    name = f"step_{step:06d}"
+    tmp, final = ckpt_dir / f".tmp_{name}", ckpt_dir / name
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left over from a crash during an earlier save of this step
+        tmp.mkdir()
+    _barrier()
+    if optim_state is not None:
+        _fsync_write(tmp / f"optim_rank{rank}.pt", lambda f: torch.save(optim_state, f))
+    if loader_state is not None:
+        _fsync_write(tmp / f"loader_rank{rank}.json", lambda f: f.write(json.dumps(loader_state).encode()))
+    _barrier()
+    if rank == 0:
+        _fsync_write(tmp / "model.pt", lambda f: torch.save(strip_compile_prefix(model_state), f))
+        meta = {**meta, "step": step, "files": {p.name: p.stat().st_size for p in tmp.iterdir()}}
+        _fsync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=2, default=str).encode()))
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step: move the old one aside first, delete after the swap
+            trash = ckpt_dir / f".old_{name}_{os.getpid()}"
+            final.rename(trash)
+            tmp.rename(final)
+            shutil.rmtree(trash)
+        else:
+            tmp.rename(final)
+        _fsync_dir(ckpt_dir)
+        for old in list_steps(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(ckpt_dir / f"step_{old:06d}", ignore_errors=True)
+    _barrier()
+    return final
+
+
+def list_steps(ckpt_dir: str | Path) -> list[int]:
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in d.iterdir() if (m := _STEP_RE.match(p.name)) and (p / "meta.json").exists())
+
+
+def _load_file(path: Path, expected_size: int | None, device) -> object:
+    if not path.exists():
+        raise UserError(f"checkpoint file {path} is missing; the checkpoint is incomplete, delete its folder or pick "
+                        f"another --step")
+    if expected_size is not None and path.stat().st_size != expected_size:
+        raise UserError(f"checkpoint file {path} is {path.stat().st_size} bytes but meta.json says {expected_size}: "
+                        f"it is truncated or corrupt; delete its folder or pick another --step")
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises several types for a corrupt zip/pickle; all mean the same thing here
+        raise UserError(f"checkpoint file {path} cannot be read ({type(e).__name__}): it is corrupt; delete its "
+                        f"folder or pick another --step") from None
+
+
+def load_checkpoint(ckpt_dir: str | Path, step: int | None = None, rank: int = 0, device="cpu",
+                    load_optim: bool = True) -> dict:
+    """Returns {"step", "meta", "model", "optim", "loader"} (optim/loader None when absent or not asked)."""
+    ckpt_dir = Path(ckpt_dir)
+    steps = list_steps(ckpt_dir)
+    if not steps:
+        raise UserError(f"no checkpoint in {ckpt_dir}; train that stage first")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"no checkpoint for step {step} in {ckpt_dir}; available: {steps}")
+    d = ckpt_dir / f"step_{step:06d}"
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint file {d / 'meta.json'} cannot be read ({e}); delete its folder") from None
+    sizes = meta.get("files", {})
+    out = {"step": step, "meta": meta, "dir": d, "optim": None, "loader": None}
+    out["model"] = _load_file(d / "model.pt", sizes.get("model.pt"), device)
+    if load_optim and f"optim_rank{rank}.pt" in sizes:
+        out["optim"] = _load_file(d / f"optim_rank{rank}.pt", sizes[f"optim_rank{rank}.pt"], device)
+    if f"loader_rank{rank}.json" in sizes:
+        out["loader"] = _load_file(d / f"loader_rank{rank}.json", sizes[f"loader_rank{rank}.json"], device)
+    return out
+
+
+def check_compatible(meta: dict, model_config: ModelConfig | None, tokenizer_hash: str | None, where: Path) -> None:
+    """A clear error when a checkpoint was made with another tokenizer or model shape."""
+    if tokenizer_hash is not None and meta.get("tokenizer_hash") != tokenizer_hash:
+        raise UserError(f"checkpoint {where} was trained with tokenizer {meta.get('tokenizer_hash')} but the current "
+                        f"tokenizer is {tokenizer_hash}; use the tokenizer it was trained with or start a new run")
+    if model_config is not None:
+        saved, now = meta.get("model_config", {}), asdict(model_config)
+        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if diff:
+            items = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise UserError(f"checkpoint {where} has a different model config ({items}); pass matching flags or "
+                            f"start a new run")
+
+
+def latest_source(base_dir: str | Path | None = None) -> str | None:
+    """The most advanced stage that has a checkpoint (rl > sft > mid > base), or None."""
+    for stage in reversed(STAGES):
+        if list_steps(checkpoint_dir(stage, base_dir)):
+            return stage
+    return None
+
+
+def load_model(source: str = "auto", step: int | None = None, device="cpu", base_dir: str | Path | None = None):
+    """(model in eval mode, tokenizer, meta) for inference and evaluation. source 'auto' = latest_source()."""
+    from picochat.model import GPT
+    from picochat.tokenizer import get_tokenizer
+
+    if source == "auto":
+        source = latest_source(base_dir)
+        if source is None:
+            raise UserError(f"no trained model under {Path(base_dir or get_base_dir()) / 'checkpoints'}; run "
+                            f"`picochat pretrain` first")
+    device = autodetect_device(str(device)) if isinstance(device, str) else device
+    ck = load_checkpoint(checkpoint_dir(source, base_dir), step, device=device, load_optim=False)
+    tok = get_tokenizer(Path(base_dir) / "tokenizer" if base_dir else None)
+    check_compatible(ck["meta"], None, tok.hash(), ck["dir"])
+    cfg = ModelConfig(**ck["meta"]["model_config"])
+    model = GPT(cfg).to(device)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {ck['dir'] / 'model.pt'} does not match its meta.json model config: "
+                        f"{str(e).splitlines()[0]}") from None
+    model.eval()
+    return model, tok, {**ck["meta"], "source": source}

@@ -1,0 +1,210 @@
+"""The GPT: token embedding -> pre-norm blocks (attention + ReLU² MLP) -> final norm -> untied lm_head.
+
+Only the network lives here: no sampling loop (that is engine.py) and no optimizer algorithm (optim.py).
+Choices, each for a reason:
+- RMSNorm without parameters (fewer things to tune; what modern small GPTs use).
+- Rotary position embeddings, precomputed cos/sin, offset by the KV-cache position; QK RMSNorm keeps attention
+  logits bounded so Muon's larger updates stay stable.
+- ReLU² MLP (4x wide), no biases anywhere, zero-initialised output projections (each block starts as identity).
+- Logit soft cap 15·tanh(x/15) computed in fp32: bounds early-training logits; fp32 because bf16 tanh near the cap
+  loses the small differences between tokens.
+- The vocabulary is padded to a multiple of 64 for matmul efficiency and the logits are sliced back.
+
+Run a tiny smoke check: `python -m picochat.model` prints the parameter breakdown and FLOPs/token of the CPU preset.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from picochat.attention import attn, attn_with_cache
+from picochat.config import ModelConfig, derive_model_config
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D); cos/sin broadcastable to (B, T, 1, D/2). Rotates the two halves of each head as pairs."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.window = cfg.layer_window(layer)
+        C = cfg.n_embd
+        self.c_q = nn.Linear(C, cfg.n_head * cfg.head_dim, bias=False)
+        self.c_k = nn.Linear(C, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.c_v = nn.Linear(C, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, C, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, C) -> (B, T, H, D)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        if kv_cache is None:
+            y = attn(q, k, v, causal=True, window=self.window)
+        else:
+            k_cache, v_cache = kv_cache.layer(self.layer)
+            y = attn_with_cache(q, k, v, k_cache, v_cache, kv_cache.pos, kv_cache.kv_len(T), self.window)
+        return self.c_proj(y.reshape(B, T, -1))  # (B, T, H, D) -> (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    """forward(idx (B, T) int64, targets (B, T) int64 or None, kv_cache=None, loss_reduction='mean').
+
+    Without targets it returns logits (B, T, vocab_size) in fp32; with targets the loss (mean over targets != -1, or
+    per-token (B, T) with loss_reduction='none', 0 at ignored positions). `kv_cache` (see engine.KVCache) must give
+    `.pos` (int or (B,) tensor of start positions), `.kv_len(T)` and `.layer(i) -> (k, v)`; the caller advances it.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        cfg = derive_model_config(config)
+        self.config = cfg
+        self.padded_vocab = math.ceil(cfg.vocab_size / 64) * 64
+        self.wte = nn.Embedding(self.padded_vocab, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
+        self.lm_head = nn.Linear(cfg.n_embd, self.padded_vocab, bias=False)
+        cos, sin = self._rotary(cfg.sequence_len)
+        self.register_buffer("cos", cos, persistent=False)  # (T, D/2)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary(self, T: int, device=None):
+        d = self.config.head_dim
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+        freqs = torch.outer(torch.arange(T, dtype=torch.float32, device=device), inv_freq)  # (T, D/2)
+        return freqs.cos(), freqs.sin()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Embedding ~ N(0, 1); lm_head ~ N(0, 0.001) so the initial loss is ln(vocab); input projections uniform with
+        std 1/sqrt(C); output projections zero so each block starts as the identity."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0 if seed is None else seed)
+
+        def fill(p, fn):
+            tmp = torch.empty(p.shape, dtype=torch.float32)
+            fn(tmp)
+            p.copy_(tmp)
+
+        fill(self.wte.weight, lambda t: t.normal_(0.0, 1.0, generator=gen))
+        fill(self.lm_head.weight, lambda t: t.normal_(0.0, 0.001, generator=gen))
+        bound = math.sqrt(3.0) / math.sqrt(self.config.n_embd)  # uniform(-b, b) has std 1/sqrt(C)
+        for blk in self.blocks:
+            for lin in (blk.attn.c_q, blk.attn.c_k, blk.attn.c_v, blk.mlp.c_fc):
+                fill(lin.weight, lambda t: t.uniform_(-bound, bound, generator=gen))
+            blk.attn.c_proj.weight.zero_()
+            blk.mlp.c_proj.weight.zero_()
+        cos, sin = self._rotary(self.config.sequence_len, self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def param_kinds(self) -> dict[str, list[nn.Parameter]]:
+        """Parameter groups for the optimizer: Muon for block matrices, AdamW (own LRs) for the rest."""
+        return {
+            "matrix": [p for p in self.blocks.parameters()],
+            "embedding": [self.wte.weight],
+            "unembedding": [self.lm_head.weight],
+            "scalar": [],
+        }
+
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts by part (the embedding and lm_head counted at their padded size)."""
+        counts = {
+            "wte": self.wte.weight.numel(),
+            "blocks_attn": sum(p.numel() for b in self.blocks for p in b.attn.parameters()),
+            "blocks_mlp": sum(p.numel() for b in self.blocks for p in b.mlp.parameters()),
+            "lm_head": self.lm_head.weight.numel(),
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def estimate_flops(self, seq_len: int | None = None) -> dict[str, float]:
+        """Training matmul FLOPs per token (forward + backward = 3x forward).
+
+        linear: 6 x (parameters of all linear layers incl. lm_head; the embedding lookup is not a matmul).
+        attention: per layer QK^T and AV cost 2·2·H·D FLOPs per (query, key) pair forward; a causal query at position t
+        sees t+1 keys (at most `window`), so we count the *average* number of keys actually attended, x3 for training.
+        This is stricter than the usual 12·L·H·D·T convention, which counts the masked half too.
+        """
+        cfg = self.config
+        T = seq_len or cfg.sequence_len
+        n_linear = sum(p.numel() for p in self.blocks.parameters()) + self.lm_head.weight.numel()
+        attn_flops = 0.0
+        for layer in range(cfg.depth):
+            w = cfg.layer_window(layer) or T
+            avg_keys = sum(min(t + 1, w) for t in range(T)) / T
+            attn_flops += 3 * 4 * cfg.n_head * cfg.head_dim * avg_keys
+        return {"linear": 6.0 * n_linear, "attention": attn_flops, "total": 6.0 * n_linear + attn_flops,
+                "palm_convention": 6.0 * n_linear + 12 * cfg.depth * cfg.n_head * cfg.head_dim * T}
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction: str = "mean"):
+        B, T = idx.shape
+        if kv_cache is None:
+            if T > self.cos.size(0):
+                raise ValueError(f"sequence of {T} tokens exceeds the model's context {self.cos.size(0)}")
+            cos, sin = self.cos[None, :T, None], self.sin[None, :T, None]  # (1, T, 1, D/2)
+        elif isinstance(kv_cache.pos, int):
+            p = kv_cache.pos
+            cos, sin = self.cos[None, p : p + T, None], self.sin[None, p : p + T, None]
+        else:
+            positions = kv_cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # (B, T, 1, D/2)
+        x = norm(self.wte(idx))
+        for block in self.blocks:
+            x = block(x, cos, sin, kv_cache)
+        x = norm(x)
+        logits = self.lm_head(x)[..., : self.config.vocab_size].float()  # (B, T, V) in fp32 for the softcap
+        cap = self.config.logit_softcap
+        if cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
+
+
+def main(argv=None) -> None:
+    cfg = derive_model_config(ModelConfig(depth=6, head_dim=64, vocab_size=8192, sequence_len=512))
+    model = GPT(cfg)
+    print(model.num_params())
+    print(model.estimate_flops())
+
+
+if __name__ == "__main__":
+    main()

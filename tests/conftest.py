@@ -1,0 +1,48 @@
+"""Shared test setup: offline hub settings, a private base dir per session, tiny tokenizer/model fixtures."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("PICOCHAT_DTYPE", "fp32")  # tests compare numbers; bf16 would need looser tolerances
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_TEXT = (
+    "The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question. "
+    "In the beginning God created the heaven and the earth. def add(a, b):\n    return a + b\n"
+    "Numbers 12345 and 3.14159; emoji \U0001f600 and accents café naïve. "
+) * 40
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from picochat.tokenizer import Tokenizer
+
+    return Tokenizer.train([TINY_TEXT], vocab_size=320)
+
+
+def make_tiny_model(vocab_size: int, depth: int = 2, head_dim: int = 16, n_embd: int = 64, n_kv_head: int = 0,
+                    sequence_len: int = 128, seed: int = 0, **kw):
+    from picochat.config import ModelConfig
+    from picochat.model import GPT
+
+    cfg = ModelConfig(depth=depth, head_dim=head_dim, n_embd=n_embd, n_kv_head=n_kv_head, vocab_size=vocab_size,
+                      sequence_len=sequence_len, **kw)
+    model = GPT(cfg)
+    model.init_weights(seed)
+    return model
+
+
+def randomize_outputs(model, seed: int = 0, std: float = 0.05):
+    """Zero-initialised projections and a tiny lm_head make a fresh model nearly constant; tests that compare code
+    paths need a model whose outputs depend on the input."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2 and p is not model.wte.weight:
+                p.copy_(torch.randn(p.shape, generator=g) * (std if p is not model.lm_head.weight else 0.5))
+    return model

@@ -1,0 +1,117 @@
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_model, randomize_outputs
+from picochat.config import ModelConfig, derive_model_config
+from picochat.common import UserError
+from picochat.engine import KVCache
+
+
+def test_derived_config():
+    c = derive_model_config(ModelConfig(depth=6, head_dim=64))
+    assert (c.n_embd, c.n_head, c.n_kv_head) == (384, 6, 6)
+    c = derive_model_config(ModelConfig(depth=5, head_dim=128))
+    assert c.n_embd == 384 and c.n_head == 3  # 320 rounded up to a multiple of 128
+    with pytest.raises(UserError, match="n_kv_head"):
+        derive_model_config(ModelConfig(depth=4, head_dim=64, n_kv_head=3))
+
+
+def test_initial_loss_is_ln_vocab():
+    torch.manual_seed(0)
+    model = make_tiny_model(vocab_size=500)
+    x = torch.randint(0, 500, (4, 32))
+    loss = model(x, targets=torch.roll(x, -1, 1)).item()
+    assert abs(loss - math.log(500)) < 0.2
+    assert model.lm_head.weight.shape[0] == 512  # padded to a multiple of 64, sliced back in the logits
+    assert model(x).shape == (4, 32, 500)
+
+
+def test_loss_reduction_and_ignore_index():
+    model = randomize_outputs(make_tiny_model(vocab_size=100))
+    x = torch.randint(0, 100, (2, 16))
+    y = torch.randint(0, 100, (2, 16))
+    y[0, :5] = -1
+    per_tok = model(x, targets=y, loss_reduction="none")
+    assert per_tok.shape == (2, 16) and torch.all(per_tok[0, :5] == 0)
+    mean = model(x, targets=y)
+    assert torch.allclose(mean, per_tok.sum() / (y != -1).sum(), atol=1e-6)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = make_tiny_model(vocab_size=64, depth=2, n_embd=64, head_dim=16, sequence_len=32)
+    x = torch.randint(0, 64, (4, 32))
+    y = torch.randint(0, 64, (4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(300):
+        loss = model(x, targets=y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.1:
+            break
+    assert loss.item() < 0.1, f"loss {loss.item():.3f} after {step + 1} steps"
+
+
+@pytest.mark.parametrize("n_kv_head", [0, 2, 1])
+def test_kv_cache_matches_full_forward(n_kv_head):
+    torch.manual_seed(0)
+    model = randomize_outputs(make_tiny_model(vocab_size=200, n_embd=64, head_dim=16, n_kv_head=n_kv_head))
+    model.eval()
+    x = torch.randint(0, 200, (3, 24))
+    with torch.no_grad():
+        full = model(x)
+        cfg = model.config
+        cache = KVCache(cfg.depth, 3, cfg.sequence_len, cfg.n_kv_head, cfg.head_dim, "cpu", torch.float32)
+        parts = [model(x[:, :10], kv_cache=cache.view(slice(0, 3), [0, 0, 0]))]
+        for t in range(10, 24):
+            parts.append(model(x[:, t : t + 1], kv_cache=cache.view(slice(0, 3), [t, t, t])))
+        cached = torch.cat(parts, dim=1)
+    assert (full - cached).abs().max().item() < 1e-4
+
+
+def test_kv_cache_rows_at_different_positions():
+    """Continuous batching: rows whose prompts differ in length decode together with per-row positions."""
+    torch.manual_seed(1)
+    model = randomize_outputs(make_tiny_model(vocab_size=200, n_kv_head=2), seed=3)
+    model.eval()
+    a, b = torch.randint(0, 200, (1, 12)), torch.randint(0, 200, (1, 7))
+    cfg = model.config
+    with torch.no_grad():
+        cache = KVCache(cfg.depth, 2, cfg.sequence_len, cfg.n_kv_head, cfg.head_dim, "cpu", torch.float32)
+        model(a, kv_cache=cache.view(slice(0, 1), [0]))
+        model(b, kv_cache=cache.view(slice(1, 2), [0]))
+        nxt = torch.tensor([[5], [9]])
+        step = model(nxt, kv_cache=cache.view(slice(0, 2), [12, 7]))[:, -1]
+        ref_a = model(torch.cat([a, nxt[:1]], 1))[:, -1]
+        ref_b = model(torch.cat([b, nxt[1:]], 1))[:, -1]
+    assert (step[0] - ref_a[0]).abs().max() < 1e-4 and (step[1] - ref_b[0]).abs().max() < 1e-4
+
+
+def test_sliding_window_limits_context():
+    torch.manual_seed(0)
+    model = randomize_outputs(make_tiny_model(vocab_size=100, depth=2, window_pattern="S", short_window=4), seed=2)
+    model.eval()
+    assert model.config.layer_window(0) == 4 and model.config.layer_window(1) == 0  # last layer always full
+    x = torch.randint(0, 100, (1, 16))
+    with torch.no_grad():
+        full = model(x)
+        cfg = model.config
+        cache = KVCache(cfg.depth, 1, cfg.sequence_len, cfg.n_kv_head, cfg.head_dim, "cpu", torch.float32)
+        parts = [model(x[:, :1], kv_cache=cache.view(slice(0, 1), [0]))]
+        for t in range(1, 16):
+            parts.append(model(x[:, t : t + 1], kv_cache=cache.view(slice(0, 1), [t])))
+    assert (full - torch.cat(parts, 1)).abs().max() < 1e-4
+
+
+def test_flops_and_params():
+    model = make_tiny_model(vocab_size=8192, depth=6, n_embd=384, head_dim=64, sequence_len=512)
+    n = model.num_params()
+    C = 384
+    assert n["blocks_attn"] == 6 * 4 * C * C and n["blocks_mlp"] == 6 * 8 * C * C
+    fl = model.estimate_flops()
+    assert fl["linear"] == 6 * (n["blocks_attn"] + n["blocks_mlp"] + n["lm_head"])
+    # causal average: (T+1)/2 keys per query, 12·H·D FLOPs per key per layer in training
+    assert abs(fl["attention"] - 6 * 12 * 6 * 64 * (513 / 2)) < 1e-3
