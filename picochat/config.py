@@ -164,3 +164,79 @@ def inherit(child, parent_values: dict, explicit: dict, inheritable: list[str], 
             setattr(c, name, parent_values[name])
             print0(f"  {title}.{name}: inherited {parent_values[name]!r}")
     return c
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# supervised training (pretrain / midtrain / sft share these; each stage subclasses and adds its own)
+
+
+@dataclass
+class TrainConfig:
+    """Knobs of the one supervised loop (picochat/train/loop.py)."""
+
+    device: str = f("auto", "cuda | mps | cpu | auto (CUDA > MPS > CPU)")
+    dtype: str = f("auto", "auto (bf16 where the hardware runs it fast) | fp32 | bf16")
+    compile: bool = f(False, "torch.compile the model for training (pays off after a few hundred steps)")
+    seed: int = f(0, "random seed (weights init, sampling)")
+    device_batch_size: int = f(16, "sequences per micro-batch per device")
+    total_batch_size: int = f(16384, "tokens per optimizer step across all ranks (gradient accumulation fills it)")
+    num_steps: int = f(-1, "optimizer steps; -1 = derived by the stage (data ratio, or one pass over the data)")
+    max_minutes: float = f(0.0, "wall-clock budget in minutes (0 = none); the LR schedule compresses so the "
+                                "warmdown still happens")
+    warmup_steps: int = f(10, "linear LR warmup steps")
+    warmdown_ratio: float = f(0.3, "fraction of training spent decaying the LR to final_lr_frac")
+    final_lr_frac: float = f(0.0, "LR at the end, as a fraction of the peak")
+    schedule: str = f("trapezoid", "LR shape: trapezoid (warmup, constant, linear warmdown) or cosine",
+                      choices=["trapezoid", "cosine"])
+    matrix_lr: float = f(0.02, "Muon LR for the 2-D matrices in the blocks")
+    embedding_lr: float = f(0.2, "AdamW LR for the token embedding (at width 768; scaled by (C/768)^-0.5)")
+    unembedding_lr: float = f(0.004, "AdamW LR for lm_head (at width 768; scaled by (C/768)^-0.5)")
+    scalar_lr: float = f(0.5, "AdamW LR for per-layer scalars")
+    weight_decay: float = f(0.0, "decoupled weight decay on 2-D parameters")
+    grad_clip: float = f(1.0, "clip the global gradient norm to this (0 = off)")
+    eval_every: int = f(100, "evaluate validation bits-per-byte every N steps (and at the end; 0 = only the end)")
+    eval_tokens: int = f(65536, "validation tokens per evaluation")
+    sample_every: int = f(0, "print samples from fixed prompts every N steps (0 = only at the end)")
+    save_every: int = f(0, "checkpoint every N steps (and always at the end; 0 = only the end)")
+    keep_last: int = f(2, "checkpoints to keep")
+    resume: bool = f(False, "continue from the latest checkpoint of this stage")
+    run: str = f("", "run name; set together with --wandb to log to Weights & Biases")
+    wandb: bool = f(False, "log metrics to wandb (needs `pip install wandb` and a login)")
+    metrics: str = f("", "JSONL metrics path; empty = <base>/logs/<stage>.jsonl")
+    corpus: str = f("default", "corpus name under <base>/corpus (see `picochat data`)")
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """`picochat pretrain`: model shape + the loop's knobs; the step count derives from a tokens:params ratio."""
+
+    depth: int = f(4, "transformer blocks; width = 64*depth (rounded to head_dim) unless --n-embd")
+    n_embd: int = f(0, "model width (0 = derived from depth)")
+    head_dim: int = f(64, "attention head dimension")
+    n_kv_head: int = f(0, "key/value heads for GQA (0 = same as query heads)")
+    max_seq_len: int = f(256, "context length / training sequence length")
+    window_pattern: str = f("L", "attention pattern per layer, repeated: L full, S sliding window (e.g. SSSL)")
+    target_param_data_ratio: float = f(20.0, "training tokens per parameter (Chinchilla ~20) when num_steps is -1")
+
+
+def preset_cpu() -> dict:
+    """A 10-minute laptop run: small enough to take a few hundred optimizer steps on 2 cores."""
+    return dict(depth=4, head_dim=64, max_seq_len=256, device_batch_size=16, total_batch_size=8192,
+                warmup_steps=10, eval_every=50, eval_tokens=32768, save_every=100, max_minutes=10.0)
+
+
+def preset_d12() -> dict:
+    return dict(depth=12, head_dim=128, max_seq_len=2048, device_batch_size=32, total_batch_size=524288,
+                target_param_data_ratio=10.0, eval_every=250, eval_tokens=10 * 524288, save_every=1000, compile=True)
+
+
+def preset_d20() -> dict:
+    """The speedrun-size model (~560M parameters) for 8 GPUs."""
+    return {**preset_d12(), "depth": 20}
+
+
+def preset_d26() -> dict:
+    return {**preset_d12(), "depth": 26, "device_batch_size": 16}
+
+
+PRETRAIN_PRESETS = {"cpu": preset_cpu, "d12": preset_d12, "d20": preset_d20, "d26": preset_d26}

@@ -1,0 +1,237 @@
+"""The ONE supervised training loop, shared by pretraining, midtraining and SFT.
+
+Stages differ only in what they pass in a `Stage`: the batch source, the schedule unit (steps, or progress through
+the data), the periodic evaluations and the checkpoint directory/meta. The step itself reads top to bottom:
+
+    for each step:  evaluate? -> set LR and Muon momentum -> fetch micro-batches -> count supervised targets
+                    -> forward/backward each micro-batch -> optimizer step (reduce, clip, update) -> log -> save?
+
+Loss scaling: each micro-batch's loss is summed over its supervised targets and divided by the number of supervised
+targets in the WHOLE step (all micro-batches, all ranks). With masked SFT data the per-micro-batch counts differ, and
+averaging per-micro-batch means (the easy way) silently over-weights short answers; this way every supervised token
+weighs the same, and pretraining (where every target counts) gets the plain mean.
+
+Distributed: the model is not wrapped in DDP. Each rank accumulates local gradients; the optimizer (optim.MuonAdamW,
+distributed=True) reduce-scatters them once, updates its shard and all-gathers the parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from picochat.checkpoint import build_meta, check_compatible, checkpoint_dir, list_steps, load_checkpoint, \
+    save_checkpoint
+from picochat.common import MetricsLogger, Runtime, UserError, autocast_ctx, get_base_dir, measure_matmul_flops, \
+    print0
+from picochat.config import TrainConfig
+from picochat.train.schedules import lr_factor, muon_momentum
+
+SAMPLE_PROMPTS = ["The capital of France is", "Once upon a time", "To be, or not to be,", "In the beginning"]
+
+
+@dataclass
+class Stage:
+    """Everything that makes pretrain, midtrain and SFT different."""
+
+    name: str  # checkpoint stage: base | mid | sft
+    cfg: TrainConfig
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # this rank's next micro-batch (x, y), y == -1 ignored
+    num_steps: int  # planned optimizer steps
+    grad_accum: int  # micro-batches per step on each rank
+    loader_state: Callable[[], dict] | None = None  # saved with each checkpoint for exact resume
+    progress: Callable[[int], float] | None = None  # extra schedule unit (e.g. fraction of the data consumed)
+    evaluate: Callable[[int], dict] | None = None  # periodic evals -> metrics (all ranks call it)
+    run_config: object = None  # the stage's resolved config, stored in meta
+    meta: dict = field(default_factory=dict)  # extra provenance for checkpoints
+    start_step: int = 0
+    elapsed_s: float = 0.0  # training wall time already spent (resume)
+
+
+def resume_state(stage_name: str, cfg: TrainConfig, rt: Runtime, model_config, tokenizer) -> dict | None:
+    """Latest checkpoint of this stage for --resume (model/optim/loader states, step, meta), or None."""
+    if not cfg.resume:
+        return None
+    d = checkpoint_dir(stage_name)
+    if not list_steps(d):
+        raise UserError(f"--resume: no checkpoint in {d}; start without --resume")
+    ck = load_checkpoint(d, rank=rt.rank, device=rt.device)
+    check_compatible(ck["meta"], model_config, tokenizer.hash(), ck["dir"])
+    if ck["meta"].get("world_size", 1) != rt.world_size:
+        raise UserError(f"--resume: {ck['dir']} was saved with {ck['meta'].get('world_size')} ranks, this run has "
+                        f"{rt.world_size}; optimizer shards and loader positions are per rank, so use the same count")
+    print0(f"resuming from {ck['dir']} (step {ck['step']})")
+    return ck
+
+
+def sync_params(model: torch.nn.Module) -> None:
+    """Start every rank from rank 0's weights (the sharded optimizer keeps them identical from then on)."""
+    if dist.is_available() and dist.is_initialized():
+        for p in model.parameters():
+            dist.broadcast(p.data, 0)
+
+
+def sample_text(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 24) -> list[str]:
+    """Greedy continuations of fixed prompts (through the engine: the only sampling code)."""
+    from picochat.engine import Engine, SamplingParams
+
+    was_training = model.training
+    engine = Engine(model, tokenizer)
+    outs = []
+    for p in prompts:
+        ids = tokenizer.encode(p, prepend=tokenizer.bos_id)
+        seqs, _ = engine.generate_batch(ids, 1, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+        outs.append(p + tokenizer.decode(seqs[0]))
+    model.train(was_training)
+    return outs
+
+
+def train(stage: Stage, rt: Runtime) -> dict:
+    """Runs the loop to the end of the schedule; returns the summary (also printed as the final JSON line)."""
+    cfg, model, opt = stage.cfg, stage.model, stage.optimizer
+    fwd = torch.compile(model) if cfg.compile else model
+    ckpt_dir = checkpoint_dir(stage.name)
+    logger = MetricsLogger(cfg.metrics or get_base_dir() / "logs" / f"{stage.name}.jsonl", enabled=rt.is_master)
+    wandb_run = _wandb(cfg, stage, rt)
+    flops_per_token = model.estimate_flops()["total"]
+    peak = measure_matmul_flops("bfloat16" if rt.dtype == torch.bfloat16 else "float32", rt.device.type)
+    tokens_per_step = None
+    budget_s = cfg.max_minutes * 60
+    print0(f"stage {stage.name}: {stage.num_steps} steps x {stage.grad_accum} micro-batches x {rt.world_size} ranks; "
+           f"dtype {str(rt.dtype).removeprefix('torch.')}, compile {cfg.compile}, peak {peak / 1e9:.0f} GFLOP/s"
+           + (f", budget {cfg.max_minutes:g} min" if budget_s else ""))
+
+    def progress(step: int, elapsed: float) -> float:
+        p = step / max(stage.num_steps, 1)
+        if stage.progress is not None:
+            p = max(p, stage.progress(step))
+        if budget_s > 0:
+            p = max(p, elapsed / budget_s)
+        return p
+
+    def save(step: int, elapsed: float) -> None:
+        meta = build_meta(model.config, stage.run_config or cfg, stage.tokenizer.hash(), step, rt.world_size,
+                          stage=stage.name, elapsed_s=elapsed, **stage.meta)
+        t0 = time.perf_counter()
+        d = save_checkpoint(ckpt_dir, step, model.state_dict() if rt.is_master else None, opt.state_dict(), meta,
+                            stage.loader_state() if stage.loader_state else None, rank=rt.rank,
+                            keep_last=cfg.keep_last)
+        print0(f"saved {d} in {time.perf_counter() - t0:.1f}s")
+
+    pbar = _progress_bar(rt, stage.num_steps, stage.start_step)
+    step, elapsed, last_eval = stage.start_step, stage.elapsed_s, {}
+    t_start = time.perf_counter() - elapsed
+    train_time, train_tokens, loss_ema = 0.0, 0, None
+    while True:
+        elapsed = time.perf_counter() - t_start
+        prog = progress(step, elapsed)
+        done = prog >= 1.0 or step >= stage.num_steps
+        if stage.evaluate and (done or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
+            last_eval = {"step": step, **stage.evaluate(step)}
+            logger.log({"kind": "eval", **last_eval})
+            if wandb_run:
+                wandb_run.log(last_eval, step=step)
+            print0(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in last_eval.items()))
+        if rt.is_master and (done or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
+            for s in sample_text(model, stage.tokenizer):
+                print0(f"  sample: {s!r}")
+        if done:
+            break
+
+        # -- one optimizer step ------------------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        lrf = lr_factor(step, prog, warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
+                        final_lr_frac=cfg.final_lr_frac, schedule=cfg.schedule)
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * lrf
+            if g.get("kind") == "muon":
+                g["momentum"] = muon_momentum(step)
+        micro = [stage.next_batch() for _ in range(stage.grad_accum)]
+        n_targets = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in micro)), device=rt.device)
+        if rt.ddp:
+            dist.all_reduce(n_targets)
+        # the optimizer averages gradients over ranks, so scale by world_size to get sum / global targets
+        scale = rt.world_size / n_targets.clamp(min=1)
+        loss_sum = torch.zeros((), device=rt.device)
+        for x, y in micro:
+            with autocast_ctx(rt.device, rt.dtype):
+                loss = fwd(x, targets=y, loss_reduction="sum")
+            (loss * scale).backward()
+            loss_sum += loss.detach()
+        grad_norm = opt.step()
+        model.zero_grad(set_to_none=True)
+        if rt.ddp:
+            dist.all_reduce(loss_sum)
+        step_loss = (loss_sum / n_targets.clamp(min=1)).item()  # .item() syncs, so the timing below is honest
+        dt = time.perf_counter() - t0
+        step += 1
+
+        tokens = sum(x.numel() for x, _ in micro) * rt.world_size
+        tokens_per_step = tokens
+        if step > stage.start_step + 1 or stage.num_steps < 3:  # the first step includes compile/warm-up
+            train_time += dt
+            train_tokens += tokens
+        tok_s = tokens / dt
+        mfu = tok_s * flops_per_token / (peak * rt.world_size)
+        loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
+        rec = {"kind": "train", "step": step, "loss": step_loss, "lr_factor": lrf, "grad_norm": float(grad_norm),
+               "tok_per_s": tok_s, "mfu": mfu, "dt_ms": dt * 1000, "elapsed_s": time.perf_counter() - t_start}
+        logger.log(rec)
+        if wandb_run:
+            wandb_run.log(rec, step=step)
+        if pbar is not None:
+            pbar.set_postfix_str(f"loss {loss_ema:.3f} | {tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}%")
+            pbar.update(1)
+        if cfg.save_every > 0 and step % cfg.save_every == 0 and step < stage.num_steps:
+            save(step, time.perf_counter() - t_start)
+
+    if pbar is not None:
+        pbar.close()
+    elapsed = time.perf_counter() - t_start
+    if step > stage.start_step or not list_steps(ckpt_dir):
+        save(step, elapsed)
+    avg_tok_s = train_tokens / train_time if train_time > 0 else 0.0
+    summary = {"stage": stage.name, "steps": step, "final_loss": loss_ema, **{k: v for k, v in last_eval.items()
+               if k != "step"}, "tok_per_s": avg_tok_s, "mfu": avg_tok_s * flops_per_token / (peak * rt.world_size),
+               "tokens_per_step": tokens_per_step, "elapsed_s": elapsed, "checkpoint": str(ckpt_dir)}
+    logger.log({"kind": "summary", **summary})
+    logger.close()
+    if wandb_run:
+        wandb_run.finish()
+    print0(json.dumps(summary))
+    return summary
+
+
+def _progress_bar(rt: Runtime, total: int, initial: int):
+    if not rt.is_master:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def _wandb(cfg: TrainConfig, stage: Stage, rt: Runtime):
+    if not (cfg.wandb and rt.is_master):
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the wandb package: pip install wandb") from None
+    return wandb.init(project="picochat", name=cfg.run or None, config=asdict(stage.run_config or cfg))
+
+
+def micro_batches(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
+    """Gradient accumulation steps: total_batch_size tokens = device_batch * seq_len * world_size * accum."""
+    per = cfg.device_batch_size * seq_len * world_size
+    if cfg.total_batch_size % per != 0:
+        raise UserError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of device_batch_size x "
+                        f"seq_len x ranks = {cfg.device_batch_size} x {seq_len} x {world_size} = {per}")
+    return cfg.total_batch_size // per

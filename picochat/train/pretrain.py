@@ -1,0 +1,100 @@
+"""`picochat pretrain`: train the base model on a packed text corpus.
+
+    picochat pretrain --preset cpu                       # ~10 minutes on a laptop CPU (needs `picochat data prepare`
+                                                         #   and `picochat tok-train` first)
+    picochat pretrain --depth 6 --num-steps 200 --resume # continue the latest base checkpoint
+    torchrun --nproc_per_node=8 -m picochat.train.pretrain --preset d20     # one node, 8 GPUs
+    runs/multinode.sh                                                       # several nodes
+
+--depth derives the width, heads and (with --target-param-data-ratio) the number of steps; learning rates scale
+with width inside the optimizer. Every resolved value is printed before training starts.
+"""
+
+from __future__ import annotations
+
+
+from picochat.common import Runtime, print0, run_main, setup_runtime, teardown_runtime
+from picochat.config import PRETRAIN_PRESETS, ModelConfig, PretrainConfig, derive_model_config, log_config, \
+    parse_config
+from picochat.data.loader import PackingLoader
+from picochat.evals.bpb import evaluate_bpb
+from picochat.model import GPT
+from picochat.optim import build_optimizer
+from picochat.tokenizer import get_tokenizer
+from picochat.train.loop import Stage, micro_batches, resume_state, sync_params, train
+
+
+def model_config_for(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
+    return derive_model_config(ModelConfig(depth=cfg.depth, n_embd=cfg.n_embd, head_dim=cfg.head_dim,
+                                           n_kv_head=cfg.n_kv_head, vocab_size=vocab_size,
+                                           sequence_len=cfg.max_seq_len, window_pattern=cfg.window_pattern))
+
+
+def make_optimizer(model: GPT, cfg, rt: Runtime):
+    return build_optimizer(model.param_kinds(), n_embd=model.config.n_embd, matrix_lr=cfg.matrix_lr,
+                           embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr,
+                           weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, distributed=rt.ddp)
+
+
+def resolve(cfg: PretrainConfig, model: GPT, rt: Runtime) -> tuple[int, int]:
+    """(num_steps, grad_accum) from the batch geometry and the tokens:params ratio."""
+    accum = micro_batches(cfg, cfg.max_seq_len, rt.world_size)
+    if cfg.num_steps > 0:
+        return cfg.num_steps, accum
+    n = model.num_params()
+    n_train = n["total"] - n["wte"]  # the embedding is a lookup, not compute: leave it out of the ratio
+    steps = max(1, round(cfg.target_param_data_ratio * n_train / cfg.total_batch_size))
+    print0(f"num_steps = {cfg.target_param_data_ratio:g} tokens/param x {n_train:,} params / "
+           f"{cfg.total_batch_size:,} tokens per step = {steps:,}")
+    return steps, accum
+
+
+def run(argv=None) -> dict:
+    cfg, _, _ = parse_config(PretrainConfig, argv, prog="picochat pretrain", description=__doc__.split("\n")[0],
+                             presets=PRETRAIN_PRESETS)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    try:
+        tok = get_tokenizer()
+        mcfg = model_config_for(cfg, tok.vocab_size)
+        ck = resume_state("base", cfg, rt, mcfg, tok)
+        model = GPT(mcfg).to(rt.device)
+        model.init_weights(cfg.seed)
+        num_steps, accum = resolve(cfg, model, rt)
+        log_config(cfg, "pretrain config")
+        log_config(mcfg, "model config")
+        params = model.num_params()
+        print0(f"parameters: {params['total']:,} ({', '.join(f'{k} {v:,}' for k, v in params.items() if k != 'total')})"
+               f"; FLOPs/token {model.estimate_flops()['total']:.3g}")
+        opt = make_optimizer(model, cfg, rt)
+        if ck is not None:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optim"])
+        sync_params(model)
+        B, T = cfg.device_batch_size, cfg.max_seq_len
+        train_loader = PackingLoader(tok, "train", B, T, corpus=cfg.corpus, rank=rt.rank, world_size=rt.world_size,
+                                     device=rt.device, state=ck["loader"] if ck else None)
+        token_bytes = tok.token_bytes().to(rt.device)
+        eval_steps = max(1, cfg.eval_tokens // (B * T * rt.world_size))
+
+        def evaluate(step: int) -> dict:
+            # a fresh loader each time: every evaluation sees the same validation tokens
+            val = iter(PackingLoader(tok, "val", B, T, corpus=cfg.corpus, rank=rt.rank, world_size=rt.world_size,
+                                     device=rt.device))
+            return {"val_bpb": evaluate_bpb(model, lambda: next(val), eval_steps, token_bytes)}
+
+        it = iter(train_loader)
+        stage = Stage(name="base", cfg=cfg, model=model, tokenizer=tok, optimizer=opt, next_batch=lambda: next(it),
+                      num_steps=num_steps, grad_accum=accum, loader_state=train_loader.state_dict,
+                      evaluate=evaluate, run_config=cfg,
+                      start_step=ck["step"] if ck else 0, elapsed_s=ck["meta"].get("elapsed_s", 0.0) if ck else 0.0)
+        return train(stage, rt)
+    finally:
+        teardown_runtime()
+
+
+def main(argv=None) -> int:
+    return run_main(run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
