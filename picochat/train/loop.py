@@ -54,6 +54,7 @@ class Stage:
     meta: dict = field(default_factory=dict)  # extra provenance for checkpoints
     start_step: int = 0
     elapsed_s: float = 0.0  # training wall time already spent (resume)
+    checkpoints: bool = True  # benchmarks run the same loop without writing checkpoints or samples
 
 
 def resume_state(stage_name: str, cfg: TrainConfig, rt: Runtime, model_config, tokenizer) -> dict | None:
@@ -99,7 +100,8 @@ def train(stage: Stage, rt: Runtime) -> dict:
     cfg, model, opt = stage.cfg, stage.model, stage.optimizer
     fwd = torch.compile(model) if cfg.compile else model
     ckpt_dir = checkpoint_dir(stage.name)
-    logger = MetricsLogger(cfg.metrics or get_base_dir() / "logs" / f"{stage.name}.jsonl", enabled=rt.is_master)
+    logger = MetricsLogger(cfg.metrics or get_base_dir() / "logs" / f"{stage.name}.jsonl",
+                           enabled=rt.is_master and (stage.checkpoints or bool(cfg.metrics)))
     wandb_run = _wandb(cfg, stage, rt)
     flops_per_token = model.estimate_flops()["total"]
     peak = measure_matmul_flops("bfloat16" if rt.dtype == torch.bfloat16 else "float32", rt.device.type)
@@ -140,7 +142,8 @@ def train(stage: Stage, rt: Runtime) -> dict:
             if wandb_run:
                 wandb_run.log(last_eval, step=step)
             print0(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in last_eval.items()))
-        if rt.is_master and (done or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)):
+        sample_now = done or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)
+        if stage.checkpoints and rt.is_master and sample_now:
             for s in sample_text(model, stage.tokenizer):
                 print0(f"  sample: {s!r}")
         if done:
@@ -190,13 +193,13 @@ def train(stage: Stage, rt: Runtime) -> dict:
         if pbar is not None:
             pbar.set_postfix_str(f"loss {loss_ema:.3f} | {tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}%")
             pbar.update(1)
-        if cfg.save_every > 0 and step % cfg.save_every == 0 and step < stage.num_steps:
+        if stage.checkpoints and cfg.save_every > 0 and step % cfg.save_every == 0 and step < stage.num_steps:
             save(step, time.perf_counter() - t_start)
 
     if pbar is not None:
         pbar.close()
     elapsed = time.perf_counter() - t_start
-    if step > stage.start_step or not list_steps(ckpt_dir):
+    if stage.checkpoints and (step > stage.start_step or not list_steps(ckpt_dir)):
         save(step, elapsed)
     avg_tok_s = train_tokens / train_time if train_time > 0 else 0.0
     summary = {"stage": stage.name, "steps": step, "final_loss": loss_ema, **{k: v for k, v in last_eval.items()

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv and run the test suite (tiny CPU configs; ~10 min on 2 cores). Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash runs/setup.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+exec .venv/bin/python -m pytest -q "$@"

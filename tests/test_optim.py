@@ -1,0 +1,364 @@
+"""Tests for picochat/optim.py: MuonAdamW against a plain-loop reference, clipping, weight decay, width-scaled
+learning rates, the 2-process gloo run against a single process, and state_dict round trips.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/pytest -x -q tests/test_optim.py
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from picochat.common import UserError
+from picochat.optim import MuonAdamW, build_optimizer, newton_schulz
+
+N_EMBD = 64
+VOCAB = 50
+# A model-like set: 3 wide and 2 tall block matrices (so with 2 ranks one shape needs padding), an embedding whose
+# rows divide by 2, an lm_head whose rows do not (owned whole by one rank), one even and one odd 1-D scalar vector.
+SHAPES = {
+    "matrix": [(64, 128), (128, 64), (64, 128), (64, 128), (128, 64)],
+    "embedding": [(VOCAB, N_EMBD)],
+    "unembedding": [(VOCAB + 1, N_EMBD)],
+    "scalar": [(4,), (3,)],
+}
+LRS = {"matrix": 0.02, "embedding": 0.2, "unembedding": 0.004, "scalar": 0.5}  # build_optimizer's defaults
+
+
+def make_params(seed: int = 0) -> dict[str, list[torch.nn.Parameter]]:
+    gen = torch.Generator().manual_seed(seed)
+    return {kind: [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+            for kind, shapes in SHAPES.items()}
+
+
+def flat(kinds: dict[str, list]) -> list[torch.Tensor]:
+    return [p for kind in SHAPES for p in kinds[kind]]
+
+
+def make_grads(step: int, rank: int, scale: float = 1.0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * step + rank + 1)
+    return [scale * torch.randn(s, generator=gen) for kind in SHAPES for s in SHAPES[kind]]
+
+
+def set_grads(kinds: dict[str, list], grads: list[torch.Tensor]) -> None:
+    for p, g in zip(flat(kinds), grads):
+        p.grad = g.clone()
+
+
+def clone_kinds(kinds: dict[str, list]) -> dict[str, list[torch.nn.Parameter]]:
+    return {k: [torch.nn.Parameter(p.detach().clone()) for p in ps] for k, ps in kinds.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the reference: plain loops, one tensor at a time, written from the textbook formulas
+
+
+def ref_newton_schulz(G: torch.Tensor) -> torch.Tensor:
+    X = G.clone()
+    transposed = X.shape[0] > X.shape[1]
+    if transposed:
+        X = X.T
+    X = X / (torch.linalg.matrix_norm(X) + 1e-7)
+    for _ in range(5):
+        A = X @ X.T
+        X = 3.4445 * X - 4.7750 * A @ X + 2.0315 * A @ A @ X
+    return X.T if transposed else X
+
+
+class RefOptimizer:
+    """Muon = SGD momentum + Nesterov + Newton–Schulz; AdamW with bias correction; decoupled decay on 2-D only."""
+
+    def __init__(self, kinds, n_embd, wd, betas=(0.8, 0.95), momentum=0.95, eps=1e-8):
+        width = (n_embd / 768) ** -0.5
+        self.items = [(kind, p, LRS[kind] * (1 if kind == "matrix" else width)) for kind in SHAPES for p in kinds[kind]]
+        self.wd, self.betas, self.momentum, self.eps = wd, betas, momentum, eps
+        self.state = {id(p): {"buf": torch.zeros_like(p), "m": torch.zeros_like(p), "v": torch.zeros_like(p), "t": 0}
+                      for _, p, _ in self.items}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for kind, p, lr in self.items:
+            s, g = self.state[id(p)], p.grad
+            if p.ndim == 2:
+                p.mul_(1 - lr * self.wd)
+            if kind == "matrix":
+                mu = self.momentum
+                s["buf"] = mu * s["buf"] + (1 - mu) * g
+                update = (1 - mu) * g + mu * s["buf"]
+                rows, cols = p.shape
+                p.sub_(lr * max(1.0, rows / cols) ** 0.5 * ref_newton_schulz(update))
+            else:
+                b1, b2 = self.betas
+                s["t"] += 1
+                s["m"] = b1 * s["m"] + (1 - b1) * g
+                s["v"] = b2 * s["v"] + (1 - b2) * g * g
+                m_hat = s["m"] / (1 - b1 ** s["t"])
+                v_hat = s["v"] / (1 - b2 ** s["t"])
+                p.sub_(lr * m_hat / (v_hat.sqrt() + self.eps))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. against the reference
+
+
+def test_matches_reference_for_three_steps():
+    kinds, ref_kinds = make_params(), make_params()
+    opt = build_optimizer(kinds, n_embd=N_EMBD, weight_decay=0.1, max_grad_norm=0.0)
+    ref = RefOptimizer(ref_kinds, N_EMBD, wd=0.1)
+    start = [p.detach().clone() for p in flat(kinds)]
+    for step in range(3):
+        grads = make_grads(step, 0)
+        set_grads(kinds, grads)
+        set_grads(ref_kinds, grads)
+        opt.step()
+        ref.step()
+    for p, q, p0 in zip(flat(kinds), flat(ref_kinds), start):
+        assert (p - p0).abs().max() > 1e-3  # every parameter moved...
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0)  # ...exactly as the reference moved it
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64), (3, 64, 128)])
+def test_newton_schulz_is_nearly_orthogonal(shape):
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    O = newton_schulz(G)
+    assert O.shape == G.shape and O.dtype == torch.float32
+    sv = torch.linalg.svdvals(O)
+    assert sv.min() > 0.5 and sv.max() < 1.5, (sv.min(), sv.max())
+
+
+def test_newton_schulz_flattens_an_ill_conditioned_spectrum():
+    gen = torch.Generator().manual_seed(1)
+    U, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen))
+    V, _ = torch.linalg.qr(torch.randn(128, 64, generator=gen))
+    s = torch.logspace(-1.5, 1.0, 64)  # condition number ~300, scaled well above 1
+    G = U @ torch.diag(s) @ V.T
+    O = newton_schulz(G)
+    sv = torch.linalg.svdvals(O)
+    assert sv.min() > 0.5 and sv.max() < 1.5, (sv.min(), sv.max())
+    # same singular vectors: O is close to the polar factor U V^T (cosine similarity of the flattened matrices)
+    polar = U @ V.T
+    cos = (O * polar).sum() / (O.norm() * polar.norm())
+    assert cos > 0.97
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. clipping
+
+
+def test_clipping_reports_true_norm_and_applies_scaled_gradient():
+    max_norm = 0.5
+    big, small = make_grads(0, 0, scale=10.0), make_grads(1, 0, scale=1e-3)
+    true_norms = [math.sqrt(sum(float(g.square().sum()) for g in gs)) for gs in (big, small)]
+    assert true_norms[0] > max_norm > true_norms[1]
+
+    clipped = make_params()
+    opt = build_optimizer(clipped, n_embd=N_EMBD, max_grad_norm=max_norm)
+    norms = []
+    for gs in (big, small):
+        set_grads(clipped, gs)
+        norms.append(opt.step())
+    assert norms[0].ndim == 0
+    for got, want in zip(norms, true_norms):
+        assert float(got) == pytest.approx(want, rel=1e-5)
+
+    # the same run with clipping off but the first gradient scaled by hand lands on the same parameters
+    by_hand = make_params()
+    opt2 = build_optimizer(by_hand, n_embd=N_EMBD, max_grad_norm=0.0)
+    coef = max_norm / (true_norms[0] + 1e-6)
+    for gs in ([g * coef for g in big], small):
+        set_grads(by_hand, gs)
+        opt2.step()
+    for p, q in zip(flat(clipped), flat(by_hand)):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+    # and clipping mattered: without it the parameters end up elsewhere
+    unclipped = make_params()
+    opt3 = build_optimizer(unclipped, n_embd=N_EMBD, max_grad_norm=0.0)
+    for gs in (big, small):
+        set_grads(unclipped, gs)
+        opt3.step()
+    assert max(float((p - q).detach().abs().max()) for p, q in zip(flat(clipped), flat(unclipped))) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. weight decay and learning rates
+
+
+def test_weight_decay_only_touches_2d_params():
+    kinds = make_params()
+    start = {id(p): p.detach().clone() for p in flat(kinds)}
+    wd = 0.1
+    opt = build_optimizer(kinds, n_embd=N_EMBD, weight_decay=wd)
+    set_grads(kinds, [torch.zeros_like(p) for p in flat(kinds)])  # zero gradient: only decay can move anything
+    opt.step()
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for p in flat(kinds):
+        if p.ndim == 1:
+            assert torch.equal(p, start[id(p)])
+        else:
+            torch.testing.assert_close(p, start[id(p)] * (1 - lr_of[id(p)] * wd), atol=1e-7, rtol=0)
+            assert not torch.equal(p, start[id(p)])
+
+
+def test_adamw_learning_rates_scale_with_width():
+    for n_embd, factor in [(768, 1.0), (192, 2.0), (3072, 0.5)]:
+        opt = build_optimizer(make_params(), n_embd=n_embd)
+        groups = {g["name"]: g for g in opt.param_groups}
+        assert groups["matrix"]["kind"] == "muon" and groups["matrix"]["lr"] == pytest.approx(0.02)
+        assert groups["matrix"]["momentum"] == 0.95
+        assert groups["embedding"]["lr"] == pytest.approx(0.2 * factor)
+        assert groups["unembedding"]["lr"] == pytest.approx(0.004 * factor)
+        assert groups["scalar"]["lr"] == pytest.approx(0.5 * factor)
+        for g in opt.param_groups:
+            assert g["initial_lr"] == g["lr"]
+
+
+def test_bad_construction_is_refused():
+    with pytest.raises(ValueError, match="2-D"):
+        MuonAdamW([{"kind": "muon", "lr": 0.02, "params": [torch.nn.Parameter(torch.zeros(4))]}])
+    with pytest.raises(ValueError, match="kind"):
+        MuonAdamW([{"kind": "sgd", "lr": 0.02, "params": [torch.nn.Parameter(torch.zeros(4))]}])
+    with pytest.raises(ValueError, match="unknown parameter kinds"):
+        build_optimizer({"matrices": [torch.nn.Parameter(torch.zeros(2, 2))]}, n_embd=64)
+    if not dist.is_initialized():
+        with pytest.raises(UserError, match="torchrun"):
+            build_optimizer(make_params(), n_embd=64, distributed=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. state_dict round trip (single process; the distributed test below repeats it per rank)
+
+
+def test_state_dict_round_trip_equals_uninterrupted_run():
+    straight = make_params()
+    opt = build_optimizer(straight, n_embd=N_EMBD, weight_decay=0.05)
+    for step in range(3):
+        set_grads(straight, make_grads(step, 0))
+        opt.step()
+
+    first = make_params()
+    opt_a = build_optimizer(first, n_embd=N_EMBD, weight_decay=0.05)
+    for step in range(2):
+        set_grads(first, make_grads(step, 0))
+        opt_a.step()
+    buf = io.BytesIO()
+    torch.save(opt_a.state_dict(), buf)
+    buf.seek(0)
+
+    resumed = clone_kinds(first)
+    opt_b = build_optimizer(resumed, n_embd=N_EMBD, weight_decay=0.05)
+    opt_b.load_state_dict(torch.load(buf, weights_only=True))
+    set_grads(resumed, make_grads(2, 0))
+    opt_b.step()
+    for p, q in zip(flat(straight), flat(resumed)):
+        assert torch.equal(p, q)
+
+    # the schedule still steers the loaded optimizer: lr 0 (and so no decay) leaves every parameter where it is
+    for g in opt_b.param_groups:
+        g["lr"] = 0.0
+    before = [p.detach().clone() for p in flat(resumed)]
+    set_grads(resumed, make_grads(3, 0))
+    opt_b.step()
+    assert all(torch.equal(p, q) for p, q in zip(flat(resumed), before))
+
+
+def test_loading_another_ranks_shard_is_refused():
+    kinds = make_params()
+    opt = build_optimizer(kinds, n_embd=N_EMBD)
+    set_grads(kinds, make_grads(0, 0))
+    opt.step()
+    sd = opt.state_dict()
+    sd["shard"] = {"rank": 1, "world_size": 2}
+    with pytest.raises(UserError, match="same number of processes"):
+        build_optimizer(make_params(), n_embd=N_EMBD).load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. distributed: 2 gloo processes, each with its own gradient, vs one process on the mean gradient
+
+WORLD = 2
+DIST_STEPS = 3
+DIST_KW = dict(n_embd=N_EMBD, weight_decay=0.1, max_grad_norm=1.0)  # grads have norm ~200: clipping is active
+
+
+def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        result = {}
+        for use_rs in (True, False):  # native reduce-scatter/all-gather, then the all-reduce fallback
+            kinds = make_params()
+            opt = build_optimizer(kinds, distributed=True, **DIST_KW)
+            opt.use_reduce_scatter = use_rs
+            norms = []
+            for step in range(DIST_STEPS):
+                set_grads(kinds, make_grads(step, rank))
+                norms.append(float(opt.step()))
+                if use_rs and step == DIST_STEPS - 2:
+                    buf = io.BytesIO()
+                    torch.save(opt.state_dict(), buf)
+                    saved = (buf.getvalue(), clone_kinds(kinds))
+            names = {id(p): i for i, p in enumerate(flat(kinds))}
+            state = {names[id(p)]: {k: tuple(v.shape) for k, v in st.items() if torch.is_tensor(v)}
+                     for p, st in opt.state.items()}
+            result[use_rs] = {"params": [p.detach().clone() for p in flat(kinds)], "norms": norms, "state": state}
+
+        # resume this rank's shard into a fresh optimizer and take the last step
+        blob, kinds = saved
+        opt = build_optimizer(kinds, distributed=True, **DIST_KW)
+        opt.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))
+        set_grads(kinds, make_grads(DIST_STEPS - 1, rank))
+        opt.step()
+        result["resumed"] = [p.detach().clone() for p in flat(kinds)]
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_equals_single_process_on_mean_gradient(tmp_path):
+    mp.spawn(_dist_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    kinds = make_params()
+    opt = build_optimizer(kinds, **DIST_KW)
+    norms = []
+    for step in range(DIST_STEPS):
+        per_rank = [make_grads(step, r) for r in range(WORLD)]
+        set_grads(kinds, [sum(gs) / WORLD for gs in zip(*per_rank)])
+        norms.append(float(opt.step()))
+    single = [p.detach() for p in flat(kinds)]
+    assert norms[0] > DIST_KW["max_grad_norm"] * 10  # clipping was in play
+
+    for r, res in enumerate(results):
+        for use_rs in (True, False):
+            assert res[use_rs]["norms"] == pytest.approx(norms, rel=1e-6)
+            for i, (p, q) in enumerate(zip(res[use_rs]["params"], single)):
+                torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=f"rank {r} rs={use_rs} param {i}")
+        for p, q in zip(res["resumed"], res[True]["params"]):
+            assert torch.equal(p, q)
+
+    # each rank keeps state only for its shard
+    flat_shapes = [s for kind in SHAPES for s in SHAPES[kind]]
+    n_matrix = len(SHAPES["matrix"])
+    for use_rs in (True, False):
+        states = [res[use_rs]["state"] for res in results]
+        for i, shape in enumerate(flat_shapes):
+            holders = [r for r in range(WORLD) if i in states[r]]
+            if i < n_matrix:  # Muon: a whole matrix on exactly one rank
+                assert len(holders) == 1, (i, holders)
+                assert states[holders[0]][i] == {"momentum_buffer": shape}
+            elif shape[0] % WORLD == 0:  # AdamW, split by rows: every rank holds its slice only
+                assert holders == list(range(WORLD))
+                shard = (shape[0] // WORLD, *shape[1:])
+                assert all(states[r][i] == {"exp_avg": shard, "exp_avg_sq": shard} for r in holders)
+            else:  # AdamW, indivisible: whole on one rank
+                assert len(holders) == 1 and states[holders[0]][i] == {"exp_avg": shape, "exp_avg_sq": shape}
+        # Muon work is balanced: 3 wide + 2 tall matrices -> 2 + 1 on one rank, 1 + 1 on the other, never 5 + 0
+        for r in range(WORLD):
+            assert sum(i < n_matrix for i in states[r]) in (2, 3)

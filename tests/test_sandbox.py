@@ -1,0 +1,223 @@
+"""Tests for picochat.sandbox: real child processes, real files, a real listening socket.
+
+    OMP_NUM_THREADS=1 .venv/bin/pytest -x -q tests/test_sandbox.py
+"""
+
+import ast
+import os
+import socket
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from picochat.sandbox import run_python
+
+# Re-importing a builtin module gives back its original functions: the documented way around the Python-level guards.
+# Tests use it to check the layers that must hold without the guards (rlimits, process group, netns, Landlock).
+UNGUARDED_POSIX = "import sys\ndel sys.modules['posix']\nimport posix\n"
+
+
+def assert_still_works() -> None:
+    """After any failure the sandbox must be reusable."""
+    r = run_python("print(1+1)", timeout_s=2)
+    assert (r.status, r.stdout, r.stderr, r.returncode) == ("ok", "2\n", "", 0)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (killed, waiting to be reaped by init) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_stdout_captured_exactly_and_stdin():
+    r = run_python("print('hello')\nprint(6 * 7, end='!')\nimport sys\nprint(sys.stdin.read().upper())",
+                   stdin="abc\ndef")
+    assert r.status == "ok" and r.ok
+    assert r.returncode == 0
+    assert r.stdout == "hello\n42!ABC\nDEF\n"
+    assert r.stderr == ""
+    assert 0 < r.duration_s < 5
+
+
+def test_exception_is_an_error_result_with_a_clean_traceback():
+    r = run_python("x = 1\ny = x / 0\n")
+    assert r.status == "error" and not r.ok
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == "ZeroDivisionError: division by zero"
+    assert 'File "main.py", line 2' in r.stderr
+    assert "sandbox.py" not in r.stderr  # the sandbox's own frames are hidden
+    r = run_python("def f(:\n")
+    assert r.status == "error" and "SyntaxError" in r.stderr
+    r = run_python("import sys\nsys.exit(3)")  # same exit code as a MemoryError, but no MemoryError: not "memory"
+    assert (r.status, r.returncode) == ("error", 3)
+    assert_still_works()
+
+
+def test_infinite_loop_times_out_and_the_process_group_is_gone():
+    r = run_python("import os\nprint(os.getpid(), flush=True)\nwhile True:\n    pass\n", timeout_s=1.0)
+    assert r.status == "timeout"
+    assert 1.0 <= r.duration_s < 2.0
+    pid = int(r.stdout.split()[0])  # output written before the kill is kept
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # start_new_session made pgid == pid; nothing in that group is left
+    assert_still_works()
+
+
+def test_memory_limit():
+    r = run_python("b = bytearray(2 * 1024**3)\nprint('allocated')", memory_mb=256)
+    assert r.status == "memory"
+    assert "MemoryError" in r.stderr
+    assert "allocated" not in r.stdout
+    assert_still_works()
+
+
+def test_writes_outside_the_working_directory_fail_and_the_directory_is_removed():
+    target = os.path.join(tempfile.gettempdir(), f"picochat_escape_test_{uuid.uuid4().hex}")
+    name = os.path.basename(target)
+    attempts = [
+        f"open({target!r}, 'w').write('x')",
+        f"open('../{name}', 'w').write('x')",  # the parent of the sandbox's temp dir is tempfile.gettempdir()
+        f"import os\nos.close(os.open({target!r}, os.O_CREAT | os.O_WRONLY))",
+        f"import pathlib\npathlib.Path({target!r}).write_text('x')",
+    ]
+    for code in attempts:
+        r = run_python(code)
+        assert r.status == "error" and "PermissionError" in r.stderr, code
+        assert not os.path.exists(target), code
+
+    # Inside the working directory files work, and the directory is deleted afterwards.
+    r = run_python("import os\nopen('a.txt', 'w').write('kept')\nprint(open('a.txt').read(), os.getcwd())\n"
+                   "os.mkdir('d')\nopen('d/f', 'w').write('x')\nos.chmod('d', 0o500)")  # cleanup must cope
+    assert r.status == "ok"
+    text, cwd = r.stdout.split()
+    assert text == "kept"
+    assert os.path.basename(cwd).startswith("picochat_sandbox_")
+    assert not os.path.exists(cwd)
+    assert_still_works()
+
+
+def test_writes_outside_are_denied_without_the_python_guards():
+    target = os.path.join(tempfile.gettempdir(), f"picochat_escape_test_{uuid.uuid4().hex}")
+    r = run_python(f"import _io\n_io.FileIO({target!r}, 'w').write(b'x')")  # _io.FileIO is not guarded
+    if "landlock" not in r.layers:
+        pytest.skip("Landlock is not available on this kernel: only the Python-level guards stop writes")
+    assert r.status == "error" and "PermissionError" in r.stderr
+    assert not os.path.exists(target)
+
+
+def test_subprocesses_fail():
+    for code in ("import subprocess\nsubprocess.run(['echo', 'hi'])", "import os\nos.system('echo hi')",
+                 "import os\nprint(os.fork())", "import os\nos.kill(1, 0)\nprint('hi')"):
+        r = run_python(code)
+        assert r.status == "error" and "PermissionError" in r.stderr, code
+        assert "hi" not in r.stdout
+    assert_still_works()
+
+
+def test_forked_helpers_die_with_the_child():
+    # With the guards bypassed, a fork either fails (RLIMIT_NPROC = 0, non-root) or the helper is in the child's
+    # process group and is SIGKILLed when the child exits (root, where the kernel ignores RLIMIT_NPROC).
+    code = UNGUARDED_POSIX + (
+        "import time\n"
+        "try:\n"
+        "    pid = posix.fork()\n"
+        "except OSError as e:\n"
+        "    print('fork failed', e)\n"
+        "else:\n"
+        "    if pid == 0:\n"
+        "        time.sleep(60)\n"
+        "    print('helper', pid)\n"
+    )
+    t0 = time.monotonic()
+    r = run_python(code, timeout_s=5)
+    assert time.monotonic() - t0 < 4  # did not wait for the sleeping helper
+    if r.stdout.startswith("fork failed"):
+        return
+    assert r.status == "ok"
+    helper = int(r.stdout.split()[1])
+    deadline = time.monotonic() + 2
+    while pid_alive(helper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(helper)
+
+
+def test_large_output_is_truncated_quickly():
+    t0 = time.monotonic()
+    r = run_python("print('x' * 1_000_000)", max_output_bytes=4096)
+    assert time.monotonic() - t0 < 3
+    assert r.status == "output_limit" and r.truncated
+    assert r.stdout == "x" * 4096
+    # An endless stream stops at the limit too, long before the timeout.
+    t0 = time.monotonic()
+    r = run_python("while True:\n    print('y' * 1000)", timeout_s=20, max_output_bytes=10_000)
+    assert time.monotonic() - t0 < 3
+    assert r.status == "output_limit" and len(r.stdout) == 10_000 and set(r.stdout) <= {"y", "\n"}
+    assert_still_works()
+
+
+def test_no_network_even_to_localhost():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    try:
+        r = run_python(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)")
+        assert r.status == "error" and "PermissionError" in r.stderr
+        r = run_python(f"import _socket\ns = _socket.socket()\ns.settimeout(1)\ns.connect(('127.0.0.1', {port}))\n"
+                       "print('connected')")
+        if not {"netns", "landlock"} & set(r.layers):
+            pytest.skip("no network namespace or Landlock here: only the Python-level guard blocks sockets")
+        assert r.status == "error" and "connected" not in r.stdout
+        assert r.stderr.strip().splitlines()[-1].split(":")[0] in ("PermissionError", "OSError", "TimeoutError")
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nobody ever reached the server
+    finally:
+        server.close()
+    assert_still_works()
+
+
+def test_environment_is_scrubbed(monkeypatch):
+    monkeypatch.setenv("PICOCHAT_TEST_SECRET", "hunter2")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("PYTHONPATH", "/nonexistent")
+    r = run_python("import os, sys\nprint(sorted(os.environ))\nprint(os.environ.get('PICOCHAT_TEST_SECRET'))\n"
+                   "print('/nonexistent' in sys.path)")
+    assert r.status == "ok"
+    names, secret, in_path = r.stdout.splitlines()
+    expected = {"HOME", "LANG", "PATH", "TMPDIR"} | ({"LD_LIBRARY_PATH"} & set(os.environ))
+    assert set(ast.literal_eval(names)) == expected
+    assert (secret, in_path) == ("None", "False")
+
+
+def test_signals_to_outside_processes_are_denied():
+    code = UNGUARDED_POSIX + f"posix.kill({os.getpid()}, 0)\nprint('reached')"  # signal 0: harmless if it got through
+    r = run_python(code)
+    if "landlock" not in r.layers:
+        pytest.skip("Landlock signal scoping (ABI 6, Linux 6.12) is not available here")
+    assert r.status == "error" and "reached" not in r.stdout
+    assert "PermissionError" in r.stderr
+
+
+def test_caller_errors_raise():
+    with pytest.raises(ValueError):
+        run_python("print(1)", timeout_s=0)
+    with pytest.raises(ValueError):
+        run_python("print(1)", memory_mb=1)
+    with pytest.raises(TypeError):
+        run_python(b"print(1)")
+
+
+def test_stdlib_is_usable_despite_the_guards():
+    code = ("import logging, uuid, json, tempfile, asyncio\n"
+            "with tempfile.NamedTemporaryFile('w') as f:\n"
+            "    f.write('x')\n"
+            "print(json.dumps([uuid.uuid4().version, asyncio.run(asyncio.sleep(0, 'async ok'))]))")
+    r = run_python(code)
+    assert (r.status, r.stdout) == ("ok", '[4, "async ok"]\n')
