@@ -200,6 +200,7 @@ class TrainConfig:
     save_every: int = f(0, "checkpoint every N steps (and always at the end; 0 = only the end)")
     keep_last: int = f(2, "checkpoints to keep")
     resume: bool = f(False, "continue from the latest checkpoint of this stage")
+    stop_at: int = f(0, "stop (with a checkpoint) after this step, schedule unchanged: split a run into sessions")
     run: str = f("", "run name; set together with --wandb to log to Weights & Biases")
     wandb: bool = f(False, "log metrics to wandb (needs `pip install wandb` and a login)")
     metrics: str = f("", "JSONL metrics path; empty = <base>/logs/<stage>.jsonl")

@@ -128,14 +128,14 @@ def train(stage: Stage, rt: Runtime) -> dict:
                             keep_last=cfg.keep_last)
         print0(f"saved {d} in {time.perf_counter() - t0:.1f}s")
 
-    pbar = _progress_bar(rt, stage.num_steps, stage.start_step)
+    pbar = _progress_bar(rt)
     step, elapsed, last_eval = stage.start_step, stage.elapsed_s, {}
     t_start = time.perf_counter() - elapsed
     train_time, train_tokens, loss_ema = 0.0, 0, None
     while True:
         elapsed = time.perf_counter() - t_start
         prog = progress(step, elapsed)
-        done = prog >= 1.0 or step >= stage.num_steps
+        done = prog >= 1.0 or step >= stage.num_steps or (cfg.stop_at > 0 and step >= cfg.stop_at)
         if stage.evaluate and (done or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
             last_eval = {"step": step, **stage.evaluate(step)}
             logger.log({"kind": "eval", **last_eval})
@@ -190,9 +190,9 @@ def train(stage: Stage, rt: Runtime) -> dict:
         logger.log(rec)
         if wandb_run:
             wandb_run.log(rec, step=step)
-        if pbar is not None:
-            pbar.set_postfix_str(f"loss {loss_ema:.3f} | {tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}%")
-            pbar.update(1)
+        if pbar is not None:  # the bar counts progress in 0.1% units: steps or wall-clock, whichever is ahead
+            pbar.set_postfix_str(f"step {step} | loss {loss_ema:.3f} | {tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}%")
+            pbar.update(max(0, min(1000, int(progress(step, time.perf_counter() - t_start) * 1000)) - pbar.n))
         if stage.checkpoints and cfg.save_every > 0 and step % cfg.save_every == 0 and step < stage.num_steps:
             save(step, time.perf_counter() - t_start)
 
@@ -213,12 +213,12 @@ def train(stage: Stage, rt: Runtime) -> dict:
     return summary
 
 
-def _progress_bar(rt: Runtime, total: int, initial: int):
+def _progress_bar(rt: Runtime):
     if not rt.is_master:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
+    return tqdm(total=1000, unit="‰", dynamic_ncols=True, mininterval=1.0, bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
 
 
 def _wandb(cfg: TrainConfig, stage: Stage, rt: Runtime):

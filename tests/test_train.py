@@ -1,0 +1,184 @@
+"""Pretraining end to end on a tiny corpus: loss goes down, resume is exact, a SIGKILLed run resumes, and two
+processes (gloo) equal one process on the same global batch."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from picochat.common import read_jsonl
+
+WORDS = ("the king queen lord spake unto them and said behold thou art my servant whom I have chosen "
+         "to be or not that is question whether nobler in mind suffer slings arrows outrageous fortune").split()
+
+TINY = ["--depth", "2", "--n-embd", "64", "--head-dim", "16", "--max-seq-len", "64", "--device-batch-size", "4",
+        "--total-batch-size", "512", "--eval-tokens", "512", "--warmup-steps", "2", "--device", "cpu",
+        "--dtype", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A private base dir with a tiny corpus and tokenizer (module-scoped: built once)."""
+    d = tmp_path_factory.mktemp("base")
+    old = os.environ.get("PICOCHAT_BASE_DIR")
+    os.environ["PICOCHAT_BASE_DIR"] = str(d)
+    from picochat.data.corpus import write_corpus
+    from picochat.tokenizer import Tokenizer
+
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) + "." for _ in range(400)]
+    write_corpus("default", docs)
+    Tokenizer.train(docs, vocab_size=300).save(d / "tokenizer")
+    yield d
+    if old is None:
+        os.environ.pop("PICOCHAT_BASE_DIR", None)
+    else:
+        os.environ["PICOCHAT_BASE_DIR"] = old
+
+
+def pretrain(argv, metrics):
+    from picochat.train import pretrain as pt
+
+    return pt.run(TINY + ["--metrics", str(metrics)] + argv)
+
+
+def train_losses(path):
+    return [r["loss"] for r in read_jsonl(path) if r["kind"] == "train"]
+
+
+def test_pretrain_learns_and_resume_is_exact(base, tmp_path):
+    import shutil
+
+    ck = base / "checkpoints" / "base"
+    shutil.rmtree(ck, ignore_errors=True)
+    full = pretrain(["--num-steps", "12", "--eval-every", "6"], tmp_path / "full.jsonl")
+    losses = train_losses(tmp_path / "full.jsonl")
+    evals = [r["val_bpb"] for r in read_jsonl(tmp_path / "full.jsonl") if r["kind"] == "eval"]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 1.0
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert full["steps"] == 12 and abs(full["val_bpb"] - evals[-1]) < 1e-12
+
+    shutil.rmtree(ck)
+    pretrain(["--num-steps", "12", "--eval-every", "0", "--stop-at", "6"], tmp_path / "a.jsonl")
+    assert sorted(p.name for p in ck.iterdir()) == ["step_000006"]
+    pretrain(["--num-steps", "12", "--eval-every", "0", "--resume"], tmp_path / "b.jsonl")
+    resumed = train_losses(tmp_path / "a.jsonl") + train_losses(tmp_path / "b.jsonl")
+    assert resumed == pytest.approx(losses, abs=1e-6, rel=0)
+    meta = json.loads((ck / "step_000012" / "meta.json").read_text())
+    assert meta["step"] == 12 and meta["model_config"]["depth"] == 2 and meta["world_size"] == 1
+    assert "commit" in meta["git"] and meta["tokenizer_hash"]
+
+
+def test_resume_refuses_other_model_shape(base, tmp_path):
+    from picochat.common import UserError
+
+    pretrain(["--num-steps", "2", "--eval-every", "0"], tmp_path / "x.jsonl")
+    with pytest.raises(UserError, match="different model config"):
+        pretrain(["--num-steps", "4", "--resume", "--depth", "3"], tmp_path / "y.jsonl")
+
+
+def _cli(base, *args):
+    env = {**os.environ, "PICOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1"}
+    return [sys.executable, "-m", "picochat", "pretrain", *TINY, *args], env
+
+
+def test_sigkill_during_training_resumes_from_last_checkpoint(base, tmp_path):
+    import shutil
+
+    ck = base / "checkpoints" / "base"
+    shutil.rmtree(ck, ignore_errors=True)
+    cmd, env = _cli(base, "--num-steps", "400", "--save-every", "3", "--eval-every", "0",
+                    "--metrics", str(tmp_path / "k.jsonl"))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (ck / "step_000006").exists():
+            time.sleep(0.05)
+        assert (ck / "step_000006").exists(), "run did not reach step 6"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # a kill during a later save leaves at most a .tmp_ folder, never a partial step_ folder
+    steps = sorted(p.name for p in ck.iterdir() if p.name.startswith("step_"))
+    assert all((ck / s / "meta.json").exists() for s in steps)
+    last = int(steps[-1].split("_")[1])
+    (ck / f".tmp_step_{last + 3:06d}").mkdir(exist_ok=True)  # what a SIGKILL mid-save leaves behind
+    (ck / f".tmp_step_{last + 3:06d}" / "model.pt").write_bytes(b"half")
+    cmd, env = _cli(base, "--num-steps", "400", "--save-every", "3", "--eval-every", "0", "--resume",
+                    "--stop-at", str(last + 3), "--metrics", str(tmp_path / "r.jsonl"))
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"(step {last})" in out.stdout
+    recs = [r for r in read_jsonl(tmp_path / "r.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in recs] == list(range(last + 1, last + 4))
+    assert not (ck / f".tmp_step_{last + 3:06d}").exists()
+
+
+def _ddp_worker(rank, world, port, base, out, global_batches):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), PICOCHAT_BASE_DIR=str(base))
+    torch.set_num_threads(1)
+    _run_synthetic(rank, world, out, global_batches)
+
+
+def _run_synthetic(rank, world, out, global_batches):
+    """The real loop and optimizer on a fixed global batch sequence; each rank takes its share of every batch."""
+    from picochat.common import setup_runtime, teardown_runtime
+    from picochat.config import PretrainConfig
+    from picochat.train.loop import Stage, sync_params, train
+    from picochat.train.pretrain import make_optimizer, model_config_for
+    from picochat.model import GPT
+
+    rt = setup_runtime("cpu", "fp32", 0)
+    cfg = PretrainConfig(depth=2, n_embd=64, head_dim=16, max_seq_len=32, device_batch_size=2,
+                         total_batch_size=2 * 2 * 32 * 2, num_steps=len(global_batches), warmup_steps=2,
+                         eval_every=0, metrics=str(out), device="cpu", dtype="fp32")
+    model = GPT(model_config_for(cfg, 128))
+    model.init_weights(0)
+    opt = make_optimizer(model, cfg, rt)
+    sync_params(model)
+    accum = 2 * 2 // world  # 4 rows of the global batch per step = accum micro-batches x world ranks x 2 rows... / 2
+    micro = []
+    for gb in global_batches:  # gb (8, 33): rows split as micro-batches of 2 rows, rank-major within a step
+        for m in range(accum):
+            lo = (rank * accum + m) * 2
+            micro.append(gb[lo : lo + 2])
+    it = iter(micro)
+
+    def next_batch():
+        r = next(it)
+        return r[:, :-1], r[:, 1:]
+
+    stage = Stage(name="base", cfg=cfg, model=model, tokenizer=None, optimizer=opt, next_batch=next_batch,
+                  num_steps=len(global_batches), grad_accum=accum, checkpoints=False)
+    train(stage, rt)
+    teardown_runtime()
+
+
+def test_two_processes_equal_one(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 128, (8, 33), generator=g) for _ in range(2)] * 10  # learnable: repeats
+    single = tmp_path / "single.jsonl"
+    _run_synthetic(0, 1, single, batches)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ddp = tmp_path / "ddp.jsonl"
+    mp.spawn(_ddp_worker, args=(2, port, tmp_path, ddp, batches), nprocs=2, join=True)
+    a, b = train_losses(single), train_losses(ddp)
+    assert len(a) == len(b) == 20
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+    assert a[-1] < a[0]
