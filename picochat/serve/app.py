@@ -32,9 +32,15 @@ Two picochat extensions mark them for the web UI (ordinary clients ignore unknow
     the tokenizer's assistant-content schema. Sending those parts back as an assistant message's `content` (a list)
     replays the tool call exactly in the next turn; plain string content is read as text.
 
+Request fields: messages (roles system/user/assistant; the system message is merged into the first user turn, as
+the tokenizer renders it), model (optional; must be the served name), temperature (0..2, 0 = greedy), top_p, top_k
+(extension; 0 = off), max_tokens / max_completion_tokens (capped at --max-tokens), n (1..--max-batch), stop (string or
+list), seed, stream, stream_options.include_usage. Other OpenAI fields are accepted and ignored.
+
 Errors are OpenAI error objects `{"error": {"message", "type", "param", "code"}}`: 400 for malformed JSON or bad
-parameters (code "context_length_exceeded" when the prompt does not fit), 404 for unknown models and routes, 429 when
-the scheduler queue is full. An unexpected failure is logged here with its traceback and answered with a generic 500.
+parameters (code "context_length_exceeded" when the prompt does not fit), 404 for unknown models and routes, 413 for
+a body over 8 MiB, 429 (code "queue_full", Retry-After: 1) when the scheduler queue is full. An unexpected failure is
+answered with a generic 500 and its traceback goes to the server log only.
 """
 
 from __future__ import annotations

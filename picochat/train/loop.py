@@ -111,6 +111,9 @@ def train(stage: Stage, rt: Runtime) -> dict:
            f"dtype {str(rt.dtype).removeprefix('torch.')}, compile {cfg.compile}, peak {peak / 1e9:.0f} GFLOP/s"
            + (f", budget {cfg.max_minutes:g} min" if budget_s else ""))
 
+    pbar = _progress_bar(rt)
+    say = pbar.write if pbar is not None else print0  # keeps messages on their own lines under the bar
+
     def progress(step: int, elapsed: float) -> float:
         p = step / max(stage.num_steps, 1)
         if stage.progress is not None:
@@ -126,9 +129,8 @@ def train(stage: Stage, rt: Runtime) -> dict:
         d = save_checkpoint(ckpt_dir, step, model.state_dict() if rt.is_master else None, opt.state_dict(), meta,
                             stage.loader_state() if stage.loader_state else None, rank=rt.rank,
                             keep_last=cfg.keep_last)
-        print0(f"saved {d} in {time.perf_counter() - t0:.1f}s")
+        say(f"saved {d} in {time.perf_counter() - t0:.1f}s")
 
-    pbar = _progress_bar(rt)
     step, elapsed, last_eval = stage.start_step, stage.elapsed_s, {}
     t_start = time.perf_counter() - elapsed
     train_time, train_tokens, loss_ema = 0.0, 0, None
@@ -141,11 +143,11 @@ def train(stage: Stage, rt: Runtime) -> dict:
             logger.log({"kind": "eval", **last_eval})
             if wandb_run:
                 wandb_run.log(last_eval, step=step)
-            print0(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in last_eval.items()))
+            say(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in last_eval.items()))
         sample_now = done or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)
         if stage.checkpoints and rt.is_master and sample_now:
             for s in sample_text(model, stage.tokenizer):
-                print0(f"  sample: {s!r}")
+                say(f"  sample: {s!r}")
         if done:
             break
 
