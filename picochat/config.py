@@ -40,6 +40,8 @@ class ModelConfig:
     rope_base: float = f(10000.0, "rotary embedding base")
     window_pattern: str = f("L", "per-layer attention pattern, repeated: L = full causal, S = sliding window")
     short_window: int = f(0, "sliding window size for S layers; 0 = sequence_len // 4")
+    value_embeds: bool = f(False, "add a per-token value embedding to v in every other layer")
+    resid_scalars: bool = f(False, "learned per-layer scalars mixing the residual stream with the first embedding")
 
     def validate(self) -> None:
         if self.depth < 1:
@@ -217,6 +219,8 @@ class PretrainConfig(TrainConfig):
     n_kv_head: int = f(0, "key/value heads for GQA (0 = same as query heads)")
     max_seq_len: int = f(256, "context length / training sequence length")
     window_pattern: str = f("L", "attention pattern per layer, repeated: L full, S sliding window (e.g. SSSL)")
+    value_embeds: bool = f(False, "value embeddings in every other layer (see README: measured effect)")
+    resid_scalars: bool = f(False, "per-layer residual/x0 scalars (see README: measured effect)")
     target_param_data_ratio: float = f(20.0, "training tokens per parameter (Chinchilla ~20) when num_steps is -1")
 
 

@@ -48,11 +48,14 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(C, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, C, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin, kv_cache=None, ve=None):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, C) -> (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x)
+        if ve is not None:  # value embedding: token identity injected straight into the values
+            v = v + ve
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         if kv_cache is None:
             y = attn(q, k, v, causal=True, window=self.window)
@@ -78,8 +81,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg, layer)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache=None, ve=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, ve)
         return x + self.mlp(norm(x))
 
 
@@ -99,9 +102,20 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(self.padded_vocab, cfg.n_embd)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
         self.lm_head = nn.Linear(cfg.n_embd, self.padded_vocab, bias=False)
+        kv_dim = cfg.n_kv_head * cfg.head_dim
+        # optional extras (off by default; README has their measured effect at equal wall clock)
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(self.padded_vocab, kv_dim) for i in range(cfg.depth) if self.has_ve(i)})
+        if cfg.resid_scalars:
+            self.resid_lambdas = nn.Parameter(torch.ones(cfg.depth))  # scales the residual stream entering block i
+            self.x0_lambdas = nn.Parameter(torch.zeros(cfg.depth))  # mixes the first embedding back in
         cos, sin = self._rotary(cfg.sequence_len)
         self.register_buffer("cos", cos, persistent=False)  # (T, D/2)
         self.register_buffer("sin", sin, persistent=False)
+
+    def has_ve(self, layer: int) -> bool:
+        """Value embeddings on every other layer, always including the last (as in recent speedrun records)."""
+        return self.config.value_embeds and layer % 2 == (self.config.depth - 1) % 2
 
     def _rotary(self, T: int, device=None):
         d = self.config.head_dim
@@ -129,6 +143,11 @@ class GPT(nn.Module):
                 fill(lin.weight, lambda t: t.uniform_(-bound, bound, generator=gen))
             blk.attn.c_proj.weight.zero_()
             blk.mlp.c_proj.weight.zero_()
+        for emb in self.value_embeds.values():
+            fill(emb.weight, lambda t: t.uniform_(-bound, bound, generator=gen))
+        if self.config.resid_scalars:
+            self.resid_lambdas.fill_(1.0)
+            self.x0_lambdas.fill_(0.0)
         cos, sin = self._rotary(self.config.sequence_len, self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -137,9 +156,9 @@ class GPT(nn.Module):
         """Parameter groups for the optimizer: Muon for block matrices, AdamW (own LRs) for the rest."""
         return {
             "matrix": [p for p in self.blocks.parameters()],
-            "embedding": [self.wte.weight],
+            "embedding": [self.wte.weight, *(e.weight for e in self.value_embeds.values())],
             "unembedding": [self.lm_head.weight],
-            "scalar": [],
+            "scalar": [self.resid_lambdas, self.x0_lambdas] if self.config.resid_scalars else [],
         }
 
     def num_params(self) -> dict[str, int]:
@@ -149,6 +168,7 @@ class GPT(nn.Module):
             "blocks_attn": sum(p.numel() for b in self.blocks for p in b.attn.parameters()),
             "blocks_mlp": sum(p.numel() for b in self.blocks for p in b.mlp.parameters()),
             "lm_head": self.lm_head.weight.numel(),
+            "value_embeds": sum(e.weight.numel() for e in self.value_embeds.values()),
         }
         counts["total"] = sum(counts.values())
         return counts
@@ -184,9 +204,12 @@ class GPT(nn.Module):
         else:
             positions = kv_cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
             cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # (B, T, 1, D/2)
-        x = norm(self.wte(idx))
-        for block in self.blocks:
-            x = block(x, cos, sin, kv_cache)
+        x = x0 = norm(self.wte(idx))
+        for i, block in enumerate(self.blocks):
+            if self.config.resid_scalars:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, cos, sin, kv_cache, ve)
         x = norm(x)
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()  # (B, T, V) in fp32 for the softcap
         cap = self.config.logit_softcap

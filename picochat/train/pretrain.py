@@ -27,7 +27,8 @@ from picochat.train.loop import Stage, micro_batches, resume_state, sync_params,
 def model_config_for(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
     return derive_model_config(ModelConfig(depth=cfg.depth, n_embd=cfg.n_embd, head_dim=cfg.head_dim,
                                            n_kv_head=cfg.n_kv_head, vocab_size=vocab_size,
-                                           sequence_len=cfg.max_seq_len, window_pattern=cfg.window_pattern))
+                                           sequence_len=cfg.max_seq_len, window_pattern=cfg.window_pattern,
+                                           value_embeds=cfg.value_embeds, resid_scalars=cfg.resid_scalars))
 
 
 def make_optimizer(model: GPT, cfg, rt: Runtime):

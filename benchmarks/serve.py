@@ -1,0 +1,224 @@
+"""Serving throughput and latency: start the real server in a child process, drive it over HTTP with 1, 8 and 32
+concurrent streaming clients, print ONE JSON line with aggregate completion tokens/s and p50/p95 time to first token
+per concurrency level.
+
+    python benchmarks/serve.py --random                  # random CPU-preset-shaped model (depth 4), no checkpoint
+    python benchmarks/serve.py --source sft              # a trained checkpoint, served by `python -m picochat serve`
+    python benchmarks/serve.py --random --concurrency 1,4 --max-tokens 32 --requests-per-client 1   # quick look
+
+The server runs in its own process (so the clients' Python does not compete with the scheduler thread for the GIL);
+with --random the child is this script again, building the model in-process and calling `create_app`. Every request
+is a chat completion with temperature 1.0, so a random model rarely stops before --max-tokens. Progress goes to
+stderr; the JSON line to stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere: make the picochat package importable
+    sys.path.insert(0, str(REPO))
+
+from picochat.common import UserError, run_main  # noqa: E402
+from picochat.config import f, parse_config  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    random: bool = f(False, "serve a random model of the CPU preset's shape instead of a checkpoint")
+    source: str = f("auto", "checkpoint stage when not --random: auto, base, mid, sft or rl")
+    step: int | None = f(None, "checkpoint step (default: latest)")
+    depth: int = f(4, "--random model depth (the CPU preset's)")
+    sequence_len: int = f(256, "--random model context (the CPU preset's)")
+    device: str = f("auto", "server device: auto, cpu, cuda")
+    concurrency: str = f("1,8,32", "comma-separated numbers of concurrent streaming clients, one level each")
+    requests_per_client: int = f(2, "sequential requests each client makes per level")
+    max_tokens: int = f(64, "completion tokens per request")
+    max_batch: int = f(32, "server --max-batch")
+    startup_timeout: float = f(300.0, "seconds to wait for the server to answer /health")
+    child_port: int = f(0, "internal: run as the --random server child on this port")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the server side (child process)
+
+
+def random_model_and_tokenizer(cfg: BenchConfig):
+    """The trained tokenizer if one exists (realistic vocab), else a small one trained on picochat's own sources."""
+    from picochat.config import ModelConfig
+    from picochat.model import GPT
+    from picochat.tokenizer import Tokenizer, get_tokenizer
+
+    try:
+        tok = get_tokenizer()
+    except UserError:
+        texts = [p.read_text(encoding="utf-8") for p in sorted((REPO / "picochat").rglob("*.py"))]
+        tok = Tokenizer.train(texts, vocab_size=1024)
+    model = GPT(ModelConfig(depth=cfg.depth, head_dim=64, vocab_size=tok.vocab_size, sequence_len=cfg.sequence_len))
+    model.init_weights(seed=0)
+    return model, tok
+
+
+def serve_child(cfg: BenchConfig) -> None:
+    import uvicorn
+
+    from picochat.common import autodetect_device
+    from picochat.serve.app import create_app
+    from picochat.tools import make_tool
+
+    model, tok = random_model_and_tokenizer(cfg)
+    model = model.to(autodetect_device(cfg.device)).eval()
+    app = create_app(model, tok, max_batch=cfg.max_batch, max_queue=1024, max_tokens=cfg.max_tokens,
+                     tool=make_tool("calculator"), source="random")
+    uvicorn.run(app, host="127.0.0.1", port=cfg.child_port, log_level="warning")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cfg: BenchConfig, port: int, log) -> subprocess.Popen:
+    if cfg.random:
+        cmd = [sys.executable, __file__, "--child-port", str(port), "--depth", str(cfg.depth),
+               "--sequence-len", str(cfg.sequence_len), "--device", cfg.device, "--max-tokens", str(cfg.max_tokens),
+               "--max-batch", str(cfg.max_batch)]
+    else:
+        cmd = [sys.executable, "-m", "picochat", "serve", "--source", cfg.source, "--port", str(port),
+               "--device", cfg.device, "--max-batch", str(cfg.max_batch), "--max-queue", "1024",
+               "--max-tokens", str(cfg.max_tokens)]
+        if cfg.step is not None:
+            cmd += ["--step", str(cfg.step)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log_path: str) -> dict:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = Path(log_path).read_text(errors="replace")[-2000:]
+            raise UserError(f"the server exited with status {proc.returncode} before it was ready:\n{tail}")
+        try:
+            return httpx.get(url + "/health", timeout=2).json()
+        except httpx.TransportError:
+            time.sleep(0.25)
+    raise UserError(f"the server did not answer {url}/health within {timeout:.0f}s")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the client side
+
+
+async def one_request(client, url: str, max_tokens: int, prompt: str) -> tuple[float, float, int]:
+    """(time to first content token s, total s, completion tokens) for one streamed chat completion."""
+    body = {"messages": [{"role": "user", "content": prompt}], "temperature": 1.0, "max_tokens": max_tokens,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise UserError(f"request failed with HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    return (ttft if ttft is not None else total), total, tokens
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1)."""
+    s = sorted(xs)
+    return s[max(0, min(len(s) - 1, math.ceil(q * len(s)) - 1))]
+
+
+async def run_level(url: str, concurrency: int, per_client: int, max_tokens: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def worker(i: int) -> list[tuple[float, float, int]]:
+            return [await one_request(client, url, max_tokens, f"Tell me a story, number {i}.{j}.")
+                    for j in range(per_client)]
+
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(i) for i in range(concurrency))) for r in rs]
+        wall = time.perf_counter() - t0
+    ttfts = [r[0] for r in results]
+    tokens = sum(r[2] for r in results)
+    return {"concurrency": concurrency, "requests": len(results), "completion_tokens": tokens,
+            "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
+            "per_stream_tokens_per_s": round(sum(r[2] / r[1] for r in results) / len(results), 1),
+            "ttft_p50_ms": round(1000 * percentile(ttfts, 0.50), 1),
+            "ttft_p95_ms": round(1000 * percentile(ttfts, 0.95), 1)}
+
+
+def _run(argv: list[str] | None) -> None:
+    cfg, _, _ = parse_config(BenchConfig, argv, prog="benchmarks/serve.py", description=__doc__.split("\n")[0])
+    if cfg.child_port:
+        serve_child(cfg)
+        return
+    try:
+        levels = [int(c) for c in cfg.concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise UserError(f"--concurrency '{cfg.concurrency}' must be comma-separated integers like 1,8,32") from None
+    if not levels or min(levels) < 1 or cfg.requests_per_client < 1 or cfg.max_tokens < 1:
+        raise UserError("--concurrency levels, --requests-per-client and --max-tokens must be >= 1")
+    if not cfg.random:
+        from picochat.checkpoint import latest_source
+
+        if cfg.source == "auto" and latest_source() is None:
+            raise UserError("no checkpoint to serve; train one (`picochat pretrain`) or pass --random to benchmark a "
+                            "random model of the CPU preset's shape")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.NamedTemporaryFile("w+", prefix="picochat-serve-bench-", suffix=".log", delete=False) as log:
+        proc = start_server(cfg, port, log)
+    try:
+        health = wait_ready(url, proc, cfg.startup_timeout, log.name)
+        print(f"server ready: {health}", file=sys.stderr, flush=True)
+        asyncio.run(run_level(url, 1, 1, min(8, cfg.max_tokens)))  # warm-up: first-call allocations, lazy tables
+        results = []
+        for c in levels:
+            r = asyncio.run(run_level(url, c, cfg.requests_per_client, cfg.max_tokens))
+            print(f"concurrency {c:3d}: {r['tokens_per_s']:8.1f} tok/s  ttft p50 {r['ttft_p50_ms']:.0f} ms "
+                  f"p95 {r['ttft_p95_ms']:.0f} ms", file=sys.stderr, flush=True)
+            results.append(r)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.unlink(log.name)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("child_port", "startup_timeout")}
+    print(json.dumps({"benchmark": "serve", "server": {k: health.get(k) for k in ("model", "source", "step",
+                                                                                   "context", "max_batch")},
+                      "settings": settings, "levels": results}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
