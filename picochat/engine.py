@@ -290,7 +290,7 @@ class _Batch:
         e = self.e
         if req.params.seed is not None:
             req.generator = torch.Generator(device=e.device)
-            req.generator.manual_seed(req.params.seed)
+            req.generator.manual_seed(req.params.seed % 2**63)  # any int is a valid seed; torch takes 64-bit
         elif req.params.temperature > 0:
             req.generator = torch.Generator(device=e.device)
             req.generator.manual_seed(random.getrandbits(63))
@@ -459,7 +459,8 @@ class Scheduler:
                 cancel, self._cancel = self._cancel, set()
             for req in admit:
                 if req.rid in cancel:
-                    req.on_event(Event(0, -1, False, "text", "", "cancelled"))
+                    for i in range(req.n):
+                        req.on_event(Event(i, -1, False, "text", "", "cancelled"))
                     continue
                 self._guard(req, lambda: b.add(req))
             for r in b.rows:

@@ -194,3 +194,58 @@ def test_scheduler_matches_independent_generation(tiny_tokenizer, models):
         sched.stop()
     for i in range(len(prompts)):
         assert results[i] == alone[i], i
+
+
+class PolicyModel(nn.Module):
+    """Next token = policy(every token fed so far): a scripted 'model' whose script may repeat tokens (a bigram
+    table cannot script real code, whose tokens repeat). Batch 1 only; prefill (cache position 0) restarts it."""
+
+    def __init__(self, vocab_size, policy, sequence_len=2048):
+        super().__init__()
+        self.config = derive_model_config(ModelConfig(depth=1, head_dim=8, n_embd=8, vocab_size=vocab_size,
+                                                      sequence_len=sequence_len))
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.policy = policy
+        self.history: list[int] = []
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        assert idx.size(0) == 1
+        if kv_cache is None or (isinstance(kv_cache.pos, int) and kv_cache.pos == 0):
+            self.history = []
+        self.history += idx[0].tolist()
+        logits = torch.zeros(1, idx.size(1), self.config.vocab_size)
+        logits[0, -1, self.policy(self.history)] = 10.0
+        return logits
+
+
+@pytest.mark.parametrize("code,expect", [
+    ("while True: pass", "timed out"),
+    ("x = bytearray(2*1024**3)", "memory limit"),
+    ("print('ab'*500000)", "abab"),
+    ("import subprocess; subprocess.run(['echo', 'hi'])", "Error"),
+])
+def test_python_tool_failures_never_break_generation(tiny_tokenizer, code, expect):
+    """Real sandbox behind the engine: each failure becomes output text and the row keeps generating after it."""
+    from picochat.tools import make_tool
+
+    tok = tiny_tokenizer
+    sid = tok.special_id
+    prompt = [tok.bos_id, sid("<|assistant_start|>")]
+    script = [sid("<|python_start|>"), *tok.encode(code), sid("<|python_end|>")]
+    done_tok, out_end = tok.encode("x")[0], sid("<|output_end|>")
+
+    def policy(h):
+        gen = h[len(prompt):]
+        if len(gen) < len(script):
+            return script[len(gen)]
+        return done_tok if gen[-1] == out_end else sid("<|assistant_end|>")
+
+    engine = Engine(PolicyModel(tok.vocab_size, policy), tok, tool=make_tool("python", timeout_s=1.0))
+    seqs, masks = engine.generate_batch(prompt, 1, SamplingParams(temperature=0, max_tokens=1500))
+    s = seqs[0]
+    assert s[: len(script)] == script
+    o0, o1 = s.index(sid("<|output_start|>")), s.index(out_end)
+    out_text = tok.decode(s[o0 + 1 : o1])
+    assert expect in out_text and len(out_text) <= 1100, out_text[:300]  # tool output is capped
+    assert masks[0][o0 : o1 + 1] == [0] * (o1 + 1 - o0)  # the output block is forced
+    assert s[o1 + 1 :] == [done_tok] and masks[0][o1 + 1 :] == [1]  # generation continued after the tool

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from picochat.common import UserError
+from picochat.common import UserError, teardown_runtime
 from picochat.optim import MuonAdamW, build_optimizer, newton_schulz
 
 N_EMBD = 64
@@ -318,7 +318,7 @@ def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
         result["resumed"] = [p.detach().clone() for p in flat(kinds)]
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        teardown_runtime()  # barrier, then destroy: a lone gloo teardown can abort the peer
 
 
 def test_distributed_equals_single_process_on_mean_gradient(tmp_path):

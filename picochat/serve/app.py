@@ -485,12 +485,8 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", max_batch: int
         job = state.submit(req, param="messages")
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
         if req.stream:
-            return StreamingResponse(_chat_stream(state, job, req, head), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        rows = [RowText() for _ in range(req.n)]
-        async with aclosing(state.events(job, request)) as events:
-            async for ev in events:
-                rows[ev.row].feed(ev)
+            return _sse_response(_chat_stream(state, job, req, head))
+        rows = await _collect(state, job, req, request)
         choices = [{"index": i, "finish_reason": _finish(r.finish_reason),
                     "message": {"role": "assistant", "content": r.content, "picochat_parts": r.final_parts()}}
                    for i, r in enumerate(rows)]
@@ -509,17 +505,27 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", max_batch: int
         job = state.submit(req, param="prompt")
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
         if req.stream:
-            return StreamingResponse(_text_stream(state, job, req, head), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        rows = [RowText() for _ in range(req.n)]
-        async with aclosing(state.events(job, request)) as events:
-            async for ev in events:
-                rows[ev.row].feed(ev)
+            return _sse_response(_text_stream(state, job, req, head))
+        rows = await _collect(state, job, req, request)
         choices = [{"index": i, "text": "".join(p["text"] for p in r.parts), "logprobs": None,
                     "finish_reason": _finish(r.finish_reason)} for i, r in enumerate(rows)]
         return {**head, "object": "text_completion", "choices": choices, "usage": _usage(req, rows)}
 
     return app
+
+
+def _sse_response(stream) -> StreamingResponse:
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _collect(state, job, req: GenRequest, request: Request) -> list[RowText]:
+    """A non-streamed request: gather every row's events (the client's disconnect still cancels the job)."""
+    rows = [RowText() for _ in range(req.n)]
+    async with aclosing(state.events(job, request)) as events:
+        async for ev in events:
+            rows[ev.row].feed(ev)
+    return rows
 
 
 def _usage(req: GenRequest, rows: list[RowText]) -> dict:

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from picochat.attention import describe_backend
 from picochat.checkpoint import build_meta, check_compatible, checkpoint_dir, list_steps, load_checkpoint, \
     save_checkpoint
 from picochat.common import MetricsLogger, Runtime, UserError, autocast_ctx, get_base_dir, measure_matmul_flops, \
@@ -107,6 +108,7 @@ def train(stage: Stage, rt: Runtime) -> dict:
     peak = measure_matmul_flops("bfloat16" if rt.dtype == torch.bfloat16 else "float32", rt.device.type)
     tokens_per_step = None
     budget_s = cfg.max_minutes * 60
+    print0(describe_backend())
     print0(f"stage {stage.name}: {stage.num_steps} steps x {stage.grad_accum} micro-batches x {rt.world_size} ranks; "
            f"dtype {str(rt.dtype).removeprefix('torch.')}, compile {cfg.compile}, peak {peak / 1e9:.0f} GFLOP/s"
            + (f", budget {cfg.max_minutes:g} min" if budget_s else ""))
