@@ -28,6 +28,32 @@ def test_initial_loss_is_ln_vocab():
     assert model(x).shape == (4, 32, 500)
 
 
+@pytest.mark.parametrize("cap", [15.0, 0.0])
+def test_fused_chunked_head_loss_matches_plain_cross_entropy(cap):
+    """Training's fused head+loss (chunks of rows, gradients taken in the forward pass) equals the textbook path:
+    full logits -> softcap -> F.cross_entropy, in value and in every parameter's gradient, with ignored targets and
+    a chunk size that does not divide the row count."""
+    import torch.nn.functional as F
+
+    model = randomize_outputs(make_tiny_model(vocab_size=300, logit_softcap=cap), seed=1)
+    model.head_chunk_elems = 7 * model.padded_vocab  # 7 rows per chunk; 3*40 rows -> a ragged last chunk
+    x, y = torch.randint(0, 300, (3, 40)), torch.randint(0, 300, (3, 40))
+    y[0, :5] = -1
+    y[2, :] = -1  # a whole row of prompt tokens
+    for red in ("sum", "mean"):
+        model.zero_grad()
+        fused = model(x, targets=y, loss_reduction=red)
+        (fused * 0.5).backward()  # a non-unit upstream gradient, as the loop's loss scaling gives
+        g_fused = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        ref = F.cross_entropy(model(x).reshape(-1, 300), y.reshape(-1), ignore_index=-1, reduction=red)
+        (ref * 0.5).backward()
+        g_ref = [p.grad.clone() for p in model.parameters()]
+        assert torch.allclose(fused, ref, rtol=1e-6, atol=1e-4), (red, fused.item(), ref.item())
+        for a, b in zip(g_fused, g_ref):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_loss_reduction_and_ignore_index():
     model = randomize_outputs(make_tiny_model(vocab_size=100))
     x = torch.randint(0, 100, (2, 16))
