@@ -43,6 +43,12 @@ def _backend() -> tuple[str, str]:
     return "sdpa", f"PyTorch SDPA ({fa3_reason})"
 
 
+@torch.compiler.assume_constant_result
+def backend_name() -> str:
+    """The chosen backend's name; a constant to torch.compile (it does not trace into the lru_cache)."""
+    return _backend()[0]
+
+
 def describe_backend() -> str:
     name, reason = _backend()
     return f"attention backend: {name} ({reason})"
@@ -69,7 +75,7 @@ def _sdpa(q, k, v, mask=None, causal=False):
 
 def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, window: int = 0) -> torch.Tensor:
     """Self-attention over one sequence block (no cache). `window` > 0 limits each query to the last `window` keys."""
-    name, _ = _backend()
+    name = backend_name()
     T = q.size(1)
     if name == "fa3":
         import flash_attn_interface

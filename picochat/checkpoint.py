@@ -9,6 +9,9 @@ leaves either the old set of checkpoints or the old set plus the new one; never 
 Older checkpoints beyond `keep_last` are deleted only after the new one is in place. Multi-node runs need a shared
 filesystem for the checkpoint directory (each rank writes its own shard into the same folder).
 
+FSDP (`--fsdp`): model.pt is still the full state dict, gathered onto rank 0 (`model_state_for_save`), so it loads
+without FSDP; the optimizer files hold each rank's shard of the optimizer state, as in the default mode.
+
 Provenance: meta.json holds the resolved model and run config, git commit + dirty flag, tokenizer hash, world size,
 step, wall time and the sizes of every file (a truncated file is detected before torch.load is even tried).
 """
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from picochat.common import UserError, autodetect_device, get_base_dir
+from picochat.common import UserError, autodetect_device, get_base_dir, is_fsdp
 from picochat.config import ModelConfig
 
 STAGES = ("base", "mid", "sft", "rl")  # in pipeline order: latest_source() picks the last that exists
@@ -87,6 +90,20 @@ def _barrier() -> None:
 
 def strip_compile_prefix(state: dict) -> dict:
     return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def model_state_for_save(model: torch.nn.Module, is_master: bool) -> dict | None:
+    """The model's full state dict on rank 0 (None on other ranks), the same keys and shapes whether or not the model
+    is wrapped with FSDP2, so `load_model` reads either. Collective under FSDP (it all-gathers the shards one tensor
+    at a time, onto rank 0's CPU): every rank must call it."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # cpu_offload=True keeps the gathered tensors on rank 0 only, in host memory: a model that does not fit one
+        # device is never whole on a device
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if is_master else None
+    return model.state_dict() if is_master else None
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, optim_state: dict | None,

@@ -179,6 +179,8 @@ class TrainConfig:
     device: str = f("auto", "cuda | mps | cpu | auto (CUDA > MPS > CPU)")
     dtype: str = f("auto", "auto (bf16 where the hardware runs it fast) | fp32 | bf16")
     compile: bool = f(False, "torch.compile the model for training (pays off after a few hundred steps)")
+    fsdp: bool = f(False, "under torchrun, shard parameters, gradients and optimizer state with FSDP2 (for models "
+                          "that do not fit one device; costs more communication)")
     seed: int = f(0, "random seed (weights init, sampling)")
     device_batch_size: int = f(16, "sequences per micro-batch per device")
     total_batch_size: int = f(16384, "tokens per optimizer step across all ranks (gradient accumulation fills it)")

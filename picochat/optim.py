@@ -13,6 +13,11 @@ averaged gradient only for what it owns, updates only that, keeps optimizer stat
 all-gathers the new parameters. Muon needs whole matrices (the orthogonalisation is not separable by rows), so a
 rank owns whole matrices; AdamW is element-wise, so a rank owns a dim-0 slice of each parameter.
 
+With `fsdp=True` (the `--fsdp` opt-in) the model is wrapped with FSDP2 `fully_shard`: parameters are DTensors sharded
+on dim 0 and their gradients arrive already reduce-scattered and averaged, so the optimizer does no collective on
+gradients or parameters. AdamW and Muon's momentum update each rank's rows in place; Muon all-gathers the Nesterov
+update to whole matrices, orthogonalises them on every rank and keeps its own rows. The math is the same as above.
+
 Tests: `OMP_NUM_THREADS=1 .venv/bin/pytest -q tests/test_optim.py` (includes a 2-process gloo run).
 """
 
@@ -102,24 +107,33 @@ class MuonAdamW(torch.optim.Optimizer):
     `step()` returns the global L2 norm of the averaged gradient before clipping (0-dim tensor, no host sync) and,
     when max_grad_norm > 0, scales the gradient by min(1, max_grad_norm / norm) before the update.
 
-    `state_dict()` is per rank: it holds only this rank's shard (plus its rank and world size, checked on load).
+    With `fsdp=True` every parameter must be an FSDP2 DTensor sharded on dim 0 of a 1-D mesh (see the module
+    docstring); each rank keeps optimizer state for its rows only.
+
+    `state_dict()` is per rank: it holds only this rank's shard (plus its rank, world size and FSDP mode, checked on
+    load).
     `use_reduce_scatter` chooses reduce-scatter/all-gather collectives (True) or all-reduce + slice (False); it is
     probed at construction, because some backends/torch versions (gloo) lack reduce-scatter.
     """
 
-    def __init__(self, param_groups: list[dict], *, max_grad_norm: float = 1.0, distributed: bool = False):
+    def __init__(self, param_groups: list[dict], *, max_grad_norm: float = 1.0, distributed: bool = False,
+                 fsdp: bool = False):
         if max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {max_grad_norm}")
-        if distributed and not (dist.is_available() and dist.is_initialized()):
+        if distributed and fsdp:
+            raise ValueError("distributed=True and fsdp=True exclude each other: FSDP already reduces the gradients")
+        if (distributed or fsdp) and not (dist.is_available() and dist.is_initialized()):
             raise UserError("the distributed optimizer needs a torch.distributed process group: launch with torchrun")
         self.max_grad_norm = float(max_grad_norm)
         self.distributed = distributed
-        self.rank = dist.get_rank() if distributed else 0
-        self.world_size = dist.get_world_size() if distributed else 1
+        self.fsdp = fsdp
+        self.rank = dist.get_rank() if distributed or fsdp else 0
+        self.world_size = dist.get_world_size() if distributed or fsdp else 1
         self._plan: tuple[list[_MuonBucket], list[_AdamSlot]] | None = None
         self.fallback_reason: str | None = None  # why use_reduce_scatter is False, for the run log
         super().__init__(param_groups, defaults={})
-        self.use_reduce_scatter = self._probe_reduce_scatter() if self.world_size > 1 else True
+        # FSDP mode runs no reduce-scatter of its own, so there is nothing to probe
+        self.use_reduce_scatter = self._probe_reduce_scatter() if self.world_size > 1 and not fsdp else True
 
     # ------------------------------------------------------------------------------------------------- groups
 
@@ -144,6 +158,12 @@ class MuonAdamW(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon handles 2-D matrices only, got a parameter of shape {tuple(p.shape)}: "
                                      "put it in an adamw group")
+        if self.fsdp:  # set before super().__init__ calls this
+            for p in self.param_groups[-1]["params"]:
+                if not _is_dim0_sharded(p):
+                    raise ValueError(f"fsdp=True needs parameters sharded by FSDP2 fully_shard on dim 0 of a 1-D "
+                                     f"mesh, got {type(p).__name__} {getattr(p, 'placements', '')} of shape "
+                                     f"{tuple(p.shape)}")
         self._plan = None
 
     def _get_plan(self) -> tuple[list[_MuonBucket], list[_AdamSlot]]:
@@ -189,6 +209,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self) -> Tensor:
+        if self.fsdp:
+            return self._step_fsdp()
         buckets, slots = self._get_plan()
         ws = self.world_size
 
@@ -262,10 +284,7 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_lerp_(bufs, grads, 1 - mom)  # buf = mom*buf + (1-mom)*g
         nesterov = torch._foreach_lerp(grads, bufs, mom)  # look ahead: (1-mom)*g + mom*buf
         O = newton_schulz(torch.stack(nesterov))  # (n_owned, R, C)
-        rows, cols = params[0].shape
-        # An orthogonal (R, C) matrix has RMS entry 1/sqrt(max(R, C)); the sqrt(R/C) factor for tall matrices gives
-        # their updates the same per-input-dimension size as square ones (Keller Jordan's Muon uses this scale).
-        scale = max(1.0, rows / cols) ** 0.5
+        scale = _muon_scale(params[0].shape)
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_add_(params, list(O.to(params[0].dtype).unbind(0)), alpha=-lr * scale)
@@ -308,18 +327,21 @@ class MuonAdamW(torch.optim.Optimizer):
         return handle, lambda: full.div_(ws) if self.rank == s.owner else None
 
     def _adam_update(self, s: _AdamSlot, g: Tensor) -> None:
-        """Textbook AdamW with bias correction on the owned slice; state has the slice's shape."""
-        group = self.param_groups[s.group]
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         p = s.param[s.start : s.end] if s.sharded else s.param  # a view: updates land in the parameter
-        st = self.state[s.param]
+        self._adamw(s.param, p, g, self.param_groups[s.group])
+
+    def _adamw(self, param: Tensor, p: Tensor, g: Tensor, group: dict) -> None:
+        """Textbook AdamW with bias correction on p, the part of `param` this rank updates (a view of it, so the
+        update lands in the parameter), with g of p's shape; the state, keyed by `param`, has p's shape."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        st = self.state[param]
         if not st:
             st["step"] = 0
             st["exp_avg"] = torch.zeros_like(p)
             st["exp_avg_sq"] = torch.zeros_like(p)
         st["step"] += 1
         t = st["step"]
-        if wd and s.param.ndim == 2:  # never decay 1-D scalars (gains, per-layer mixing weights)
+        if wd and param.ndim == 2:  # never decay 1-D scalars (gains, per-layer mixing weights)
             p.mul_(1 - lr * wd)
         st["exp_avg"].lerp_(g, 1 - beta1)
         st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -338,15 +360,86 @@ class MuonAdamW(torch.optim.Optimizer):
             return _all_gather(p.data, mine, async_op=True), lambda: None
         return dist.all_gather(list(p.data.chunk(ws)), mine, async_op=True), lambda: None
 
+    # ------------------------------------------------------------------------------------------------- FSDP
+
+    def _step_fsdp(self) -> Tensor:
+        """step() under FSDP2: gradients are already averaged and sharded like their parameters (dim 0), so every
+        update below works on local rows (`.to_local()` views) and the only collectives are the norm's all-reduce
+        and Muon's all-gather of its update."""
+        muon: dict[tuple, list[Tensor]] = {}  # (group, shape) -> params, so one all-gather serves a whole bucket
+        adam: list[tuple[int, Tensor]] = []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if group["kind"] == "muon":
+                    muon.setdefault((gi, tuple(p.shape)), []).append(p)
+                else:
+                    adam.append((gi, p))
+        params = [p for ps in muon.values() for p in ps] + [p for _, p in adam]
+        # a missing gradient steps as zero, as in the other paths
+        grads = {p: p.grad.to_local() if p.grad is not None else torch.zeros_like(p.to_local()) for p in params}
+
+        # global norm: shards are disjoint across ranks, so the squared local norms sum to the squared global norm
+        local = list(grads.values())
+        norms = torch._foreach_norm(local) if local else [torch.zeros(())]
+        sumsq = torch.stack([n.float() for n in norms]).square().sum()
+        dist.all_reduce(sumsq)
+        norm = sumsq.sqrt()
+        if self.max_grad_norm > 0:
+            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            grads = {p: g * coef.to(g.dtype) for p, g in grads.items()}
+
+        for (gi, _), ps in muon.items():
+            self._muon_update_fsdp(self.param_groups[gi], ps, [grads[p] for p in ps])
+        for gi, p in adam:
+            self._adamw(p, p.to_local(), grads[p], self.param_groups[gi])
+        return norm
+
+    def _muon_update_fsdp(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        """Muon on same-shape (R, C) matrices sharded by rows; grads are this rank's (r, C) rows of each.
+
+        Momentum is element-wise, so the buffer is kept for the local rows only. Newton–Schulz needs whole matrices:
+        the Nesterov update is all-gathered and every rank orthogonalises ALL of them, redundantly. That costs
+        world_size times the Muon FLOPs of the default path (where each rank orthogonalises only the matrices it
+        owns); acceptable for an opt-in mode whose point is memory, and it keeps this path free of a second
+        ownership scheme."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        mine = [p.to_local() for p in params]  # (r, C) views: in-place updates land in the sharded parameters
+        bufs = []
+        for p, m in zip(params, mine):
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(m)
+            bufs.append(st["momentum_buffer"])
+        torch._foreach_lerp_(bufs, grads, 1 - mom)  # buf = mom*buf + (1-mom)*g
+        nesterov = torch.stack(torch._foreach_lerp(grads, bufs, mom))  # (k, r, C): look ahead, local rows
+        k, (R, C) = len(params), params[0].shape
+        mesh = params[0].device_mesh
+        # the stack is sharded like each parameter, on its row dim (1); the global shape and stride are given
+        # because the row split may be uneven (torch.chunk rule: the last ranks may hold fewer rows)
+        full = DTensor.from_local(nesterov, mesh, [Shard(1)], run_check=False, shape=(k, R, C),
+                                  stride=(R * C, C, 1)).full_tensor()  # (k, R, C) on every rank
+        O = newton_schulz(full)  # (k, R, C), identical on every rank
+        # Replicate -> Shard(1) is a local slice, no communication: this rank's rows, split exactly as FSDP splits
+        O = DTensor.from_local(O, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
+        if wd:
+            torch._foreach_mul_(mine, 1 - lr * wd)
+        torch._foreach_add_(mine, list(O.to(mine[0].dtype).unbind(0)), alpha=-lr * _muon_scale((R, C)))
+
     # ------------------------------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["shard"] = {"rank": self.rank, "world_size": self.world_size}
+        sd["shard"] = {"rank": self.rank, "world_size": self.world_size, "fsdp": self.fsdp}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         shard = state_dict.get("shard", {"rank": 0, "world_size": 1})
+        if shard.get("fsdp", False) != self.fsdp:  # the two modes split the state differently across ranks
+            raise UserError(
+                f"optimizer state was saved {'with' if shard.get('fsdp') else 'without'} --fsdp but is being loaded "
+                f"{'with' if self.fsdp else 'without'} it: resume with the same --fsdp setting")
         if (shard["rank"], shard["world_size"]) != (self.rank, self.world_size):
             raise UserError(
                 f"optimizer state was saved by rank {shard['rank']} of {shard['world_size']} but is being loaded by "
@@ -358,6 +451,20 @@ class MuonAdamW(torch.optim.Optimizer):
 
 def _grad_or_zero(p: Tensor) -> Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def _muon_scale(shape) -> float:
+    """An orthogonal (R, C) matrix has RMS entry 1/sqrt(max(R, C)); the sqrt(R/C) factor for tall matrices gives
+    their updates the same per-input-dimension size as square ones (Keller Jordan's Muon uses this scale)."""
+    rows, cols = shape
+    return max(1.0, rows / cols) ** 0.5
+
+
+def _is_dim0_sharded(p: Tensor) -> bool:
+    """True for a DTensor sharded on dim 0 of a 1-D mesh: the layout FSDP2 `fully_shard` gives a parameter."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return isinstance(p, DTensor) and p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
 
 
 # torch 2.13 renamed reduce_scatter_tensor/all_gather_into_tensor to *_single and deprecates the old names; older
@@ -376,7 +483,7 @@ def build_optimizer(param_kinds: dict[str, list], *, n_embd: int, matrix_lr: flo
                     embedding_lr: float = 0.2, unembedding_lr: float = 0.004, scalar_lr: float = 0.5,
                     weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.8, 0.95),
                     muon_momentum: float = 0.95, max_grad_norm: float = 1.0,
-                    distributed: bool = False) -> MuonAdamW:
+                    distributed: bool = False, fsdp: bool = False) -> MuonAdamW:
     """One MuonAdamW from `model.param_kinds()`: Muon for "matrix", AdamW for "embedding", "unembedding", "scalar".
 
     The AdamW rates are given for a 768-wide model and scaled by (n_embd / 768) ** -0.5. Why: Adam moves every
@@ -384,6 +491,9 @@ def build_optimizer(param_kinds: dict[str, list], *, n_embd: int, matrix_lr: flo
     coordinates, so with roughly independent per-coordinate updates the change a step makes to a residual activation
     or a logit grows like sqrt(d); the 1/sqrt(d) factor keeps that change the same when the model gets wider or
     narrower. Muon's rate is not scaled: its update is orthogonal with a shape-aware scale, already width-aware.
+
+    `distributed=True`: plain model under torchrun, the optimizer averages gradients (ZeRO-1 style state);
+    `fsdp=True`: a model wrapped with FSDP2 `fully_shard` (see MuonAdamW). At most one of them.
     """
     unknown = set(param_kinds) - set(PARAM_KINDS)
     if unknown:
@@ -411,4 +521,4 @@ def build_optimizer(param_kinds: dict[str, list], *, n_embd: int, matrix_lr: flo
         groups.append(group)
     if not groups:
         raise ValueError("build_optimizer got no parameters")
-    return MuonAdamW(groups, max_grad_norm=max_grad_norm, distributed=distributed)
+    return MuonAdamW(groups, max_grad_norm=max_grad_norm, distributed=distributed, fsdp=fsdp)

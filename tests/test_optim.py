@@ -362,3 +362,113 @@ def test_distributed_equals_single_process_on_mean_gradient(tmp_path):
         # Muon work is balanced: 3 wide + 2 tall matrices -> 2 + 1 on one rank, 1 + 1 on the other, never 5 + 0
         for r in range(WORLD):
             assert sum(i < n_matrix for i in states[r]) in (2, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. FSDP mode: parameters and gradients are DTensors sharded on dim 0 (as FSDP2 fully_shard leaves them), gradients
+# already averaged; the optimizer must land on the same parameters as one process on the mean gradient. SHAPES has
+# uneven shards for 2 ranks: lm_head rows 51 -> 26 + 25, the (3,) scalar -> 2 + 1.
+
+
+def _shard_params(kinds: dict[str, list], mesh) -> dict[str, list[torch.nn.Parameter]]:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    return {k: [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in ps]
+            for k, ps in kinds.items()}
+
+
+def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+
+        def set_mean_grads(kinds, step):
+            per_rank = [make_grads(step, r) for r in range(WORLD)]  # every rank builds all, then keeps its rows
+            for p, g in zip(flat(kinds), [sum(gs) / WORLD for gs in zip(*per_rank)]):
+                p.grad = distribute_tensor(g, mesh, [Shard(0)])
+
+        kinds = _shard_params(make_params(), mesh)
+        opt = build_optimizer(kinds, fsdp=True, **DIST_KW)
+        norms = []
+        for step in range(DIST_STEPS):
+            set_mean_grads(kinds, step)
+            norms.append(float(opt.step()))
+            if step == DIST_STEPS - 2:
+                buf = io.BytesIO()
+                torch.save(opt.state_dict(), buf)
+                saved = (buf.getvalue(), [p.detach().full_tensor() for p in flat(kinds)])
+        names = {id(p): i for i, p in enumerate(flat(kinds))}
+        state = {names[id(p)]: {k: tuple(v.shape) for k, v in st.items() if torch.is_tensor(v)}
+                 for p, st in opt.state.items()}
+        local_rows = [p.to_local().shape[0] if p.ndim else 0 for p in flat(kinds)]
+        result = {"params": [p.detach().full_tensor() for p in flat(kinds)], "norms": norms, "state": state,
+                  "local_rows": local_rows}
+
+        # resume: fresh sharded params from the saved full tensors, this rank's optimizer shard, the last step
+        blob, full = saved
+        resumed = {}
+        it = iter(full)
+        for k in SHAPES:
+            resumed[k] = [torch.nn.Parameter(distribute_tensor(next(it), mesh, [Shard(0)])) for _ in SHAPES[k]]
+        opt2 = build_optimizer(resumed, fsdp=True, **DIST_KW)
+        opt2.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))
+        set_mean_grads(resumed, DIST_STEPS - 1)
+        opt2.step()
+        result["resumed"] = [p.detach().full_tensor() for p in flat(resumed)]
+
+        # the two modes split optimizer state differently: loading one into the other must be refused
+        plain = build_optimizer(make_params(), distributed=True, **DIST_KW)
+        try:
+            plain.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))
+            result["mismatch"] = None
+        except UserError as e:
+            result["mismatch"] = str(e)
+        # and plain tensors are refused in fsdp mode with a clear message
+        try:
+            build_optimizer(make_params(), fsdp=True, **DIST_KW)
+            result["plain_refused"] = None
+        except ValueError as e:
+            result["plain_refused"] = str(e)
+        torch.save(result, os.path.join(out_dir, f"fsdp_rank{rank}.pt"))
+    finally:
+        teardown_runtime()
+
+
+def test_fsdp_mode_equals_single_process_on_mean_gradient(tmp_path):
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"fsdp_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+    kinds = make_params()
+    opt = build_optimizer(kinds, **DIST_KW)
+    norms = []
+    start = [p.detach().clone() for p in flat(kinds)]
+    for step in range(DIST_STEPS):
+        per_rank = [make_grads(step, r) for r in range(WORLD)]
+        set_grads(kinds, [sum(gs) / WORLD for gs in zip(*per_rank)])
+        norms.append(float(opt.step()))
+    single = [p.detach() for p in flat(kinds)]
+    assert norms[0] > DIST_KW["max_grad_norm"] * 10  # clipping was in play
+    assert DIST_KW["weight_decay"] > 0  # and so was weight decay
+
+    flat_shapes = [s for kind in SHAPES for s in SHAPES[kind]]
+    # the shards really are uneven where dim 0 does not divide by 2 (torch.chunk rule: the first rank gets more)
+    assert [res["local_rows"][flat_shapes.index((VOCAB + 1, N_EMBD))] for res in results] == [26, 25]
+    assert [res["local_rows"][flat_shapes.index((3,))] for res in results] == [2, 1]
+    for r, res in enumerate(results):
+        assert res["norms"] == pytest.approx(norms, rel=1e-6)
+        for i, (p, q, p0) in enumerate(zip(res["params"], single, start)):
+            assert (p - p0).abs().max() > 1e-3
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=f"rank {r} param {i}")
+        for p, q in zip(res["resumed"], res["params"]):
+            assert torch.equal(p, q)
+        # optimizer state covers this rank's rows only, for every parameter
+        for i, shape in enumerate(flat_shapes):
+            rows = (res["local_rows"][i], *shape[1:])
+            want = {"momentum_buffer": rows} if i < len(SHAPES["matrix"]) else {"exp_avg": rows, "exp_avg_sq": rows}
+            assert res["state"][i] == want, (r, i)
+        assert "with --fsdp" in res["mismatch"] and "same --fsdp setting" in res["mismatch"]
+        assert "fully_shard" in res["plain_refused"]

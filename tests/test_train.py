@@ -1,5 +1,6 @@
-"""Pretraining end to end on a tiny corpus: loss goes down, resume is exact, a SIGKILLed run resumes, and two
-processes (gloo) equal one process on the same global batch."""
+"""Pretraining end to end on a tiny corpus: loss goes down, resume is exact, a SIGKILLed run resumes, two
+processes (gloo) equal one process on the same global batch, with and without --fsdp, and an --fsdp checkpoint
+resumes exactly and loads for inference."""
 
 import json
 import os
@@ -123,29 +124,33 @@ def test_sigkill_during_training_resumes_from_last_checkpoint(base, tmp_path):
     assert not (ck / f".tmp_step_{last + 3:06d}").exists()
 
 
-def _ddp_worker(rank, world, port, base, out, global_batches):
+def _ddp_worker(rank, world, port, base, out, global_batches, fsdp=False, state_out=None):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), PICOCHAT_BASE_DIR=str(base))
     torch.set_num_threads(1)
-    _run_synthetic(rank, world, out, global_batches)
+    _run_synthetic(rank, world, out, global_batches, fsdp, state_out)
 
 
-def _run_synthetic(rank, world, out, global_batches):
-    """The real loop and optimizer on a fixed global batch sequence; each rank takes its share of every batch."""
+def _run_synthetic(rank, world, out, global_batches, fsdp=False, state_out=None):
+    """The real loop and optimizer on a fixed global batch sequence; each rank takes its share of every batch.
+    state_out: where rank 0 saves the final model state dict, gathered as a checkpoint gathers it."""
+    from picochat.checkpoint import model_state_for_save
     from picochat.common import setup_runtime, teardown_runtime
     from picochat.config import PretrainConfig
-    from picochat.train.loop import Stage, sync_params, train
+    from picochat.train.loop import Stage, shard_model, sync_params, train
     from picochat.train.pretrain import make_optimizer, model_config_for
     from picochat.model import GPT
 
     rt = setup_runtime("cpu", "fp32", 0)
     cfg = PretrainConfig(depth=2, n_embd=64, head_dim=16, max_seq_len=32, device_batch_size=2,
                          total_batch_size=2 * 2 * 32 * 2, num_steps=len(global_batches), warmup_steps=2,
-                         eval_every=0, metrics=str(out), device="cpu", dtype="fp32")
+                         eval_every=0, metrics=str(out), device="cpu", dtype="fp32", fsdp=fsdp,
+                         weight_decay=0.1)  # decay on: the FSDP path must apply it exactly as the others do
     model = GPT(model_config_for(cfg, 128))
     model.init_weights(0)
-    opt = make_optimizer(model, cfg, rt)
     sync_params(model)
+    assert shard_model(model, cfg, rt) == (fsdp and world > 1)
+    opt = make_optimizer(model, cfg, rt)
     accum = 2 * 2 // world  # 4 rows of the global batch per step = accum micro-batches x world ranks x 2 rows... / 2
     micro = []
     for gb in global_batches:  # gb (8, 33): rows split as micro-batches of 2 rows, rank-major within a step
@@ -161,6 +166,9 @@ def _run_synthetic(rank, world, out, global_batches):
     stage = Stage(name="base", cfg=cfg, model=model, tokenizer=None, optimizer=opt, next_batch=next_batch,
                   num_steps=len(global_batches), grad_accum=accum, checkpoints=False)
     train(stage, rt)
+    state = model_state_for_save(model, rank == 0)  # every rank joins: under FSDP this gathers the shards
+    if state_out is not None and rank == 0:
+        torch.save(state, state_out)
     teardown_runtime()
 
 
@@ -182,3 +190,87 @@ def test_two_processes_equal_one(tmp_path):
     assert len(a) == len(b) == 20
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
     assert a[-1] < a[0]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fsdp_two_processes_equal_one(tmp_path):
+    """--fsdp (FSDP2 on gloo) with 2 processes gives the per-step losses and the final weights of 1 process."""
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 128, (8, 33), generator=g) for _ in range(2)] * 8  # learnable: repeats
+    _run_synthetic(0, 1, tmp_path / "single.jsonl", batches, fsdp=True, state_out=tmp_path / "single.pt")  # warns
+    mp.spawn(_ddp_worker, args=(2, _free_port(), tmp_path, tmp_path / "fsdp.jsonl", batches, True,
+                                tmp_path / "fsdp.pt"), nprocs=2, join=True)
+    a, b = train_losses(tmp_path / "single.jsonl"), train_losses(tmp_path / "fsdp.jsonl")
+    assert len(a) == len(b) == 16
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+    assert a[-1] < a[0] - 0.5  # it learned, so the comparison covers real updates
+    norms = [[r["grad_norm"] for r in read_jsonl(p) if r["kind"] == "train"] for p in (tmp_path / "single.jsonl",
+                                                                                      tmp_path / "fsdp.jsonl")]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
+    single, sharded = (torch.load(tmp_path / n, weights_only=True) for n in ("single.pt", "fsdp.pt"))
+    assert list(sharded) == list(single)  # the gathered state dict has the plain model's keys, in order
+    for k in single:
+        assert type(sharded[k]) is torch.Tensor and sharded[k].shape == single[k].shape, k  # full, not DTensor
+        torch.testing.assert_close(sharded[k], single[k], atol=1e-5, rtol=0, msg=k)
+
+
+def _pretrain_worker(rank, world, runs):
+    """Runs several `picochat pretrain` invocations in turn as one rank of a torchrun-like job."""
+    from picochat.train import pretrain as pt
+
+    torch.set_num_threads(1)
+    for port, base_dir, argv in runs:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port), PICOCHAT_BASE_DIR=str(base_dir))
+        pt.run(TINY + argv)
+
+
+def test_fsdp_checkpoint_resumes_exactly_and_loads_for_inference(base, tmp_path):
+    """Real pretraining on 2 processes with --fsdp: stop at step 4 and resume equals an uninterrupted run; both equal
+    the default (unsharded) 2-process path; the checkpoint is a plain full state dict that `load_model` reads."""
+    import torch.multiprocessing as mp
+
+    from picochat.checkpoint import load_model
+
+    dirs = {}
+    for name in ("resumed", "straight", "plain"):  # one base dir per run: each has its own checkpoints/base
+        d = dirs[name] = tmp_path / name
+        d.mkdir()
+        for sub in ("corpus", "tokenizer"):
+            (d / sub).symlink_to(base / sub)
+    m = {name: tmp_path / f"{name}.jsonl" for name in ("a", "b", "straight", "plain")}
+    steps = ["--num-steps", "8", "--eval-every", "0"]
+    runs = [(_free_port(), dirs["resumed"], steps + ["--fsdp", "--stop-at", "4", "--metrics", str(m["a"])]),
+            (_free_port(), dirs["resumed"], steps + ["--fsdp", "--resume", "--metrics", str(m["b"])]),
+            (_free_port(), dirs["straight"], steps + ["--fsdp", "--metrics", str(m["straight"])]),
+            (_free_port(), dirs["plain"], steps + ["--metrics", str(m["plain"])])]
+    mp.spawn(_pretrain_worker, args=(2, runs), nprocs=2, join=True)
+
+    straight = train_losses(m["straight"])
+    assert len(straight) == 8 and straight[-1] < straight[0] - 0.5
+    assert train_losses(m["a"]) + train_losses(m["b"]) == pytest.approx(straight, abs=1e-6, rel=0)
+    assert train_losses(m["plain"]) == pytest.approx(straight, abs=1e-5, rel=0)
+
+    ck = dirs["resumed"] / "checkpoints" / "base"
+    assert sorted(p.name for p in ck.iterdir()) == ["step_000004", "step_000008"]
+    assert sorted(p.name for p in (ck / "step_000008").iterdir()) == [
+        "loader_rank0.json", "loader_rank1.json", "meta.json", "model.pt", "optim_rank0.pt", "optim_rank1.pt"]
+    meta = json.loads((ck / "step_000008" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["run_config"]["fsdp"] is True
+    model, _, _ = load_model("base", base_dir=dirs["resumed"])  # the unchanged inference loader
+    plain = torch.load(dirs["plain"] / "checkpoints" / "base" / "step_000008" / "model.pt", weights_only=True)
+    straight_sd = torch.load(dirs["straight"] / "checkpoints" / "base" / "step_000008" / "model.pt", weights_only=True)
+    got = model.state_dict()
+    assert list(got) == list(plain)
+    for k in plain:
+        assert torch.equal(got[k], straight_sd[k]), k  # resumed == uninterrupted, bit for bit
+        torch.testing.assert_close(got[k], plain[k], atol=1e-5, rtol=0, msg=k)  # FSDP == default path

@@ -12,7 +12,9 @@ averaging per-micro-batch means (the easy way) silently over-weights short answe
 weighs the same, and pretraining (where every target counts) gets the plain mean.
 
 Distributed: the model is not wrapped in DDP. Each rank accumulates local gradients; the optimizer (optim.MuonAdamW,
-distributed=True) reduce-scatters them once, updates its shard and all-gathers the parameters.
+distributed=True) reduce-scatters them once, updates its shard and all-gathers the parameters. With --fsdp the stage
+wraps the model with FSDP2 first (`shard_model`); the loop is the same, FSDP reduce-scatters the gradients during
+backward and the optimizer (fsdp=True) updates the local shards.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import torch.distributed as dist
 
 from picochat.attention import describe_backend
 from picochat.checkpoint import build_meta, check_compatible, checkpoint_dir, list_steps, load_checkpoint, \
-    save_checkpoint
-from picochat.common import MetricsLogger, Runtime, UserError, autocast_ctx, get_base_dir, measure_matmul_flops, \
-    print0
+    model_state_for_save, save_checkpoint
+from picochat.common import MetricsLogger, Runtime, UserError, autocast_ctx, get_base_dir, is_fsdp, \
+    measure_matmul_flops, print0
 from picochat.config import TrainConfig
 from picochat.train.schedules import lr_factor, muon_momentum
 
@@ -75,10 +77,34 @@ def resume_state(stage_name: str, cfg: TrainConfig, rt: Runtime, model_config, t
 
 
 def sync_params(model: torch.nn.Module) -> None:
-    """Start every rank from rank 0's weights (the sharded optimizer keeps them identical from then on)."""
-    if dist.is_available() and dist.is_initialized():
+    """Start every rank from rank 0's weights (the sharded optimizer keeps them identical from then on). Call it
+    before `shard_model`; on an FSDP model it leaves the shards alone (each rank holds different rows, so rank 0's
+    would be wrong on the others)."""
+    if dist.is_available() and dist.is_initialized() and not is_fsdp(model):
         for p in model.parameters():
             dist.broadcast(p.data, 0)
+
+
+def shard_model(model: torch.nn.Module, cfg: TrainConfig, rt: Runtime) -> bool:
+    """--fsdp: wrap each transformer block, then the whole GPT, with FSDP2 `fully_shard`, in place. Returns whether
+    it did. Parameters become DTensors sharded on dim 0 (each rank keeps 1/world_size of every tensor); a block's
+    weights are all-gathered just before its forward and backward and freed after, and gradients are reduce-scattered
+    and averaged during backward. Per block, not only the root, so only a block or two (FSDP prefetches the next)
+    is whole at a time.
+    Build the optimizer after this (it must see the sharded parameters), with fsdp=True."""
+    if not cfg.fsdp:
+        return False
+    if rt.world_size == 1:
+        print0("warning: --fsdp shards across torchrun processes and this run has one; training unsharded")
+        return False
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the rest: embeddings, lm_head, scalars
+    return True
 
 
 def sample_text(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 24) -> list[str]:
@@ -128,7 +154,7 @@ def train(stage: Stage, rt: Runtime) -> dict:
         meta = build_meta(model.config, stage.run_config or cfg, stage.tokenizer.hash(), step, rt.world_size,
                           stage=stage.name, elapsed_s=elapsed, **stage.meta)
         t0 = time.perf_counter()
-        d = save_checkpoint(ckpt_dir, step, model.state_dict() if rt.is_master else None, opt.state_dict(), meta,
+        d = save_checkpoint(ckpt_dir, step, model_state_for_save(model, rt.is_master), opt.state_dict(), meta,
                             stage.loader_state() if stage.loader_state else None, rank=rt.rank,
                             keep_last=cfg.keep_last)
         say(f"saved {d} in {time.perf_counter() - t0:.1f}s")
@@ -147,7 +173,8 @@ def train(stage: Stage, rt: Runtime) -> dict:
                 wandb_run.log(last_eval, step=step)
             say(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in last_eval.items()))
         sample_now = done or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)
-        if stage.checkpoints and rt.is_master and sample_now:
+        # under FSDP every forward all-gathers weights, so all ranks sample (the same greedy text); rank 0 prints
+        if stage.checkpoints and (rt.is_master or is_fsdp(model)) and sample_now:
             for s in sample_text(model, stage.tokenizer):
                 say(f"  sample: {s!r}")
         if done:

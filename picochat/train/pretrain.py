@@ -4,6 +4,7 @@
                                                          #   and `picochat tok-train` first)
     picochat pretrain --depth 6 --num-steps 200 --resume # continue the latest base checkpoint
     torchrun --nproc_per_node=8 -m picochat.train.pretrain --preset d20     # one node, 8 GPUs
+    torchrun --nproc_per_node=8 -m picochat.train.pretrain --depth 32 --fsdp  # shard the model too (FSDP2)
     runs/multinode.sh                                                       # several nodes
 
 --depth derives the width, heads and (with --target-param-data-ratio) the number of steps; learning rates scale
@@ -13,7 +14,7 @@ with width inside the optimizer. Every resolved value is printed before training
 from __future__ import annotations
 
 
-from picochat.common import Runtime, print0, run_main, setup_runtime, teardown_runtime
+from picochat.common import Runtime, is_fsdp, print0, run_main, setup_runtime, teardown_runtime
 from picochat.config import PRETRAIN_PRESETS, ModelConfig, PretrainConfig, derive_model_config, log_config, \
     parse_config
 from picochat.data.loader import PackingLoader
@@ -21,7 +22,7 @@ from picochat.evals.bpb import evaluate_bpb
 from picochat.model import GPT
 from picochat.optim import build_optimizer
 from picochat.tokenizer import get_tokenizer
-from picochat.train.loop import Stage, micro_batches, resume_state, sync_params, train
+from picochat.train.loop import Stage, micro_batches, resume_state, shard_model, sync_params, train
 
 
 def model_config_for(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
@@ -32,9 +33,12 @@ def model_config_for(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
 
 
 def make_optimizer(model: GPT, cfg, rt: Runtime):
+    """After `shard_model`: an FSDP model's gradients are already averaged, so the optimizer must not average them."""
+    fsdp = is_fsdp(model)
     return build_optimizer(model.param_kinds(), n_embd=model.config.n_embd, matrix_lr=cfg.matrix_lr,
                            embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr,
-                           weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, distributed=rt.ddp)
+                           weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip,
+                           distributed=rt.ddp and not fsdp, fsdp=fsdp)
 
 
 def resolve(cfg: PretrainConfig, model: GPT, rt: Runtime) -> tuple[int, int]:
@@ -66,11 +70,14 @@ def run(argv=None) -> dict:
         params = model.num_params()
         print0(f"parameters: {params['total']:,} ({', '.join(f'{k} {v:,}' for k, v in params.items() if k != 'total')})"
                f"; FLOPs/token {model.estimate_flops()['total']:.3g}")
-        opt = make_optimizer(model, cfg, rt)
+        # the checkpoint's model.pt is a full state dict (also from --fsdp runs), loaded on every rank before sharding
         if ck is not None:
             model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optim"])
         sync_params(model)
+        shard_model(model, cfg, rt)
+        opt = make_optimizer(model, cfg, rt)
+        if ck is not None:
+            opt.load_state_dict(ck["optim"])
         B, T = cfg.device_batch_size, cfg.max_seq_len
         train_loader = PackingLoader(tok, "train", B, T, corpus=cfg.corpus, rank=rt.rank, world_size=rt.world_size,
                                      device=rt.device, state=ck["loader"] if ck else None)
