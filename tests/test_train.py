@@ -192,6 +192,17 @@ def test_two_processes_equal_one(tmp_path):
     assert a[-1] < a[0]
 
 
+def _assert_close_weights(got: dict, want: dict) -> None:
+    """Same keys in the same order, plain full tensors, equal to fp32 round-off relative to each tensor's scale: the
+    embedding (entries up to ~5, AdamW at lr ~0.7 here) ends ~2e-5 apart between 1 and 2 processes on the default
+    path too, because averaging over ranks sums in another order."""
+    assert list(got) == list(want)
+    for k in want:
+        assert type(got[k]) is torch.Tensor and got[k].shape == want[k].shape, k  # full tensors, not DTensors
+        tol = 1e-5 * max(1.0, float(want[k].abs().max()))
+        assert float((got[k] - want[k]).abs().max()) <= tol, k
+
+
 def _free_port():
     import socket
 
@@ -217,10 +228,7 @@ def test_fsdp_two_processes_equal_one(tmp_path):
                                                                                       tmp_path / "fsdp.jsonl")]
     assert norms[0] == pytest.approx(norms[1], rel=1e-4)
     single, sharded = (torch.load(tmp_path / n, weights_only=True) for n in ("single.pt", "fsdp.pt"))
-    assert list(sharded) == list(single)  # the gathered state dict has the plain model's keys, in order
-    for k in single:
-        assert type(sharded[k]) is torch.Tensor and sharded[k].shape == single[k].shape, k  # full, not DTensor
-        torch.testing.assert_close(sharded[k], single[k], atol=1e-5, rtol=0, msg=k)
+    _assert_close_weights(sharded, single)  # the gathered state dict is the plain model's
 
 
 def _pretrain_worker(rank, world, runs):
@@ -270,7 +278,6 @@ def test_fsdp_checkpoint_resumes_exactly_and_loads_for_inference(base, tmp_path)
     plain = torch.load(dirs["plain"] / "checkpoints" / "base" / "step_000008" / "model.pt", weights_only=True)
     straight_sd = torch.load(dirs["straight"] / "checkpoints" / "base" / "step_000008" / "model.pt", weights_only=True)
     got = model.state_dict()
-    assert list(got) == list(plain)
-    for k in plain:
-        assert torch.equal(got[k], straight_sd[k]), k  # resumed == uninterrupted, bit for bit
-        torch.testing.assert_close(got[k], plain[k], atol=1e-5, rtol=0, msg=k)  # FSDP == default path
+    assert list(got) == list(straight_sd)
+    assert all(torch.equal(got[k], straight_sd[k]) for k in got)  # resumed == uninterrupted, bit for bit
+    _assert_close_weights(got, plain)  # FSDP == the default path
