@@ -135,6 +135,13 @@ class ChunkedHeadLoss(torch.autograd.Function):
         return gx * grad_out, gw * grad_out, None, None, None, None
 
 
+@torch.compiler.disable
+def head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float, chunk: int):
+    """ChunkedHeadLoss outside torch.compile: traced, its chunk loop is unrolled (128 chunks at the reference CPU
+    setting took minutes to compile), and run eagerly its chunks already stay in cache, which is the point."""
+    return ChunkedHeadLoss.apply(x, w, targets, vocab, cap, chunk)
+
+
 class GPT(nn.Module):
     """forward(idx (B, T) int64, targets (B, T) int64 or None, kv_cache=None, loss_reduction='mean').
 
@@ -269,7 +276,7 @@ class GPT(nn.Module):
             x2 = x.reshape(B * T, -1)  # (B, T, C) -> (B*T, C)
             t2 = targets.reshape(B * T)
             chunk = max(64, self.head_chunk_elems // self.padded_vocab)
-            loss = ChunkedHeadLoss.apply(x2, self.lm_head.weight, t2, self.config.vocab_size, cap, chunk)
+            loss = head_loss(x2, self.lm_head.weight, t2, self.config.vocab_size, cap, chunk)
             return loss if loss_reduction == "sum" else loss / (t2 >= 0).sum().clamp(min=1)
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()  # (B, T, V) in fp32 for the softcap
         if cap > 0:
