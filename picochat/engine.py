@@ -104,7 +104,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         drop = sp.cumsum(-1) - sp > top_p  # a token is dropped when the mass before it already reaches top_p
         sp = sp.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, si, sp)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # inverse-CDF sampling: one uniform number per row. torch.multinomial draws an exponential per vocabulary entry
+    # on one thread (131k draws per step at 16 rows x 8k vocab: 18% of a 16-sample decode step on 2 CPU cores).
+    cdf = probs.cumsum(dim=-1)  # (n, V)
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.size(-1) - 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -63,6 +63,20 @@ def test_sample_next_top_k_top_p():
     assert sample_next(logits[:1], 0.0, None, None, None).item() == 0
 
 
+def test_sampling_frequencies_match_the_distribution():
+    """The inverse-CDF sampler draws each token with its softmax probability and never a zero-probability one."""
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.0, 0.05])
+    logits = probs.clamp(min=1e-30).log().expand(20000, -1).clone()
+    logits[:, probs == 0] = float("-inf")
+    g = torch.Generator().manual_seed(0)
+    toks = sample_next(logits, 1.0, None, None, g)
+    freq = torch.bincount(toks, minlength=6).float() / toks.numel()
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, probs, atol=0.012), freq  # ~3.5 standard errors at n = 20000
+    again = sample_next(logits, 1.0, None, None, torch.Generator().manual_seed(0))
+    assert torch.equal(toks, again)
+
+
 def test_prompt_too_long(tiny_tokenizer, models):
     engine = Engine(models[0], tiny_tokenizer)
     with pytest.raises(UserError, match="context"):
