@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from picochat.common import autodetect_device, measure_matmul_flops
+from picochat.common import autodetect_device, measure_matmul_flops, pick_dtype
 from picochat.config import ModelConfig, derive_model_config
 from picochat.engine import Engine, SamplingParams
 from picochat.model import GPT
@@ -97,6 +97,8 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = the hardware policy (bf16 on CUDA sm80+ and on CPUs with native bf16)")
     args = p.parse_args(argv)
     device = autodetect_device(args.device)
     torch.manual_seed(0)
@@ -115,7 +117,7 @@ def main(argv=None) -> None:
                 blk.mlp.c_proj.weight.normal_(0, 0.02)
         tok = _Tok(args.vocab_size)
     cfg = model.config
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = pick_dtype(device, args.dtype)
     engine = Engine(model, tok, compile=args.compile, dtype=dtype)
     prompt = [int(x) for x in torch.randint(0, cfg.vocab_size - 9, (args.prompt_len,))]
 

@@ -107,8 +107,8 @@ def attn_with_cache(q, k, v, k_cache, v_cache, pos, kv_len: int, window: int = 0
     # per-row positions: scatter each row's T new entries to pos[b] .. pos[b]+T-1
     idx = pos[:, None] + torch.arange(T, device=q.device)  # (B, T)
     rows = torch.arange(B, device=q.device)[:, None].expand(B, T)
-    k_cache[rows, idx] = k
-    v_cache[rows, idx] = v
+    k_cache[rows, idx] = k.to(k_cache.dtype)  # index_put does not cast (rotary in fp32 makes k fp32 under autocast)
+    v_cache[rows, idx] = v.to(v_cache.dtype)
     kk, vv = k_cache[:, :kv_len], v_cache[:, :kv_len]
     kpos = torch.arange(kv_len, device=q.device)[None, None, :]  # (1, 1, S)
     qpos = idx[:, :, None]  # (B, T, 1)

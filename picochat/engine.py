@@ -202,6 +202,8 @@ class Engine:
         self.tok = tokenizer
         self.tool = tool
         self.device = next(model.parameters()).device
+        # bf16 on CUDA; fp32 on CPU even with native bf16: autocast re-casts every weight at every decode step, and
+        # with the CPU preset model a batch-1 server stream measured 203 tok/s in bf16 vs 707 in fp32 (Zen 5, 2 cores)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.context = model.config.sequence_len
         sid = tokenizer.special_id

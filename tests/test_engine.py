@@ -77,6 +77,25 @@ def test_sampling_frequencies_match_the_distribution():
     assert torch.equal(toks, again)
 
 
+def test_bf16_cache_with_per_row_positions(tiny_tokenizer, models):
+    """Rows of different prompt lengths in one bf16 batch (the server's case on GPUs): the per-row cache write must
+    cast k/v (fp32 after the rotary) to the cache dtype; it once raised in index_put."""
+    from picochat.engine import _Batch, _Request
+
+    tok = tiny_tokenizer
+    engine = Engine(models[2], tok, dtype=torch.bfloat16)
+    batch = _Batch(engine, 4)
+    events = []
+    for rid, text in enumerate(["The", "To be, or not to be"]):
+        batch.add(_Request(rid, tok.encode(text, prepend=tok.bos_id), 1, SamplingParams(temperature=0, max_tokens=6),
+                           events.append))
+    while batch.rows:
+        batch.step()
+    assert engine.dtype == torch.bfloat16 and batch.cache.k.dtype == torch.bfloat16
+    finished = [e for e in events if e.finish_reason]
+    assert len(finished) == 2 and all(e.finish_reason in ("stop", "length") for e in finished)
+
+
 def test_prompt_too_long(tiny_tokenizer, models):
     engine = Engine(models[0], tiny_tokenizer)
     with pytest.raises(UserError, match="context"):
