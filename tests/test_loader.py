@@ -129,6 +129,29 @@ def test_resume_is_exact_including_across_epochs():
     assert torch.equal(x, batches[6][0])
 
 
+def test_epochs_done_counts_documents_read():
+    """epochs_done (what --max-epochs schedules by) counts documents that left the buffer: it rises monotonically,
+    never runs ahead of `epoch`, and each document pulled past the buffer moves it by exactly 1 / documents."""
+    docs = random_docs(30, seed=4, hi=30)
+    write_corpus("e", docs, rows_per_group=4, val_docs=5)
+    loader = PackingLoader(ByteTokenizer(), "train", B=2, T=16, corpus="e", buffer_docs=3, tokenizer_threads=1)
+    n_train = sum(n for *_, n in loader.groups)
+    assert loader.epochs_done() == 0.0
+    seen = []
+    for _ in range(60):
+        next(loader)
+        seen.append(loader.epochs_done())
+        assert seen[-1] < loader.epoch
+    assert seen == sorted(seen) and seen[-1] > 1.0
+    for k in range(1, 2 * n_train):  # a document read without entering the buffer moves it by exactly 1 / n_train
+        before = loader.epochs_done()
+        loader._pull()
+        assert loader.epochs_done() - before == pytest.approx(1 / n_train)
+    loader._add(0, 0, np.zeros(3, dtype=np.int64))  # one waiting in the buffer is not done yet
+    assert loader.epochs_done() - before == pytest.approx(0.0, abs=1e-12)
+    loader.close()
+
+
 def test_resume_rejects_a_state_from_another_setup():
     write_corpus("s", random_docs(30, seed=3), rows_per_group=2, val_docs=4)
     state = PackingLoader(ByteTokenizer(), "train", B=1, T=16, corpus="s").state_dict()

@@ -54,6 +54,21 @@ def train_losses(path):
     return [r["loss"] for r in read_jsonl(path) if r["kind"] == "train"]
 
 
+def test_max_epochs_ends_the_run_after_that_share_of_the_data(base, tmp_path):
+    """--max-epochs 0.5 of ~400 docs: the run stops (with its warmdown) once half the documents were read, well
+    before --num-steps, and the LR reaches its final value on the last step."""
+    import shutil
+
+    shutil.rmtree(base / "checkpoints" / "base", ignore_errors=True)
+    summary = pretrain(["--num-steps", "1000", "--max-epochs", "0.5", "--eval-every", "0", "--save-every", "0",
+                        "--warmdown-ratio", "0.5"], tmp_path / "m.jsonl")
+    recs = [r for r in read_jsonl(tmp_path / "m.jsonl") if r["kind"] == "train"]
+    # ~400 docs of ~70 words ≈ 60 tokens per 100 chars; half of them is a few dozen 512-token steps
+    assert 5 < summary["steps"] < 200
+    assert recs[-1]["lr_factor"] < 0.2 < recs[len(recs) // 4]["lr_factor"]  # warmdown happened by data progress
+    shutil.rmtree(base / "checkpoints" / "base", ignore_errors=True)
+
+
 def test_pretrain_learns_and_resume_is_exact(base, tmp_path):
     import shutil
 

@@ -79,6 +79,14 @@ class PackingLoader:
     # ----------------------------------------------------------------------------------------------------------------
     # reader position
 
+    def epochs_done(self) -> float:
+        """Passes over this rank's documents so far, fractional: documents that entered the buffer minus those still
+        waiting in it, over the documents of the split (both parts are in state_dict, so it resumes exactly)."""
+        e, k, d = self._pos
+        total = sum(n for *_, n in self.groups)
+        read = (e - 1) * total + sum(n for *_, n in self.groups[:k]) + d
+        return (read - len(self._docs)) / total
+
     def _normalize(self, pos: tuple[int, int, int]) -> tuple[int, int, int]:
         """Move `pos` past the end of row groups (and over empty ones) to the next document that exists."""
         e, k, d = pos

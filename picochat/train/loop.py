@@ -165,6 +165,10 @@ def train(stage: Stage, rt: Runtime) -> dict:
     while True:
         elapsed = time.perf_counter() - t_start
         prog = progress(step, elapsed)
+        if rt.ddp:  # ranks' clocks and data positions differ slightly: they must agree on when to stop
+            t = torch.tensor(prog, dtype=torch.float64, device=rt.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            prog = float(t)
         done = prog >= 1.0 or step >= stage.num_steps or (cfg.stop_at > 0 and step >= cfg.stop_at)
         if stage.evaluate and (done or (cfg.eval_every > 0 and step % cfg.eval_every == 0)):
             last_eval = {"step": step, **stage.evaluate(step)}

@@ -91,7 +91,10 @@ def run(argv=None) -> dict:
             return {"val_bpb": evaluate_bpb(model, lambda: next(val), eval_steps, token_bytes)}
 
         it = iter(train_loader)
+        # --max-epochs: the share of the allowed passes already read is one more schedule unit
+        data_progress = (lambda step: train_loader.epochs_done() / cfg.max_epochs) if cfg.max_epochs > 0 else None
         stage = Stage(name="base", cfg=cfg, model=model, tokenizer=tok, optimizer=opt, next_batch=lambda: next(it),
+                      progress=data_progress,
                       num_steps=num_steps, grad_accum=accum, loader_state=train_loader.state_dict,
                       evaluate=evaluate, run_config=cfg,
                       start_step=ck["step"] if ck else 0, elapsed_s=ck["meta"].get("elapsed_s", 0.0) if ck else 0.0)
