@@ -321,9 +321,14 @@ def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
         teardown_runtime()  # barrier, then destroy: a lone gloo teardown can abort the peer
 
 
+def _spawn_workers(worker, tmp_path, prefix: str = "") -> list[dict]:
+    """Run `worker(rank, init_file, out_dir)` on WORLD gloo processes; return each rank's saved results."""
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"{prefix}rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
 def test_distributed_equals_single_process_on_mean_gradient(tmp_path):
-    mp.spawn(_dist_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    results = _spawn_workers(_dist_worker, tmp_path)
 
     kinds = make_params()
     opt = build_optimizer(kinds, **DIST_KW)
@@ -439,8 +444,7 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_fsdp_mode_equals_single_process_on_mean_gradient(tmp_path):
-    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    results = [torch.load(tmp_path / f"fsdp_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    results = _spawn_workers(_fsdp_worker, tmp_path, prefix="fsdp_")
 
     kinds = make_params()
     opt = build_optimizer(kinds, **DIST_KW)
