@@ -169,6 +169,20 @@ def inherit(child, parent_values: dict, explicit: dict, inheritable: list[str], 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# inference commands (chat, serve) pick a checkpoint the same way
+
+
+@dataclass
+class CheckpointSource:
+    """Which checkpoint an inference command loads (`checkpoint.load_model(source, step)`) and where it runs."""
+
+    source: str = f("auto", "checkpoint stage: auto (the most advanced one present), base, mid, sft or rl",
+                    choices=["auto", "base", "mid", "sft", "rl"])
+    step: int | None = f(None, "checkpoint step (default: the latest of that stage)")
+    device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # supervised training (pretrain / midtrain / sft share these; each stage subclasses and adds its own)
 
 

@@ -327,18 +327,23 @@ def _spawn_workers(worker, tmp_path, prefix: str = "") -> list[dict]:
     return [torch.load(tmp_path / f"{prefix}rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-def test_distributed_equals_single_process_on_mean_gradient(tmp_path):
-    results = _spawn_workers(_dist_worker, tmp_path)
-
+def _single_process_reference() -> tuple[list[float], list[torch.Tensor], list[torch.Tensor]]:
+    """One process stepping on the ranks' mean gradient: (grad norms, final params, initial params)."""
     kinds = make_params()
+    start = [p.detach().clone() for p in flat(kinds)]
     opt = build_optimizer(kinds, **DIST_KW)
     norms = []
     for step in range(DIST_STEPS):
         per_rank = [make_grads(step, r) for r in range(WORLD)]
         set_grads(kinds, [sum(gs) / WORLD for gs in zip(*per_rank)])
         norms.append(float(opt.step()))
-    single = [p.detach() for p in flat(kinds)]
     assert norms[0] > DIST_KW["max_grad_norm"] * 10  # clipping was in play
+    return norms, [p.detach() for p in flat(kinds)], start
+
+
+def test_distributed_equals_single_process_on_mean_gradient(tmp_path):
+    results = _spawn_workers(_dist_worker, tmp_path)
+    norms, single, _ = _single_process_reference()
 
     for r, res in enumerate(results):
         for use_rs in (True, False):
@@ -446,17 +451,8 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
 def test_fsdp_mode_equals_single_process_on_mean_gradient(tmp_path):
     results = _spawn_workers(_fsdp_worker, tmp_path, prefix="fsdp_")
 
-    kinds = make_params()
-    opt = build_optimizer(kinds, **DIST_KW)
-    norms = []
-    start = [p.detach().clone() for p in flat(kinds)]
-    for step in range(DIST_STEPS):
-        per_rank = [make_grads(step, r) for r in range(WORLD)]
-        set_grads(kinds, [sum(gs) / WORLD for gs in zip(*per_rank)])
-        norms.append(float(opt.step()))
-    single = [p.detach() for p in flat(kinds)]
-    assert norms[0] > DIST_KW["max_grad_norm"] * 10  # clipping was in play
-    assert DIST_KW["weight_decay"] > 0  # and so was weight decay
+    norms, single, start = _single_process_reference()
+    assert DIST_KW["weight_decay"] > 0  # weight decay is in play too
 
     flat_shapes = [s for kind in SHAPES for s in SHAPES[kind]]
     # the shards really are uneven where dim 0 does not divide by 2 (torch.chunk rule: the first rank gets more)

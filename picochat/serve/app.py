@@ -63,7 +63,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from picochat.common import UserError, print0, run_main
-from picochat.config import f, log_config, parse_config
+from picochat.config import CheckpointSource, f, log_config, parse_config
 from picochat.engine import Engine, Event, OverloadedError, SamplingParams, Scheduler
 from picochat.serve.chat_cli import SEGMENT_PART
 
@@ -77,13 +77,9 @@ DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its cli
 
 
 @dataclass
-class ServeConfig:
-    source: str = f("auto", "checkpoint stage to serve: auto (the most advanced one present), base, mid, sft or rl",
-                    choices=["auto", "base", "mid", "sft", "rl"])
-    step: int | None = f(None, "checkpoint step (default: the latest of that stage)")
+class ServeConfig(CheckpointSource):
     host: str = f("127.0.0.1", "interface to listen on (0.0.0.0 exposes the server to your network)")
     port: int = f(8000, "TCP port")
-    device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
     max_batch: int = f(32, "most sample rows decoded together; also the largest n a request may ask for")
     max_queue: int = f(256, "most rows waiting for a batch slot; beyond that requests get HTTP 429")
     max_tokens: int = f(512, "default and per-request cap of generated tokens")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from picochat.common import UserError, run_main
-from picochat.config import f, parse_config
+from picochat.config import CheckpointSource, f, parse_config
 from picochat.engine import Engine, Event, SamplingParams
 
 # engine segment -> the tokenizer's assistant part type
@@ -27,11 +27,7 @@ HELP = "commands: /clear (new conversation), /exit (quit); Ctrl-C stops a reply"
 
 
 @dataclass
-class ChatConfig:
-    source: str = f("auto", "checkpoint stage: auto (the most advanced one present), base, mid, sft or rl",
-                    choices=["auto", "base", "mid", "sft", "rl"])
-    step: int | None = f(None, "checkpoint step (default: the latest of that stage)")
-    device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
+class ChatConfig(CheckpointSource):
     temperature: float = f(0.6, "sampling temperature; 0 = greedy")
     top_k: int = f(50, "sample among the k most likely tokens; 0 = all")
     max_tokens: int = f(512, "most tokens per reply")
