@@ -46,6 +46,8 @@ class BenchConfig:
     requests_per_client: int = f(2, "sequential requests each client makes per level")
     max_tokens: int = f(64, "completion tokens per request")
     max_batch: int = f(32, "server --max-batch")
+    threads: int = f(0, "server --threads (0: all cores but one)")
+    compile: bool = f(True, "server --compile (the decode step compiled at startup, as `picochat serve` does)")
     startup_timeout: float = f(300.0, "seconds to wait for the server to answer /health")
     child_port: int = f(0, "internal: run as the --random server child on this port")
 
@@ -74,13 +76,16 @@ def serve_child(cfg: BenchConfig) -> None:
     import uvicorn
 
     from picochat.common import autodetect_device
-    from picochat.serve.app import create_app
+    from picochat.serve.app import create_app, set_model_threads
     from picochat.tools import make_tool
 
+    device = autodetect_device(cfg.device)
+    sys.setswitchinterval(float(os.environ.get('SWI', '0.005')))
+    set_model_threads(device, cfg.threads)
     model, tok = random_model_and_tokenizer(cfg)
-    model = model.to(autodetect_device(cfg.device)).eval()
+    model = model.to(device).eval()
     app = create_app(model, tok, max_batch=cfg.max_batch, max_queue=1024, max_tokens=cfg.max_tokens,
-                     tool=make_tool("calculator"), source="random")
+                     tool=make_tool("calculator"), source="random", compile=cfg.compile)
     uvicorn.run(app, host="127.0.0.1", port=cfg.child_port, log_level="warning")
 
 
@@ -94,11 +99,11 @@ def start_server(cfg: BenchConfig, port: int, log) -> subprocess.Popen:
     if cfg.random:
         cmd = [sys.executable, __file__, "--child-port", str(port), "--depth", str(cfg.depth),
                "--sequence-len", str(cfg.sequence_len), "--device", cfg.device, "--max-tokens", str(cfg.max_tokens),
-               "--max-batch", str(cfg.max_batch)]
+               "--max-batch", str(cfg.max_batch), "--compile", str(cfg.compile).lower(), "--threads", str(cfg.threads)]
     else:
         cmd = [sys.executable, "-m", "picochat", "serve", "--source", cfg.source, "--port", str(port),
                "--device", cfg.device, "--max-batch", str(cfg.max_batch), "--max-queue", "1024",
-               "--max-tokens", str(cfg.max_tokens)]
+               "--max-tokens", str(cfg.max_tokens), "--compile", str(cfg.compile).lower(), "--threads", str(cfg.threads)]
         if cfg.step is not None:
             cmd += ["--step", str(cfg.step)]
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -144,13 +149,25 @@ async def one_request(client, url: str, max_tokens: int, prompt: str) -> tuple[f
     return (ttft if ttft is not None else total), total, tokens
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) used so far by this process, or by process `pid` (Linux /proc; 0.0 elsewhere)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime in clock ticks
+
+
 def percentile(xs: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..1)."""
     s = sorted(xs)
     return s[max(0, min(len(s) - 1, math.ceil(q * len(s)) - 1))]
 
 
-async def run_level(url: str, concurrency: int, per_client: int, max_tokens: int) -> dict:
+async def run_level(url: str, concurrency: int, per_client: int, max_tokens: int, server_pid: int) -> dict:
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -159,16 +176,19 @@ async def run_level(url: str, concurrency: int, per_client: int, max_tokens: int
             return [await one_request(client, url, max_tokens, f"Tell me a story, number {i}.{j}.")
                     for j in range(per_client)]
 
-        t0 = time.perf_counter()
+        t0, c0, s0 = time.perf_counter(), cpu_seconds(), cpu_seconds(server_pid)
         results = [r for rs in await asyncio.gather(*(worker(i) for i in range(concurrency))) for r in rs]
         wall = time.perf_counter() - t0
+        client_cpu, server_cpu = cpu_seconds() - c0, cpu_seconds(server_pid) - s0
     ttfts = [r[0] for r in results]
     tokens = sum(r[2] for r in results)
     return {"concurrency": concurrency, "requests": len(results), "completion_tokens": tokens,
             "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
             "per_stream_tokens_per_s": round(sum(r[2] / r[1] for r in results) / len(results), 1),
             "ttft_p50_ms": round(1000 * percentile(ttfts, 0.50), 1),
-            "ttft_p95_ms": round(1000 * percentile(ttfts, 0.95), 1)}
+            "ttft_p95_ms": round(1000 * percentile(ttfts, 0.95), 1),
+            # cores busy on average: on a small machine the clients' own parsing competes with the server
+            "server_cores": round(server_cpu / wall, 2), "client_cores": round(client_cpu / wall, 2)}
 
 
 def _run(argv: list[str] | None) -> None:
@@ -195,12 +215,12 @@ def _run(argv: list[str] | None) -> None:
     try:
         health = wait_ready(url, proc, cfg.startup_timeout, log.name)
         print(f"server ready: {health}", file=sys.stderr, flush=True)
-        asyncio.run(run_level(url, 1, 1, min(8, cfg.max_tokens)))  # warm-up: first-call allocations, lazy tables
+        asyncio.run(run_level(url, 1, 1, min(8, cfg.max_tokens), proc.pid))  # warm-up: first-call allocations, lazy tables
         results = []
         for c in levels:
-            r = asyncio.run(run_level(url, c, cfg.requests_per_client, cfg.max_tokens))
+            r = asyncio.run(run_level(url, c, cfg.requests_per_client, cfg.max_tokens, proc.pid))
             print(f"concurrency {c:3d}: {r['tokens_per_s']:8.1f} tok/s  ttft p50 {r['ttft_p50_ms']:.0f} ms "
-                  f"p95 {r['ttft_p95_ms']:.0f} ms", file=sys.stderr, flush=True)
+                  f"p95 {r['ttft_p95_ms']:.0f} ms  cores: server {r['server_cores']} client {r['client_cores']}", file=sys.stderr, flush=True)
             results.append(r)
     finally:
         proc.terminate()

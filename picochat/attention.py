@@ -115,4 +115,21 @@ def attn_with_cache(q, k, v, k_cache, v_cache, pos, kv_len: int, window: int = 0
     mask = kpos <= qpos
     if window > 0:
         mask = mask & (qpos - kpos < window)
+    if T == 1 and torch.compiler.is_compiling():
+        return _one_query(q, kk, vv, mask[:, 0])
     return _sdpa(q, kk, vv, mask=mask[:, None])  # mask (B, 1, T, S) broadcasts over heads
+
+
+def _one_query(q, k, v, mask):
+    """Attention of one query per row, as two reductions that inductor fuses into single passes over the cache.
+    Used inside the compiled decode step: SDPA's CPU kernel makes torch.compile specialise the batch size (a graph
+    per batch size, ~15 s each), and a bmm over this (B, S, Hkv, D) layout would first copy the cache.
+    q (B, 1, H, D); k, v (B, S, Hkv, D); mask (B, S) bool -> (B, 1, H, D)."""
+    B, _, H, D = q.shape
+    Hkv = k.size(2)
+    qg = q.view(B, 1, Hkv, H // Hkv, D)  # (B, 1, H, D) -> (B, 1, Hkv, G, D): query heads grouped by kv head
+    s = (qg.float() * k[:, :, :, None].float()).sum(-1) * D**-0.5  # (B, S, Hkv, G)
+    s = s.masked_fill(~mask[:, :, None, None], float("-inf"))
+    p = torch.softmax(s, dim=1)  # over S
+    y = (p[..., None] * v[:, :, :, None].float()).sum(1)  # (B, Hkv, G, D)
+    return y.reshape(B, 1, H, D).to(q.dtype)

@@ -151,7 +151,9 @@ def _run(argv: list[str] | None) -> None:
     if cfg.max_tokens < 1 or cfg.top_k < 0:
         raise UserError("--max-tokens must be >= 1 and --top-k >= 0")
     model, tokenizer, _meta = load_model(cfg.source, step=cfg.step, device=cfg.device)
-    engine = Engine(model, tokenizer, tool=make_tool(cfg.tool))
+    engine = Engine(model, tokenizer, tool=make_tool(cfg.tool), compile=cfg.compile)
+    if cfg.compile:
+        engine.warmup(1)
     params = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k or None, max_tokens=cfg.max_tokens,
                             seed=cfg.seed)
     color = sys.stdout.isatty()
