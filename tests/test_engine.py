@@ -282,3 +282,72 @@ def test_python_tool_failures_never_break_generation(tiny_tokenizer, code, expec
     assert expect in out_text and len(out_text) <= 1100, out_text[:300]  # tool output is capped
     assert masks[0][o0 : o1 + 1] == [0] * (o1 + 1 - o0)  # the output block is forced
     assert s[o1 + 1 :] == [done_tok] and masks[0][o1 + 1 :] == [1]  # generation continued after the tool
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the compiled decode step
+
+
+def _tokens_by_request(engine, prompts, params):
+    """Greedy tokens of each prompt, all sharing one batch at different positions (the server's case)."""
+    from picochat.engine import _Batch, _Request
+
+    out = {i: [] for i in range(len(prompts))}
+    batch = _Batch(engine, len(prompts) + 1)
+    for rid, ids in enumerate(prompts):
+        batch.add(_Request(rid, ids, 1, params, lambda ev, rid=rid: out[rid].append(ev.token)))
+    while batch.rows:
+        batch.step()
+    return out
+
+
+def test_compiled_engine_matches_eager(tiny_tokenizer, models):
+    """The compiled step (frozen weights, C++ GEMMs at batch 1, dynamic batch and kv length, one-query attention as
+    reductions) gives the eager engine's greedy tokens alone, with several samples, and with rows of different
+    requests at different positions; and two graphs (batch 1, batch >= 2) serve all of it: no recompiles."""
+    from torch._dynamo.utils import counters
+
+    tok = tiny_tokenizer
+    model = models[2]  # GQA: 4 query heads share 2 kv heads
+    eager = Engine(model, tok, dtype=torch.float32)
+    compiled = Engine(model, tok, dtype=torch.float32, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    prompts = [tok.encode(t, prepend=tok.bos_id) for t in ["The quick brown", "To be, or not to be, that", "def"]]
+    p = SamplingParams(temperature=0, max_tokens=12)
+    for ids in prompts:
+        assert compiled.generate_batch(ids, 1, p) == eager.generate_batch(ids, 1, p)
+        assert compiled.generate_batch(ids, 3, p) == eager.generate_batch(ids, 3, p)
+    assert _tokens_by_request(compiled, prompts, p) == _tokens_by_request(eager, prompts, p)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+
+
+def test_compiled_engine_refuses_changed_weights(tiny_tokenizer):
+    """Compiling freezes the weights into the graph; sampling after they changed would silently use stale ones."""
+    tok = tiny_tokenizer
+    model = randomize_outputs(make_tiny_model(tok.vocab_size, n_embd=64, head_dim=16, seed=5), seed=6).eval()
+    engine = Engine(model, tok, dtype=torch.float32, compile=True)
+    ids = tok.encode("Hello", prepend=tok.bos_id)
+    p = SamplingParams(temperature=0, max_tokens=2)
+    assert len(engine.generate_batch(ids, 1, p)[0][0]) > 0
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="weights changed"):
+        engine.generate_batch(ids, 1, p)
+
+
+def test_sample_rows_each_row_its_own_settings():
+    """One call samples rows of different requests: greedy, top-k 1, a tight nucleus and plain temperature 1."""
+    from picochat.engine import inference_dtype, sample_rows
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, -2.0]]).expand(4, -1).clone()
+    temps = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    for u in (0.0, 0.5, 0.999):
+        toks = sample_rows(logits, temps, [None, 1, None, None], [None, None, 0.5, None], torch.full((4,), u))
+        assert toks[:3].tolist() == [1, 1, 1]  # argmax, the single top-k token, the nucleus's only token
+    # the last row follows the full distribution: the inverse CDF maps u to tokens 0..3 in order
+    probs = torch.softmax(logits[0], -1)
+    cdf = probs.cumsum(0)
+    for token in range(4):
+        u = float(cdf[token] - probs[token] / 2)  # the middle of that token's CDF interval
+        assert sample_rows(logits[:1], temps[3:], [None], [None], torch.tensor([u])).item() == token
+    assert inference_dtype(torch.device("cpu"), compile=False) == torch.float32  # eager CPU autocast re-casts weights
