@@ -50,6 +50,7 @@ class KVCache:
         shape = (n_layers, batch, max_len, n_kv_head, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
         self.max_len = max_len
 
     def view(self, rows: slice, positions: list[int]) -> "CacheView":
@@ -95,10 +96,12 @@ class StepView:
 
 
 def _decode_step(model, tokens: torch.Tensor, pos: torch.Tensor, ks: list, vs: list, device_type: str,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """The body torch.compile sees: tokens (B, 1), pos (B,) -> last logits (B, V); writes the new k, v into ks, vs."""
+                 dtype: torch.dtype, temperature: torch.Tensor, u: torch.Tensor):
+    """The body torch.compile sees: tokens (B, 1), pos (B,) -> last logits (B, V) and a temperature sample of them
+    (B,) (sampling in the graph saves ~10 small eager ops per step); writes the new k, v into ks, vs."""
     with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
-        return model(tokens, kv_cache=StepView(ks, vs, pos))[:, -1]
+        logits = model(tokens, kv_cache=StepView(ks, vs, pos))[:, -1]
+    return logits, sample_plain(logits, temperature, u)
 
 
 def inference_dtype(device: torch.device, compile: bool) -> torch.dtype:
@@ -136,6 +139,22 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # generation ends when the text contains one of these; it is never emitted
 
 
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs (n, V) (unnormalised is fine), u (n,) in [0, 1) -> (n,) int64. One uniform number per row:
+    torch.multinomial draws an exponential per vocabulary entry on one thread (131k draws per step at 16 rows x 8k
+    vocab: 18% of a 16-sample decode step on 2 CPU cores)."""
+    cdf = probs.cumsum(dim=-1)  # (n, V)
+    tok = torch.searchsorted(cdf, u.to(cdf.dtype)[:, None] * cdf[:, -1:], right=True).squeeze(-1)
+    return tok.clamp(max=probs.size(-1) - 1)
+
+
+def sample_plain(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Temperature sampling (<= 0: greedy) per row, without data-dependent branches, so the compiled decode step
+    runs it inside its graph. logits (n, V) fp32, temperature (n,), u (n,) -> (n,) int64."""
+    probs = torch.softmax(logits / temperature.clamp(min=1e-6)[:, None], dim=-1)
+    return torch.where(temperature <= 0, logits.argmax(dim=-1), _inverse_cdf(probs, u))
+
+
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: list, top_p: list,
                 u: torch.Tensor) -> torch.Tensor:
     """One token per row, each row with its own settings, in one pass over the batch (the server's rows belong to
@@ -144,11 +163,11 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: list, to
     logits (n, V) fp32; temperature (n,) (<= 0: greedy); top_k, top_p: per-row lists (None = off); u (n,) uniforms
     in [0, 1), drawn by the caller from each row's own generator -> (n,) int64."""
     n, V = logits.shape
-    greedy = temperature <= 0
-    if bool(greedy.all()):
-        return logits.argmax(dim=-1)
-    z = logits / temperature.clamp(min=1e-6)[:, None]
     ks = [k if k is not None and 0 < k < V else V for k in top_k]
+    ps = [p if p is not None and 0 < p < 1 else 1.0 for p in top_p]
+    if min(ks) == V and min(ps) == 1.0:
+        return sample_plain(logits, temperature, u)
+    z = logits / temperature.clamp(min=1e-6)[:, None]
     if min(ks) < V:
         kmax = max(k for k in ks if k < V)
         vals = torch.topk(z, kmax, dim=-1).values  # (n, kmax), descending
@@ -157,17 +176,12 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: list, to
         kth = kth.masked_fill(kt >= V, float("-inf"))  # rows without top-k keep everything
         z = z.masked_fill(z < kth, float("-inf"))
     probs = torch.softmax(z, dim=-1)
-    ps = [p if p is not None and 0 < p < 1 else 1.0 for p in top_p]
     if min(ps) < 1:
         sp, si = torch.sort(probs, dim=-1, descending=True)
         pt = torch.tensor(ps, device=z.device, dtype=sp.dtype)[:, None]  # (n, 1)
         drop = (sp.cumsum(-1) - sp > pt) & (pt < 1)  # dropped when the mass before a token already reaches top_p
         probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
-    # inverse-CDF sampling: one uniform number per row. torch.multinomial draws an exponential per vocabulary entry
-    # on one thread (131k draws per step at 16 rows x 8k vocab: 18% of a 16-sample decode step on 2 CPU cores).
-    cdf = probs.cumsum(dim=-1)  # (n, V)
-    tok = torch.searchsorted(cdf, u.to(cdf.dtype)[:, None] * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=V - 1)
-    return torch.where(greedy, logits.argmax(dim=-1), tok) if bool(greedy.any()) else tok
+    return torch.where(temperature <= 0, logits.argmax(dim=-1), _inverse_cdf(probs, u))
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -297,29 +311,32 @@ class Engine:
         return logits[:, -1]
 
     @torch.inference_mode()
-    def decode_one_token(self, tokens: torch.Tensor, cache: KVCache, positions: list[int]) -> torch.Tensor:
-        """tokens (n,) for live rows 0..n-1 at their positions -> logits (n, V)."""
+    def decode_one_token(self, tokens: torch.Tensor, cache: KVCache, positions: list[int], temperature: torch.Tensor,
+                         u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens (n,) for live rows 0..n-1 at their positions -> (logits (n, V), sampled (n,) or None).
+        The compiled step also samples at `temperature` with uniforms `u` (n,) in its graph; eager returns None."""
         n = tokens.size(0)
         if self._step is None:
             with autocast_ctx(self.device, self.dtype):
                 logits = self.model(tokens[:, None], kv_cache=cache.view(slice(0, n), positions))
-            return logits[:, -1]
+            return logits[:, -1], None
         S = max(positions) + 1
-        ks = [cache.k[i, :n, :S] for i in range(cache.k.size(0))]  # per layer (n, S, Hkv, D)
-        vs = [cache.v[i, :n, :S] for i in range(cache.v.size(0))]
+        ks = [k[:n, :S] for k in cache.k_layers]  # per layer (n, S, Hkv, D)
+        vs = [v[:n, :S] for v in cache.v_layers]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         tokens = tokens[:, None]
+        args = (self.model, tokens, pos, ks, vs, self.device.type, self.dtype, temperature, u)
         kind = n > 1  # batch 1 gets its own graph: its GEMV kernels differ from the small-batch GEMMs
         if kind in self._compiled:
-            return self._step(self.model, tokens, pos, ks, vs, self.device.type, self.dtype)
+            return self._step(*args)
         # first call of this kind: mark the dynamic dims and compile with our inductor options. Later calls skip both
         # (~80 us a step): the compiled graph's guards accept any batch >= 2 and any kv length by themselves.
         for t in ks + vs:
             torch._dynamo.mark_dynamic(t, 1)
-        for t in (ks + vs + [pos, tokens]) if kind else ():
+        for t in (ks + vs + [pos, tokens, temperature, u]) if kind else ():
             torch._dynamo.mark_dynamic(t, 0)
         with torch._inductor.config.patch(_compile_options(self.device, batch1=not kind)):
-            out = self._step(self.model, tokens, pos, ks, vs, self.device.type, self.dtype)
+            out = self._step(*args)
         self._compiled.add(kind)
         return out
 
@@ -332,7 +349,8 @@ class Engine:
         cfg = self.model.config
         cache = KVCache(cfg.depth, 2, 4, cfg.n_kv_head, cfg.head_dim, self.device, self.dtype)
         for n in (1, 2) if max_batch > 1 else (1,):
-            self.decode_one_token(torch.zeros(n, dtype=torch.long, device=self.device), cache, [1] * n)
+            z = torch.zeros(n, device=self.device)
+            self.decode_one_token(torch.zeros(n, dtype=torch.long, device=self.device), cache, [1] * n, z + 1, z)
         return time.perf_counter() - t0
 
     def _weight_versions(self) -> list[int]:
@@ -420,38 +438,46 @@ class _Batch:
             self.cache.copy_row(first, first + i, P)
         new_rows = [_Row(req, i, P, text=_Text(req.params.stop)) for i in range(req.n)]
         self.rows.extend(new_rows)
-        self._advance(new_rows, logits.expand(req.n, -1))
+        self._advance(new_rows, logits.expand(req.n, -1), *self._sampling_inputs(new_rows))
 
     def step(self) -> None:
         """One decode step for every live row, then drop the finished ones."""
         live = [r for r in self.rows if not r.done]
         if live:
-            tokens = torch.tensor([r.last_token for r in self.rows], dtype=torch.long, device=self.e.device)
-            logits = self.e.decode_one_token(tokens, self.cache, [r.pos for r in self.rows])
+            e = self.e
+            tokens = torch.tensor([r.last_token for r in self.rows], dtype=torch.long, device=e.device)
+            temps, u = self._sampling_inputs(self.rows)
+            logits, sampled = e.decode_one_token(tokens, self.cache, [r.pos for r in self.rows], temps, u)
             for r in self.rows:
                 r.pos += 1
-            self._advance(self.rows, logits)
+            self._advance(self.rows, logits, temps, u, sampled)
         self._compact()
 
-    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Sample every row at once (each with its request's settings; its uniform from its request's generator, so a
-        seed reproduces whatever else shares the batch), then run the per-row state machine."""
-        n = len(rows)
-        params = [r.request.params for r in rows]
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=logits.device)
-        u = torch.zeros(n, device=logits.device)
+    def _sampling_inputs(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row temperature (n,) and uniform (n,), each drawn from its request's generator, so a seed reproduces
+        a request whatever else shares the batch."""
+        n, dev = len(rows), self.e.device
+        temps = torch.tensor([r.request.params.temperature for r in rows], dtype=torch.float32, device=dev)
         by_req: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             if r.request.generator is not None:
                 by_req.setdefault(r.request.rid, []).append(i)
+        if len(by_req) == 1 and len(next(iter(by_req.values()))) == n:  # one request owns every row (generate())
+            return temps, torch.rand(n, generator=rows[0].request.generator, device=dev)
+        u = torch.zeros(n, device=dev)
         for idx in by_req.values():
-            g = rows[idx[0]].request.generator
-            if len(idx) == n:
-                u = torch.rand(n, generator=g, device=logits.device)
-            else:
-                u[idx] = torch.rand(len(idx), generator=g, device=logits.device)
-        chosen = sample_rows(logits.float(), temps, [p.top_k for p in params], [p.top_p for p in params], u).tolist()
-        for r, t in zip(rows, chosen):
+            u[idx] = torch.rand(len(idx), generator=rows[idx[0]].request.generator, device=dev)
+        return temps, u
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor,
+                 sampled: torch.Tensor | None = None) -> None:
+        """Pick each row's token (the compiled step's own sample unless a row filters with top-k/top-p), then run
+        the per-row state machine."""
+        params = [r.request.params for r in rows]
+        top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
+        if sampled is None or any(k is not None for k in top_k) or any(p is not None for p in top_p):
+            sampled = sample_rows(logits.float(), temps, top_k, top_p, u)
+        for r, t in zip(rows, sampled.tolist()):
             self._row_token(r, t)
 
     def _row_token(self, r: _Row, sampled: int) -> None:
