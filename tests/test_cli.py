@@ -50,6 +50,8 @@ def test_unknown_command_and_bad_flag_are_one_line():
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "unknown command 'frobnicate'" in r.stderr
     r = subprocess.run([sys.executable, "-m", "picochat", "pretrain", "--depht", "4"], capture_output=True, text=True)
     assert r.returncode == 2 and "unrecognized arguments: --depht" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "picochat", "serve", "--threads", "-1"], capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "--threads must be >= 0" in r.stderr
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):

@@ -665,11 +665,11 @@ def _run(argv: list[str] | None) -> None:
         raise UserError(f"--port {cfg.port} is not a TCP port (1-65535)")
     if cfg.max_batch < 1 or cfg.max_queue < 1 or cfg.max_tokens < 1:
         raise UserError("--max-batch, --max-queue and --max-tokens must be >= 1")
+    if cfg.threads < 0:
+        raise UserError(f"--threads must be >= 0 (0 = all cores but one), got {cfg.threads}")
     log_config(cfg, "serve")
     _check_port_free(cfg.host, cfg.port)
     device = autodetect_device(cfg.device)
-    if cfg.threads < 0:
-        raise UserError(f"--threads must be >= 0, got {cfg.threads}")
     set_model_threads(device, cfg.threads)
     model, tokenizer, meta = load_model(cfg.source, step=cfg.step, device=device)  # "auto": the latest stage
     source = meta["source"]
