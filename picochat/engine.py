@@ -14,6 +14,8 @@ How a request runs (the same code path for one call and for the server's batch):
 2. decode: all live rows advance one token per step (`decode_one_token`); each row has its own position, so rows of
    different requests (different prompt lengths) share a step. Finished rows leave between steps: the last live row is
    moved into the hole so live rows stay contiguous and the batch never computes dead rows.
+   With compile=True the step (forward + temperature sampling) is one inductor graph, dynamic in batch and kv length
+   (see `_decode_step`): two graphs, batch 1 and batch >= 2, serve every mix of requests.
 3. per row, after sampling: forced tokens (a tool's output block) override the sample; the python-block state machine
    collects code between <|python_start|> and <|python_end|>, runs the tool and queues
    <|output_start|> result <|output_end|> as forced tokens; a row completes on <|assistant_end|> or <|bos|>, a stop
@@ -116,9 +118,10 @@ def inference_dtype(device: torch.device, compile: bool) -> torch.dtype:
 
 def _compile_options(device: torch.device, batch1: bool) -> dict:
     """Inductor settings for the compiled decode step. `freezing` folds the weights in as constants, which lets
-    inductor pre-pack them for oneDNN/MKL and cast them once under bf16; on CPU `max_autotune` also tries its own C++
-    GEMM kernels, whose small-M (decode) kernels stream weights ~4x faster than aten's GEMV (d6 model, batch 1, 2-core
-    Zen 5: the linear layers took 0.63 ms/token vs 3.3 ms). The price is a compile of ~15 s per graph on 2 cores."""
+    inductor pre-pack them for oneDNN/MKL and cast them once under bf16. At batch 1 on CPU `max_autotune` also tries
+    its own C++ GEMM kernels, whose GEMVs stream weights ~4x faster than aten's (d6 model, 2-core Zen 5: the linear
+    layers took 0.63 ms/token vs 3.3 ms); the price is ~15 s of autotuning. Not for batch >= 2: with a dynamic batch
+    size its C++ GEMM ran 2.6x slower than oneDNN (bf16, M=8)."""
     opts = {"freezing": True}
     if device.type == "cpu" and batch1:
         opts |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
