@@ -300,6 +300,9 @@ class Engine:
         self._step = torch.compile(_decode_step, fullgraph=True) if compile else None
         self._compiled: set[bool] = set()  # graph kinds compiled so far (False: batch 1, True: batch >= 2)
         self._versions = self._weight_versions() if compile else None
+        # generate() decodes up to this many tokens per Python round trip (decode_n); the server's scheduler steps one
+        # at a time so requests join and leave between tokens
+        self.chunk = 8
         # token id -> bytes, specials -> b"" (built lazily: 8k-65k entries)
         self._bytes: list[bytes] | None = None
 
@@ -343,6 +346,20 @@ class Engine:
         self._compiled.add(kind)
         return out
 
+    @torch.inference_mode()
+    def decode_n(self, tokens: torch.Tensor, cache: KVCache, positions: list[int], temperature: torch.Tensor,
+                 u: torch.Tensor) -> torch.Tensor:
+        """u.size(0) steps in one call, each step's temperature sample fed straight back as the next input, with no
+        per-row Python in between -> (steps, n) tokens. u: (steps, n) uniforms. The caller keeps the tokens up to a
+        row's first event (finish, tool call) and rolls that row's position back to there."""
+        out = []
+        for j in range(u.size(0)):
+            logits, sampled = self.decode_one_token(tokens, cache, [p + j for p in positions], temperature, u[j])
+            tokens = sample_plain(logits.float(), temperature, u[j]) if sampled is None else sampled
+            out.append(tokens)
+        return torch.stack(out)
+
+    @torch.inference_mode()
     def warmup(self, max_batch: int = 2) -> float:
         """Compile the decode graphs now (batch 1, and batch >= 2 when max_batch > 1) rather than on the first
         request; returns the seconds it took. A no-op without compile."""
@@ -389,7 +406,7 @@ class Engine:
         batch = _Batch(self, max_rows=num_samples)
         batch.add(_Request(0, list(prompt_ids), num_samples, params, out.append))
         while batch.rows:
-            batch.step()
+            batch.step(max_steps=self.chunk)
             if out:
                 yield list(out)
                 out.clear()
@@ -423,6 +440,9 @@ class _Batch:
     def free(self) -> int:
         return self.max_rows - len(self.rows)
 
+    # add() and step() run in inference mode so every tensor the compiled step sees (built here, or fed back by
+    # decode_n) has the same dispatch keys: a mix of inference and normal tensors made dynamo recompile
+    @torch.inference_mode()
     def add(self, req: _Request) -> None:
         """Prefill once at batch 1 into the first free row, clone into the request's other rows, sample each row's
         first token from the prompt's last logits."""
@@ -441,24 +461,48 @@ class _Batch:
             self.cache.copy_row(first, first + i, P)
         new_rows = [_Row(req, i, P, text=_Text(req.params.stop)) for i in range(req.n)]
         self.rows.extend(new_rows)
-        self._advance(new_rows, logits.expand(req.n, -1), *self._sampling_inputs(new_rows))
+        temps, u = self._sampling_inputs(new_rows)
+        self._advance(new_rows, logits.expand(req.n, -1), temps, u[0])
 
-    def step(self) -> None:
-        """One decode step for every live row, then drop the finished ones."""
-        live = [r for r in self.rows if not r.done]
-        if live:
+    @torch.inference_mode()
+    def step(self, max_steps: int = 1) -> None:
+        """Decode every live row by one token, or by up to `max_steps` with decode_n when no row has a forced token
+        queued or filters its sampling, then drop the finished rows."""
+        rows = [r for r in self.rows if not r.done]
+        if rows:
             e = self.e
+            k = self._steps(max_steps)
             tokens = torch.tensor([r.last_token for r in self.rows], dtype=torch.long, device=e.device)
-            temps, u = self._sampling_inputs(self.rows)
-            logits, sampled = e.decode_one_token(tokens, self.cache, [r.pos for r in self.rows], temps, u)
-            for r in self.rows:
-                r.pos += 1
-            self._advance(self.rows, logits, temps, u, sampled)
+            positions = [r.pos for r in self.rows]
+            temps, u = self._sampling_inputs(self.rows, k)
+            if k == 1:
+                logits, sampled = e.decode_one_token(tokens, self.cache, positions, temps, u[0])
+                for r in self.rows:
+                    r.pos += 1
+                self._advance(self.rows, logits, temps, u[0], sampled)
+            else:
+                chunk = e.decode_n(tokens, self.cache, positions, temps, u).t().tolist()  # (n, k)
+                for r, toks in zip(self.rows, chunk):
+                    for t in toks:  # keep tokens up to the row's first event; its later cache entries are masked
+                        r.pos += 1
+                        self._row_token(r, t)
+                        if r.done or r.forced:
+                            break
         self._compact()
 
-    def _sampling_inputs(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row temperature (n,) and uniform (n,), each drawn from its request's generator, so a seed reproduces
-        a request whatever else shares the batch."""
+    def _steps(self, max_steps: int) -> int:
+        """How many tokens this step may decode per row: 1 while a row has forced tokens to feed or samples with
+        top-k/top-p (filtered sampling is not in the compiled graph), else up to max_steps within every row's token
+        budget and the context."""
+        if max_steps <= 1 or any(r.forced or r.request.params.top_k or r.request.params.top_p for r in self.rows):
+            return 1
+        room = min(min(r.request.params.max_tokens - r.produced, self.e.context - 1 - r.pos) for r in self.rows)
+        return max(1, min(max_steps, room))
+
+    def _sampling_inputs(self, rows: list[_Row], steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row temperature (n,) and uniforms (steps, n), each row's drawn from its request's generator, so a seed
+        reproduces a request whatever else shares the batch (for a given chunk size: a row that stops mid-chunk has
+        used its draws)."""
         n, dev = len(rows), self.e.device
         temps = torch.tensor([r.request.params.temperature for r in rows], dtype=torch.float32, device=dev)
         by_req: dict[int, list[int]] = {}
@@ -466,10 +510,10 @@ class _Batch:
             if r.request.generator is not None:
                 by_req.setdefault(r.request.rid, []).append(i)
         if len(by_req) == 1 and len(next(iter(by_req.values()))) == n:  # one request owns every row (generate())
-            return temps, torch.rand(n, generator=rows[0].request.generator, device=dev)
-        u = torch.zeros(n, device=dev)
+            return temps, torch.rand(steps, n, generator=rows[0].request.generator, device=dev)
+        u = torch.zeros(steps, n, device=dev)
         for idx in by_req.values():
-            u[idx] = torch.rand(len(idx), generator=rows[idx[0]].request.generator, device=dev)
+            u[:, idx] = torch.rand(steps, len(idx), generator=rows[idx[0]].request.generator, device=dev)
         return temps, u
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor,
@@ -484,6 +528,8 @@ class _Batch:
             self._row_token(r, t)
 
     def _row_token(self, r: _Row, sampled: int) -> None:
+        if r.done:  # finished earlier in this step (or at its first token, while other rows kept the batch going)
+            return
         e, req = self.e, r.request
         if req.cancelled:
             r.done = True

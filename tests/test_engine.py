@@ -351,3 +351,19 @@ def test_sample_rows_each_row_its_own_settings():
         u = float(cdf[token] - probs[token] / 2)  # the middle of that token's CDF interval
         assert sample_rows(logits[:1], temps[3:], [None], [None], torch.tensor([u])).item() == token
     assert inference_dtype(torch.device("cpu"), compile=False) == torch.float32  # eager CPU autocast re-casts weights
+
+
+def test_decode_n_chunks_match_single_steps(tiny_tokenizer, models):
+    """generate() decodes up to `chunk` tokens per Python round trip (decode_n) and keeps each row's tokens up to its
+    first event; the result equals stepping one token at a time: greedy with several rows (which stop at different
+    points), and seeded sampling of one row (the same uniforms are drawn in the same order)."""
+    tok = tiny_tokenizer
+    engine = Engine(models[0], tok)
+    ids = tok.encode("To be, or not", prepend=tok.bos_id)
+    results = {}
+    for chunk in (1, 8):
+        engine.chunk = chunk
+        results[chunk] = (engine.generate_batch(ids, 4, SamplingParams(temperature=0, max_tokens=21)),
+                          engine.generate_batch(ids, 1, SamplingParams(temperature=1.0, max_tokens=21, seed=7)))
+    assert results[1] == results[8]
+    assert len(results[8][1][0][0]) > 8  # the sampled row ran past one chunk
