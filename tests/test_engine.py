@@ -367,3 +367,20 @@ def test_decode_n_chunks_match_single_steps(tiny_tokenizer, models):
                           engine.generate_batch(ids, 1, SamplingParams(temperature=1.0, max_tokens=21, seed=7)))
     assert results[1] == results[8]
     assert len(results[8][1][0][0]) > 8  # the sampled row ran past one chunk
+
+
+def test_row_finished_at_first_token_gets_one_event(tiny_tokenizer, models):
+    """A request that ends at its first token (max_tokens=1) while another keeps the batch stepping emits exactly one
+    event; it used to be stepped once more before leaving the batch and emitted a second, duplicate finish."""
+    from picochat.engine import _Batch, _Request
+
+    tok = tiny_tokenizer
+    batch = _Batch(Engine(models[0], tok), 4)
+    events = {0: [], 1: []}
+    ids = tok.encode("The", prepend=tok.bos_id)
+    batch.add(_Request(0, ids, 1, SamplingParams(temperature=0, max_tokens=6), events[0].append))
+    batch.add(_Request(1, ids, 1, SamplingParams(temperature=0, max_tokens=1), events[1].append))
+    while batch.rows:
+        batch.step()
+    assert [e.finish_reason for e in events[1]] == ["length"]
+    assert sum(e.finish_reason is not None for e in events[0]) == 1
