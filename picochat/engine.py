@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+import torch.fx.experimental._config  # noqa: F401  (use_duck_shape, patched when compiling)
 
 from picochat.common import UserError, autocast_ctx, pick_dtype
 
@@ -50,9 +51,12 @@ class KVCache:
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_head: int, head_dim: int, device, dtype):
         shape = (n_layers, batch, max_len, n_kv_head, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
+        # inference tensors whoever builds the cache (the server builds it outside inference mode, warm-up inside):
+        # the compiled step's guards include the inputs' dispatch keys, and a mix recompiled it at the first request
+        with torch.inference_mode():
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
+            self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
         self.max_len = max_len
 
     def view(self, rows: slice, positions: list[int]) -> "CacheView":
@@ -341,7 +345,10 @@ class Engine:
             torch._dynamo.mark_dynamic(t, 1)
         for t in (ks + vs + [pos, tokens, temperature, u]) if kind else ():
             torch._dynamo.mark_dynamic(t, 0)
-        with torch._inductor.config.patch(_compile_options(self.device, batch1=not kind)):
+        # no duck sizing: with a 1-row cache a layer's storage offset equals the row stride, and dynamo would tie the
+        # two (a later cache with more rows then recompiled the batch-1 graph at the server's first request)
+        with torch._inductor.config.patch(_compile_options(self.device, batch1=not kind)), \
+                torch.fx.experimental._config.patch(use_duck_shape=False):
             out = self._step(*args)
         self._compiled.add(kind)
         return out

@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 import torch.nn as nn
@@ -318,6 +320,15 @@ def test_compiled_engine_matches_eager(tiny_tokenizer, models):
         assert compiled.generate_batch(ids, 1, p) == eager.generate_batch(ids, 1, p)
         assert compiled.generate_batch(ids, 3, p) == eager.generate_batch(ids, 3, p)
     assert _tokens_by_request(compiled, prompts, p) == _tokens_by_request(eager, prompts, p)
+    # the server's path: a warm-up on its own small cache, then the scheduler's batch built outside inference mode
+    compiled.warmup(4)
+    scheduler = Scheduler(compiled, max_batch=4)
+    scheduler.start()
+    done, got = threading.Event(), []
+    scheduler.submit(prompts[1], p, 2, lambda ev: (got.append(ev), ev.finish_reason and len(
+        [e for e in got if e.finish_reason]) == 2 and done.set()))
+    assert done.wait(60)
+    scheduler.stop()
     assert counters["stats"]["unique_graphs"] - graphs == 2
 
 
