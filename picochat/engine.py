@@ -51,12 +51,9 @@ class KVCache:
 
     def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_head: int, head_dim: int, device, dtype):
         shape = (n_layers, batch, max_len, n_kv_head, head_dim)
-        # inference tensors whoever builds the cache (the server builds it outside inference mode, warm-up inside):
-        # the compiled step's guards include the inputs' dispatch keys, and a mix recompiled it at the first request
-        with torch.inference_mode():
-            self.k = torch.zeros(shape, device=device, dtype=dtype)
-            self.v = torch.zeros(shape, device=device, dtype=dtype)
-            self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
         self.max_len = max_len
 
     def view(self, rows: slice, positions: list[int]) -> "CacheView":
@@ -333,8 +330,11 @@ class Engine:
         S = max(positions) + 1
         ks = [k[:n, :S] for k in cache.k_layers]  # per layer (n, S, Hkv, D)
         vs = [v[:n, :S] for v in cache.v_layers]
+        # dynamo guards on the inputs' dispatch keys: the small inputs are made inference tensors here (a clone in
+        # inference mode), whether the caller built them inside inference mode or not, and caches are always built
+        # outside it (a mix recompiled the step at the server's first request)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        tokens = tokens[:, None]
+        tokens, temperature, u = tokens[:, None].clone(), temperature.clone(), u.clone()
         args = (self.model, tokens, pos, ks, vs, self.device.type, self.dtype, temperature, u)
         kind = n > 1  # batch 1 gets its own graph: its GEMV kernels differ from the small-batch GEMMs
         if kind in self._compiled:
@@ -366,15 +366,21 @@ class Engine:
             out.append(tokens)
         return torch.stack(out)
 
-    @torch.inference_mode()
+    def new_cache(self, rows: int) -> KVCache:
+        """A cache for `rows` rows, always of the whole context (the compiled step's guards include the cache's time
+        length: its slices are views) and made of inference tensors: the compiled step then writes it in place (on
+        normal tensors a batch-1 step ran ~2x slower), and every caller's cache has the same dispatch keys."""
+        cfg = self.model.config
+        with torch.inference_mode():
+            return KVCache(cfg.depth, rows, self.context, cfg.n_kv_head, cfg.head_dim, self.device, self.dtype)
+
     def warmup(self, max_batch: int = 2) -> float:
         """Compile the decode graphs now (batch 1, and batch >= 2 when max_batch > 1) rather than on the first
         request; returns the seconds it took. A no-op without compile."""
         if self._step is None:
             return 0.0
         t0 = time.perf_counter()
-        cfg = self.model.config
-        cache = KVCache(cfg.depth, 2, 4, cfg.n_kv_head, cfg.head_dim, self.device, self.dtype)
+        cache = self.new_cache(2)
         for n in (1, 2) if max_batch > 1 else (1,):
             z = torch.zeros(n, device=self.device)
             self.decode_one_token(torch.zeros(n, dtype=torch.long, device=self.device), cache, [1] * n, z + 1, z)
@@ -436,19 +442,15 @@ class _Batch:
 
     def __init__(self, engine: Engine, max_rows: int):
         e = engine
-        cfg = e.model.config
         self.e = e
         self.max_rows = max_rows
-        # always the whole context: the compiled step's guards include the cache's time length (its slices are views)
-        self.cache = KVCache(cfg.depth, max_rows, e.context, cfg.n_kv_head, cfg.head_dim, e.device, e.dtype)
+        self.cache = e.new_cache(max_rows)
         self.rows: list[_Row] = []
 
     @property
     def free(self) -> int:
         return self.max_rows - len(self.rows)
 
-    # add() and step() run in inference mode so every tensor the compiled step sees (built here, or fed back by
-    # decode_n) has the same dispatch keys: a mix of inference and normal tensors made dynamo recompile
     @torch.inference_mode()
     def add(self, req: _Request) -> None:
         """Prefill once at batch 1 into the first free row, clone into the request's other rows, sample each row's
