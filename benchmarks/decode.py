@@ -99,7 +99,8 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", help="compile the decode step (Engine(compile=True))")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the fastest is reported")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto = the hardware policy (bf16 on CUDA sm80+ and on CPUs with native bf16)")
+                   help="auto = the engine's own choice (engine.inference_dtype: bf16 on CUDA, and on CPUs with "
+                        "native bf16 when compiled; fp32 otherwise)")
     args = p.parse_args(argv)
     device = autodetect_device(args.device)
     torch.manual_seed(0)
@@ -118,8 +119,9 @@ def main(argv=None) -> None:
                 blk.mlp.c_proj.weight.normal_(0, 0.02)
         tok = _Tok(args.vocab_size)
     cfg = model.config
-    dtype = pick_dtype(device, args.dtype)
-    engine = Engine(model, tok, compile=args.compile, dtype=dtype)
+    requested = None if args.dtype == "auto" else pick_dtype(device, args.dtype)
+    engine = Engine(model, tok, compile=args.compile, dtype=requested)
+    dtype = engine.dtype
     prompt = [int(x) for x in torch.randint(0, cfg.vocab_size - 9, (args.prompt_len,))]
 
     run(engine, prompt, 1, 8)  # warm-up (and compile)

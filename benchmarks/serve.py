@@ -80,7 +80,6 @@ def serve_child(cfg: BenchConfig) -> None:
     from picochat.tools import make_tool
 
     device = autodetect_device(cfg.device)
-    sys.setswitchinterval(float(os.environ.get('SWI', '0.005')))
     set_model_threads(device, cfg.threads)
     model, tok = random_model_and_tokenizer(cfg)
     model = model.to(device).eval()
@@ -215,12 +214,14 @@ def _run(argv: list[str] | None) -> None:
     try:
         health = wait_ready(url, proc, cfg.startup_timeout, log.name)
         print(f"server ready: {health}", file=sys.stderr, flush=True)
-        asyncio.run(run_level(url, 1, 1, min(8, cfg.max_tokens), proc.pid))  # warm-up: first-call allocations, lazy tables
+        # warm-up: first-call allocations, lazy tables
+        asyncio.run(run_level(url, 1, 1, min(8, cfg.max_tokens), proc.pid))
         results = []
         for c in levels:
             r = asyncio.run(run_level(url, c, cfg.requests_per_client, cfg.max_tokens, proc.pid))
             print(f"concurrency {c:3d}: {r['tokens_per_s']:8.1f} tok/s  ttft p50 {r['ttft_p50_ms']:.0f} ms "
-                  f"p95 {r['ttft_p95_ms']:.0f} ms  cores: server {r['server_cores']} client {r['client_cores']}", file=sys.stderr, flush=True)
+                  f"p95 {r['ttft_p95_ms']:.0f} ms  cores: server {r['server_cores']} client {r['client_cores']}",
+                  file=sys.stderr, flush=True)
             results.append(r)
     finally:
         proc.terminate()

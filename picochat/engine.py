@@ -111,7 +111,7 @@ def inference_dtype(device: torch.device, compile: bool) -> torch.dtype:
     """The engine's compute dtype: bf16 on CUDA (sm80+); on CPU bf16 only for a compiled step on a CPU with native
     bf16, fp32 otherwise. Why: eager autocast re-casts every weight at every decode step (a batch-1 server stream
     measured 203 tok/s in bf16 vs 707 in fp32 on a 2-core Zen 5), while a compiled, frozen step casts them once
-    (d6 model: 16 samples 3,100-5,500 tok/s in bf16 vs 1,900-2,900 in fp32; batch 1 within 10% either way)."""
+    (d6 model: 16 samples 5,021-5,148 tok/s in bf16 vs 3,634-3,804 in fp32; batch 1 652-837 vs 693-900)."""
     if device.type == "cpu" and not compile:
         return torch.float32
     return pick_dtype(device, "auto")
@@ -120,7 +120,7 @@ def inference_dtype(device: torch.device, compile: bool) -> torch.dtype:
 def _compile_options(device: torch.device, batch1: bool) -> dict:
     """Inductor settings for the compiled decode step. `freezing` folds the weights in as constants, which lets
     inductor pre-pack them for oneDNN/MKL and cast them once under bf16. At batch 1 on CPU `max_autotune` also tries
-    its own C++ GEMM kernels, whose GEMVs stream weights ~4x faster than aten's (d6 model, 2-core Zen 5: the linear
+    its own C++ GEMM kernels, whose GEMVs stream weights ~5x faster than aten's (d6 model, 2-core Zen 5: the linear
     layers took 0.63 ms/token vs 3.3 ms); the price is ~15 s of autotuning. Not for batch >= 2: with a dynamic batch
     size its C++ GEMM ran 2.6x slower than oneDNN (bf16, M=8)."""
     opts = {"freezing": True}
@@ -142,6 +142,11 @@ class SamplingParams:
     seed: int | None = None  # per-call generator: the same seed reproduces the same tokens
     stop: tuple[str, ...] = ()  # generation ends when the text contains one of these; it is never emitted
 
+    @property
+    def filtered(self) -> bool:
+        """top-k or top-p is on: such rows are sampled by `sample_rows` outside the compiled graph."""
+        return bool(self.top_k) or (self.top_p is not None and 0 < self.top_p < 1)
+
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """probs (n, V) (unnormalised is fine), u (n,) in [0, 1) -> (n,) int64. One uniform number per row:
@@ -152,11 +157,15 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return tok.clamp(max=probs.size(-1) - 1)
 
 
+def _pick(logits: torch.Tensor, temperature: torch.Tensor, probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The argmax for greedy rows (temperature <= 0), an inverse-CDF draw from `probs` for the others."""
+    return torch.where(temperature <= 0, logits.argmax(dim=-1), _inverse_cdf(probs, u))
+
+
 def sample_plain(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Temperature sampling (<= 0: greedy) per row, without data-dependent branches, so the compiled decode step
     runs it inside its graph. logits (n, V) fp32, temperature (n,), u (n,) -> (n,) int64."""
-    probs = torch.softmax(logits / temperature.clamp(min=1e-6)[:, None], dim=-1)
-    return torch.where(temperature <= 0, logits.argmax(dim=-1), _inverse_cdf(probs, u))
+    return _pick(logits, temperature, torch.softmax(logits / temperature.clamp(min=1e-6)[:, None], dim=-1), u)
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: list, top_p: list,
@@ -185,7 +194,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: list, to
         pt = torch.tensor(ps, device=z.device, dtype=sp.dtype)[:, None]  # (n, 1)
         drop = (sp.cumsum(-1) - sp > pt) & (pt < 1)  # dropped when the mass before a token already reaches top_p
         probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
-    return torch.where(temperature <= 0, logits.argmax(dim=-1), _inverse_cdf(probs, u))
+    return _pick(logits, temperature, probs, u)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -330,20 +339,19 @@ class Engine:
         S = max(positions) + 1
         ks = [k[:n, :S] for k in cache.k_layers]  # per layer (n, S, Hkv, D)
         vs = [v[:n, :S] for v in cache.v_layers]
-        # dynamo guards on the inputs' dispatch keys: the small inputs are made inference tensors here (a clone in
-        # inference mode), whether the caller built them inside inference mode or not, and caches are always built
-        # outside it (a mix recompiled the step at the server's first request)
+        # dynamo guards on the inputs' dispatch keys, so every input is an inference tensor: caches come from
+        # new_cache, and the callers (_Batch.add/step, warmup) build the rest in inference mode
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        tokens, temperature, u = tokens[:, None].clone(), temperature.clone(), u.clone()
-        args = (self.model, tokens, pos, ks, vs, self.device.type, self.dtype, temperature, u)
+        x = tokens[:, None]  # (n,) -> (n, 1): one new token per row
+        args = (self.model, x, pos, ks, vs, self.device.type, self.dtype, temperature, u)
         kind = n > 1  # batch 1 gets its own graph: its GEMV kernels differ from the small-batch GEMMs
         if kind in self._compiled:
             return self._step(*args)
         # first call of this kind: mark the dynamic dims and compile with our inductor options. Later calls skip both
-        # (~80 us a step): the compiled graph's guards accept any batch >= 2 and any kv length by themselves.
+        # (~70 us a step): the compiled graph's guards accept any batch >= 2 and any kv length by themselves.
         for t in ks + vs:
             torch._dynamo.mark_dynamic(t, 1)
-        for t in (ks + vs + [pos, tokens, temperature, u]) if kind else ():
+        for t in (ks + vs + [pos, x, temperature, u]) if kind else ():
             torch._dynamo.mark_dynamic(t, 0)
         # no duck sizing: with a 1-row cache a layer's storage offset equals the row stride, and dynamo would tie the
         # two (a later cache with more rows then recompiled the batch-1 graph at the server's first request)
@@ -374,6 +382,7 @@ class Engine:
         with torch.inference_mode():
             return KVCache(cfg.depth, rows, self.context, cfg.n_kv_head, cfg.head_dim, self.device, self.dtype)
 
+    @torch.inference_mode()
     def warmup(self, max_batch: int = 2) -> float:
         """Compile the decode graphs now (batch 1, and batch >= 2 when max_batch > 1) rather than on the first
         request; returns the seconds it took. A no-op without compile."""
@@ -477,8 +486,7 @@ class _Batch:
     def step(self, max_steps: int = 1) -> None:
         """Decode every live row by one token, or by up to `max_steps` with decode_n when no row has a forced token
         queued or filters its sampling, then drop the finished rows."""
-        rows = [r for r in self.rows if not r.done]
-        if rows:
+        if any(not r.done for r in self.rows):
             e = self.e
             k = self._steps(max_steps)
             tokens = torch.tensor([r.last_token for r in self.rows], dtype=torch.long, device=e.device)
@@ -503,7 +511,7 @@ class _Batch:
         """How many tokens this step may decode per row: 1 while a row has forced tokens to feed or samples with
         top-k/top-p (filtered sampling is not in the compiled graph), else up to max_steps within every row's token
         budget and the context."""
-        if max_steps <= 1 or any(r.forced or r.request.params.top_k or r.request.params.top_p for r in self.rows):
+        if max_steps <= 1 or any(r.forced or r.request.params.filtered for r in self.rows):
             return 1
         room = min(min(r.request.params.max_tokens - r.produced, self.e.context - 1 - r.pos) for r in self.rows)
         return max(1, min(max_steps, room))
@@ -530,9 +538,8 @@ class _Batch:
         """Pick each row's token (the compiled step's own sample unless a row filters with top-k/top-p), then run
         the per-row state machine."""
         params = [r.request.params for r in rows]
-        top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
-        if sampled is None or any(k is not None for k in top_k) or any(p is not None for p in top_p):
-            sampled = sample_rows(logits.float(), temps, top_k, top_p, u)
+        if sampled is None or any(p.filtered for p in params):
+            sampled = sample_rows(logits.float(), temps, [p.top_k for p in params], [p.top_p for p in params], u)
         for r, t in zip(rows, sampled.tolist()):
             self._row_token(r, t)
 

@@ -152,8 +152,7 @@ def _run(argv: list[str] | None) -> None:
         raise UserError("--max-tokens must be >= 1 and --top-k >= 0")
     model, tokenizer, _meta = load_model(cfg.source, step=cfg.step, device=cfg.device)
     engine = Engine(model, tokenizer, tool=make_tool(cfg.tool), compile=cfg.compile)
-    if cfg.compile:
-        engine.warmup(1)
+    engine.warmup(1)  # compiles now when --compile, else a no-op
     params = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k or None, max_tokens=cfg.max_tokens,
                             seed=cfg.seed)
     color = sys.stdout.isatty()
