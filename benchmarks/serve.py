@@ -48,6 +48,8 @@ class BenchConfig:
     max_batch: int = f(32, "server --max-batch")
     threads: int = f(0, "server --threads (0: all cores but one)")
     compile: bool = f(True, "server --compile (the decode step compiled at startup, as `picochat serve` does)")
+    engine_process: str = f("auto", "server --engine-process: auto (own process on CPU), true, false",
+                            choices=["auto", "true", "false"])
     startup_timeout: float = f(300.0, "seconds to wait for the server to answer /health")
     child_port: int = f(0, "internal: run as the --random server child on this port")
 
@@ -84,7 +86,8 @@ def serve_child(cfg: BenchConfig) -> None:
     model, tok = random_model_and_tokenizer(cfg)
     model = model.to(device).eval()
     app = create_app(model, tok, max_batch=cfg.max_batch, max_queue=1024, max_tokens=cfg.max_tokens,
-                     tool=make_tool("calculator"), source="random", compile=cfg.compile)
+                     tool=make_tool("calculator"), source="random", compile=cfg.compile,
+                     engine_process={"auto": None, "true": True, "false": False}[cfg.engine_process])
     uvicorn.run(app, host="127.0.0.1", port=cfg.child_port, log_level="warning")
 
 
@@ -98,11 +101,13 @@ def start_server(cfg: BenchConfig, port: int, log) -> subprocess.Popen:
     if cfg.random:
         cmd = [sys.executable, __file__, "--child-port", str(port), "--depth", str(cfg.depth),
                "--sequence-len", str(cfg.sequence_len), "--device", cfg.device, "--max-tokens", str(cfg.max_tokens),
-               "--max-batch", str(cfg.max_batch), "--compile", str(cfg.compile).lower(), "--threads", str(cfg.threads)]
+               "--max-batch", str(cfg.max_batch), "--compile", str(cfg.compile).lower(), "--threads", str(cfg.threads),
+               "--engine-process", cfg.engine_process]
     else:
         cmd = [sys.executable, "-m", "picochat", "serve", "--source", cfg.source, "--port", str(port),
                "--device", cfg.device, "--max-batch", str(cfg.max_batch), "--max-queue", "1024",
-               "--max-tokens", str(cfg.max_tokens), "--compile", str(cfg.compile).lower(), "--threads", str(cfg.threads)]
+               "--max-tokens", str(cfg.max_tokens), "--compile", str(cfg.compile).lower(), "--threads", str(cfg.threads),
+               "--engine-process", cfg.engine_process]
         if cfg.step is not None:
             cmd += ["--step", str(cfg.step)]
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -149,15 +154,29 @@ async def one_request(client, url: str, max_tokens: int, prompt: str) -> tuple[f
 
 
 def cpu_seconds(pid: int | None = None) -> float:
-    """CPU time (user + system) used so far by this process, or by process `pid` (Linux /proc; 0.0 elsewhere)."""
+    """CPU time (user + system) used so far by this process, or by process `pid` and its live descendants (the
+    server's engine process) (Linux /proc; 0.0 elsewhere)."""
     if pid is None:
         t = os.times()
         return t.user + t.system
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime in clock ticks
+    stats = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(d.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime (ticks)
+    tree = {pid}
+    grew = True  # add children until none is left out (a child's pid may be lower than its parent's)
+    while grew:
+        grew = False
+        for p, (ppid, _) in stats.items():
+            if ppid in tree and p not in tree:
+                tree.add(p)
+                grew = True
+    ticks = sum(stats[p][1] for p in tree if p in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(xs: list[float], q: float) -> float:

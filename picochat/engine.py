@@ -289,6 +289,15 @@ class _Request:
 # the engine
 
 
+def check_prompt(ids: list[int], context: int) -> None:
+    """A prompt must leave room for at least one generated token."""
+    if not ids:
+        raise UserError("prompt is empty")
+    if len(ids) >= context:
+        raise UserError(f"prompt is {len(ids)} tokens; the model's context is {context} "
+                        f"(shorten the prompt or conversation)")
+
+
 class Engine:
     """Owns the model, the tokenizer's special ids and the tool. Cheap to construct; caches are per batch."""
 
@@ -413,11 +422,7 @@ class Engine:
     # -- public API ---------------------------------------------------------------------------------------------------
 
     def check_prompt(self, ids: list[int]) -> None:
-        if not ids:
-            raise UserError("prompt is empty")
-        if len(ids) >= self.context:
-            raise UserError(f"prompt is {len(ids)} tokens; the model's context is {self.context} "
-                            f"(shorten the prompt or conversation)")
+        check_prompt(ids, self.context)
 
     def generate(self, prompt_ids: list[int], num_samples: int = 1,
                  params: SamplingParams | None = None) -> Iterator[list[Event]]:
@@ -609,8 +614,10 @@ class Scheduler:
     """Continuous batching across requests: a background thread admits queued requests into free rows between
     decode steps and steps all live rows together. `on_event` callbacks run on that thread and must not block."""
 
-    def __init__(self, engine: Engine, max_batch: int = 32, max_queue: int = 256):
+    def __init__(self, engine: Engine, max_batch: int = 32, max_queue: int = 256,
+                 on_step: Callable[[], None] | None = None):
         self.engine = engine
+        self.on_step = on_step  # called on the scheduler thread after each round (admissions + one step)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self._queue: deque[_Request] = deque()
@@ -622,9 +629,13 @@ class Scheduler:
         self._batch: _Batch | None = None
         self._threads = torch.get_num_threads()
         self.steps = 0
+        self.compile_seconds = 0.0
 
     def start(self) -> None:
+        """Compile the decode graphs (a compiled engine; `compile_seconds` says how long it took), then start the
+        scheduler thread."""
         if self._thread is None:
+            self.compile_seconds = self.engine.warmup(self.max_batch)
             self._batch = _Batch(self.engine, self.max_batch)
             self._thread = threading.Thread(target=self._loop, name="picochat-scheduler", daemon=True)
             self._thread.start()
@@ -697,6 +708,8 @@ class Scheduler:
             # a request cancelled while queued also needs its cancel remembered
             with self._cv:
                 self._cancel |= {rid for rid in cancel if any(q.rid == rid for q in self._queue)}
+            if self.on_step is not None:
+                self.on_step()
 
     def _guard(self, req: _Request, fn) -> None:
         try:

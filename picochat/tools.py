@@ -17,6 +17,7 @@ characters: every failure is a short line starting with "Error:", which the mode
 from __future__ import annotations
 
 import ast
+import functools
 import math
 from collections.abc import Callable
 
@@ -197,10 +198,7 @@ def make_tool(kind: str = "calculator", **sandbox_kw) -> Callable[[str], str]:
     if unknown:
         raise TypeError(f"make_tool('python') got unknown options {sorted(unknown)}")
 
-    def python_tool(code: str) -> str:
-        return _python_tool(code, **sandbox_kw)
-
-    return python_tool
+    return functools.partial(_python_tool, **sandbox_kw)  # picklable: the server sends it to its engine process
 
 
 def _clip(text: str) -> str:

@@ -300,11 +300,13 @@ def wait_for(predicate, timeout: float = 10.0, every: float = 0.02):
     raise AssertionError("condition not reached in time")
 
 
-def test_queue_full_429_and_disconnect_frees_rows(tiny_tokenizer):
+@pytest.mark.parametrize("engine_process", [True, False], ids=["engine-process", "in-process"])
+def test_queue_full_429_and_disconnect_frees_rows(tiny_tokenizer, engine_process):
     """One row of batch and one row of queue: a long reply occupies the batch, a second request waits, a third gets
-    429. Then the first client hangs up: its row is freed long before its 1000 tokens would have been generated."""
+    429. Then the first client hangs up: its row is freed long before its 1000 tokens would have been generated.
+    Both scheduler hosts: the engine process (the CPU default) keeps the queue's books in the parent."""
     model = tiny_model(tiny_tokenizer, sequence_len=1024)
-    app = create_app(model, tiny_tokenizer, max_batch=1, max_queue=1, max_tokens=1000)
+    app = create_app(model, tiny_tokenizer, max_batch=1, max_queue=1, max_tokens=1000, engine_process=engine_process)
     long_body = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 1000}
     with ServerThread(app) as srv:
         scheduler = app.state.picochat.scheduler
@@ -342,6 +344,26 @@ def test_nonstream_disconnect_cancels(tiny_tokenizer):
         steps = scheduler.steps
         wait_for(lambda: httpx.get(srv.url + "/health").json()["running"] == 0)
         assert scheduler.steps - steps < 500  # of 1000
+
+
+def test_engine_process_death_fails_open_requests_and_answers_503(tiny_tokenizer):
+    """The engine process is killed mid-stream: the open stream ends with an error object (not a hang), later requests
+    get 503 with a reason, /health says unavailable; the HTTP side itself keeps answering."""
+    model = tiny_model(tiny_tokenizer, sequence_len=1024)
+    app = create_app(model, tiny_tokenizer, max_batch=2, max_tokens=1000, engine_process=True)
+    body = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 1000, "stream": True}
+    with ServerThread(app) as srv:
+        with httpx.stream("POST", srv.url + CHAT, json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # running
+            app.state.picochat.scheduler._proc.kill()
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert json.loads(rest[-1][len("data: "):])["error"]["type"] == "server_error"
+        later = httpx.post(srv.url + CHAT, json={**body, "stream": False}, timeout=30)
+        assert later.status_code == 503 and later.json()["error"]["code"] == "engine_unavailable"
+        assert "engine process" in later.json()["error"]["message"]
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
 
 
 TOOL_CONTENT = "Sum\n```python\n2+3\n```\n```output\n5\n```\n ok"

@@ -12,7 +12,8 @@ Routes:
     GET  /health                model, source, step, running/queued rows
 
 Every request goes through ONE `Scheduler` (picochat/engine.py), so concurrent requests share decode steps. A client
-that disconnects has its rows cancelled at once.
+that disconnects has its rows cancelled at once. On CPU the scheduler runs in its own process (picochat/serve/worker.py)
+so decoding does not wait for the event loop's Python.
 
 Tool calls. The model may call the python tool mid-reply; the engine runs it and forces the output into the
 sequence. In `message.content` (and in the streamed content deltas) they appear as fenced blocks, readable by any
@@ -39,8 +40,8 @@ list), seed, stream, stream_options.include_usage. Other OpenAI fields are accep
 
 Errors are OpenAI error objects `{"error": {"message", "type", "param", "code"}}`: 400 for malformed JSON or bad
 parameters (code "context_length_exceeded" when the prompt does not fit), 404 for unknown models and routes, 413 for
-a body over 8 MiB, 429 (code "queue_full", Retry-After: 1) when the scheduler queue is full. An unexpected failure is
-answered with a generic 500 and its traceback goes to the server log only.
+a body over 8 MiB, 429 (code "queue_full", Retry-After: 1) when the scheduler queue is full, 503 when the engine
+process has died. An unexpected failure is answered with a generic 500 and its traceback goes to the server log only.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from picochat.common import UserError, print0, run_main
 from picochat.config import CheckpointSource, f, log_config, parse_config
 from picochat.engine import Engine, Event, OverloadedError, SamplingParams, Scheduler
 from picochat.serve.chat_cli import SEGMENT_PART
+from picochat.serve.worker import EngineDied, EngineProcess
 
 log = logging.getLogger("picochat.serve")
 
@@ -95,6 +97,9 @@ class ServeConfig(CheckpointSource):
     # a server runs long enough to repay the warm-up; --compile false starts at once
     compile: bool = f(True, "torch.compile the decode step at startup (20-45 s on 2 cores; then 1 client got "
                             "1,161-1,735 tok/s instead of 707 with the CPU preset model: README, Measured)")
+    engine_process: str = f("auto", "run the engine in its own process, so decoding and the HTTP side do not share "
+                                    "one GIL: auto (yes on CPU, no on CUDA), true, false",
+                            choices=["auto", "true", "false"])
 
 
 class ApiError(Exception):
@@ -335,8 +340,7 @@ class RowText:
 @dataclass
 class ServerState:
     tokenizer: object
-    engine: Engine
-    scheduler: Scheduler
+    scheduler: Scheduler | EngineProcess
     model_name: str
     source: str | None
     step: int | None
@@ -359,6 +363,9 @@ class ServerState:
         except OverloadedError as e:
             raise ApiError(429, f"the server is busy ({e}); retry shortly", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
+        except EngineDied as e:
+            raise ApiError(503, f"the model is unavailable: {e}; restart the server (its log says why)",
+                           type="server_error", code="engine_unavailable") from None
         except UserError as e:  # the engine's prompt/context check
             raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
         return job
@@ -450,22 +457,29 @@ def _check_model(body: dict, name: str) -> None:
 
 def create_app(model, tokenizer, *, model_name: str = "picochat", max_batch: int = 32, max_queue: int = 256,
                max_tokens: int = 512, tool=None, source: str | None = None, step: int | None = None,
-               compile: bool = False) -> FastAPI:
-    """The FastAPI app serving `model` (a GPT in eval mode) with `tokenizer`. The scheduler thread starts and stops
-    with the app's lifespan (uvicorn runs it; a TestClient runs it inside `with`)."""
-    engine = Engine(model, tokenizer, tool=tool, compile=compile)
-    scheduler = Scheduler(engine, max_batch=max_batch, max_queue=max_queue)
-    state = ServerState(tokenizer=tokenizer, engine=engine, scheduler=scheduler, model_name=model_name,
-                        source=source, step=step, max_batch=max_batch, max_tokens=max_tokens,
-                        context=model.config.sequence_len)
+               compile: bool = False, engine_process: bool | None = None) -> FastAPI:
+    """The FastAPI app serving `model` (a GPT in eval mode) with `tokenizer`. The scheduler starts and stops with the
+    app's lifespan (uvicorn runs it; a TestClient runs it inside `with`). engine_process: run it in a child process
+    (picochat/serve/worker.py; the model and `tool` are pickled to it); None = on CPU only."""
+    if engine_process is None:
+        engine_process = next(model.parameters()).device.type == "cpu"
+    if engine_process:
+        scheduler = EngineProcess(model, tokenizer, tool=tool, compile=compile, max_batch=max_batch,
+                                  max_queue=max_queue)
+    else:
+        scheduler = Scheduler(Engine(model, tokenizer, tool=tool, compile=compile), max_batch=max_batch,
+                              max_queue=max_queue)
+    state = ServerState(tokenizer=tokenizer, scheduler=scheduler, model_name=model_name, source=source, step=step,
+                        max_batch=max_batch, max_tokens=max_tokens, context=model.config.sequence_len)
     page = resources.files("picochat.serve").joinpath("ui.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        if compile:
-            seconds = engine.warmup(max_batch)
-            print0(f"compiled the decode step in {seconds:.0f}s")
+        # blocking on purpose: nothing is served until the decode graphs are compiled (in this thread, whose torch
+        # thread count is the one set for the model)
         scheduler.start()
+        if compile:
+            print0(f"compiled the decode step in {scheduler.compile_seconds:.0f}s")
         try:
             yield
         finally:
@@ -510,8 +524,12 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", max_batch: int
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": state.model_name, "source": state.source, "step": state.step,
-                "context": state.context, "max_batch": state.max_batch, **state.counts()}
+        dead = getattr(state.scheduler, "dead", None)  # only an engine process can die on its own
+        body = {"status": "ok" if dead is None else "unavailable", "model": state.model_name, "source": state.source,
+                "step": state.step, "context": state.context, "max_batch": state.max_batch, **state.counts()}
+        if dead is not None:
+            return JSONResponse({**body, "error": dead}, status_code=503)
+        return body
 
     @app.get("/v1/models")
     async def models():
@@ -676,7 +694,9 @@ def _run(argv: list[str] | None) -> None:
     model.eval()
     app = create_app(model, tokenizer, model_name=cfg.model_name, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                      max_tokens=cfg.max_tokens, tool=make_tool(cfg.tool),
-                     source=source, step=meta.get("step", cfg.step), compile=cfg.compile)
+                     source=source, step=meta.get("step", cfg.step), compile=cfg.compile,
+                     engine_process={"auto": None, "true": True, "false": False}[cfg.engine_process])
+    del model  # the engine process has its own copy once started
     print0(f"serving {source} step {meta.get('step')} as '{cfg.model_name}' on http://{cfg.host}:{cfg.port}/")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
 
