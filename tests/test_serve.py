@@ -19,6 +19,7 @@ import torch
 import uvicorn
 
 from conftest import make_tiny_model, randomize_outputs
+from picochat.common import UserError
 from picochat.engine import Engine, SamplingParams
 from picochat.serve.app import create_app
 from picochat.tools import make_tool
@@ -395,3 +396,9 @@ def test_tool_call_fenced_in_content_and_marked_for_the_ui(tiny_tokenizer):
         r = httpx.post(srv.url + CHAT, json={**body, "messages": history, "max_tokens": 3}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(
             tiny_tokenizer.render_for_completion({"messages": history}))
+
+
+def test_engine_process_refuses_an_unpicklable_tool_in_one_line(tiny_tokenizer):
+    app = create_app(tiny_model(tiny_tokenizer), tiny_tokenizer, tool=lambda code: "x", engine_process=True)
+    with pytest.raises(UserError, match="picklable"):
+        app.state.picochat.scheduler.start()

@@ -19,6 +19,7 @@ gets an "error" finish and later submits raise `EngineDied` (the server answers 
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 import time
 from typing import Callable
@@ -127,8 +128,14 @@ class EngineProcess:
         ctx = mp.get_context("spawn")  # fork would copy the parent's threads' state (OpenMP pool, event loop)
         self._conn, child_conn = ctx.Pipe()
         self._proc = ctx.Process(target=_child, args=(child_conn, *self._args), name="picochat-engine", daemon=True)
-        self._proc.start()
-        child_conn.close()
+        try:
+            self._proc.start()
+        except (pickle.PicklingError, AttributeError, TypeError) as e:  # e.g. a lambda as the tool
+            self._proc = None
+            raise UserError(f"cannot send the model/tokenizer/tool to the engine process ({e}); make them picklable "
+                            f"(module-level functions) or serve with engine_process=False") from None
+        finally:
+            child_conn.close()
         self._args = None  # the child has its copy; do not pin the parent's
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not self._conn.poll(0.5):
