@@ -29,6 +29,15 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def softcap(z: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(z / cap). Compiled, as cap - 2 cap / (exp(2 z / cap) + 1), the same function (tanh y = 1 - 2 / (e^2y
+    + 1), exact at +-inf): inductor's vectorised exp is cheaper than its tanh (8 x 8k logits: 33 vs 85 us, at most 3e-6
+    apart), the largest element-wise cost of a decode step. Eager keeps the single tanh kernel."""
+    if torch.compiler.is_compiling():
+        return cap - (2 * cap) / (torch.exp(z * (2 / cap)) + 1)
+    return cap * torch.tanh(z / cap)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, T, H, D); cos/sin broadcastable to (B, T, 1, D/2). Rotates the two halves of each head as pairs."""
     d = x.size(-1) // 2
@@ -280,7 +289,7 @@ class GPT(nn.Module):
             return loss if loss_reduction == "sum" else loss / (t2 >= 0).sum().clamp(min=1)
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()  # (B, T, V) in fp32 for the softcap
         if cap > 0:
-            logits = cap * torch.tanh(logits / cap)
+            logits = softcap(logits, cap)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

@@ -51,6 +51,43 @@ def test_attn_with_cache_per_row_positions(window):
         assert torch.equal(kc[b, n : n + 2], knew[b])  # written in place at the row's own position
 
 
+@pytest.mark.parametrize("hkv,window", [(4, 0), (2, 5)])
+def test_compiled_one_query_matches_reference(hkv, window):
+    """The compiled decode step's one-query attention (`_one_query`: realized scaled query, scores transposed for the
+    softmax, normalisation after the value sum) against the reference: per-row positions, GQA, a sliding window, a
+    bf16 cache as on CPU, and one graph for every batch >= 2 and kv length."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(2)
+    H, D, Tmax = 4, 16, 40
+    kc_all = torch.randn(8, Tmax, hkv, D).to(torch.bfloat16)
+    vc_all = torch.randn(8, Tmax, hkv, D).to(torch.bfloat16)
+
+    def step(q, k, v, kc, vc, pos):
+        return attention.attn_with_cache(q, k, v, kc, vc, pos, kc.size(1), window)
+
+    compiled = torch.compile(step, fullgraph=True)
+    graphs = counters["stats"]["unique_graphs"]
+    for B, lens in ((2, [9, 14]), (5, [3, 20, 7, 31, 12])):
+        S = max(lens) + 1
+        kc, vc = kc_all[:B, :S].clone(), vc_all[:B, :S].clone()
+        q = torch.randn(B, 1, H, D)
+        knew, vnew = torch.randn(B, 1, hkv, D), torch.randn(B, 1, hkv, D)
+        pos = torch.tensor(lens)
+        for t in (kc, vc):
+            torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.mark_dynamic(t, 1)
+        for t in (q, knew, vnew, pos):
+            torch._dynamo.mark_dynamic(t, 0)
+        out = compiled(q, knew, vnew, kc, vc, pos)
+        for b, n in enumerate(lens):
+            assert torch.equal(kc[b, n], knew[b, 0].to(torch.bfloat16))  # written in place at the row's position
+            ref = reference(q[b : b + 1], kc[b : b + 1, : n + 1].float(), vc[b : b + 1, : n + 1].float(), window,
+                            offset=n)
+            assert (out[b : b + 1] - ref).abs().max() < 1e-5
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+
+
 def test_backend_choice_is_logged_and_overridable(monkeypatch):
     attention._backend.cache_clear()
     monkeypatch.setenv("PICOCHAT_ATTN", "sdpa")

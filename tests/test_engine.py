@@ -79,6 +79,94 @@ def test_sampling_frequencies_match_the_distribution():
     assert torch.equal(toks, again)
 
 
+def _flat_search(probs, u):
+    """Reference inverse CDF in float64: the first token whose cumulative mass exceeds u * total."""
+    cdf = probs.double().cumsum(-1)
+    return torch.searchsorted(cdf, u.double()[:, None] * cdf[:, -1:], right=True).squeeze(-1)
+
+
+def test_two_level_inverse_cdf_picks_the_flat_searchs_token():
+    """The compiled step's inverse CDF (block sums, then a search within one block) picks the same token as one
+    cumsum + searchsorted over the vocabulary: zero-mass tokens and whole zero-mass blocks, u exactly on a cell
+    boundary, vocabularies that are not a multiple of the block (zero padded) or smaller than one block. Integer
+    masses and u = m / 4096 keep every sum and u * total exact, so both must agree token for token."""
+    from picochat.engine import _inverse_cdf
+
+    g = torch.Generator().manual_seed(0)
+    for V in (1000, 384, 50):
+        n = 40
+        probs = torch.randint(0, 4, (n, V), generator=g).float()  # masses 0..3: a quarter of the tokens are zero
+        probs[:8, : V // 2] = 0  # the first half empty: whole zero blocks before the mass
+        probs[8:16, V // 2 :] = 0  # ... and after it
+        probs[16] = 0
+        probs[16, V - 1] = 3  # all mass on the last token (in the padded block when V % 128)
+        probs[17] = 0
+        probs[17, 0] = 1  # all mass on the first
+        for _ in range(30):
+            u = torch.randint(0, 4096, (n,), generator=g).float() / 4096
+            ref = _flat_search(probs, u)
+            assert torch.equal(_inverse_cdf(probs, u), ref)
+            two = _inverse_cdf(probs, u, block=128)
+            assert torch.equal(two, ref), (V, (two != ref).nonzero()[:3])
+            assert bool((probs.gather(1, two[:, None]) > 0).all())
+        # u on the boundaries: mass 1 on 4 tokens (the middle two across a block edge when V > 128), t = u * 4 lands
+        # exactly on a cumulative mass and the draw is the next token with mass (right=True)
+        at = [0, V // 4, V // 4 + 1, V // 2] if V <= 128 else [0, 127, 128, 300]
+        probs = torch.zeros(4, V)
+        probs[:, at] = 1
+        u = torch.tensor([0.0, 0.25, 0.5, 0.75])
+        assert _inverse_cdf(probs, u, block=128).tolist() == at == _flat_search(probs, u).tolist()
+
+
+def test_two_level_inverse_cdf_float_masses():
+    """Softmax-like float masses with exact zeros: the two-level draw agrees with a float64 flat search (away from
+    cell boundaries, where float32 sums may round either way) and never returns a zero-mass or out-of-range token,
+    u just below 1 included (where float32 rounding can step past the row's mass)."""
+    from picochat.engine import _inverse_cdf
+
+    g = torch.Generator().manual_seed(1)
+    n, V = 64, 1000
+    probs = torch.softmax(torch.randn(n, V, generator=g) * 3, -1)
+    probs[torch.rand(n, V, generator=g) < 0.5] = 0
+    probs[:, V - 37 :] = 0  # the tail (and the padded block) empty
+    cdf = probs.double().cumsum(-1) / probs.double().sum(-1, keepdim=True)
+    for i in range(50):
+        u = torch.rand(n, generator=g) if i else torch.full((n,), 1 - 2**-24)
+        got = _inverse_cdf(probs, u, block=128)
+        ref = _flat_search(probs, u)
+        near = ((cdf - u.double()[:, None]).abs() < 1e-5).any(-1)  # u within rounding of a cell edge
+        assert torch.equal(got[~near], ref[~near])
+        assert bool((probs.gather(1, got[:, None]) > 0).all())
+
+
+def test_compiled_sample_plain_greedy_rows_and_draws():
+    """sample_plain as compiled (unnormalised exp, greedy rows as a u = 0 draw from the indicator of the maxima, the
+    two-level inverse CDF): greedy rows return argmax, the first of tied maxima included; sampled rows return the
+    token of a float64 softmax + flat search (away from cell boundaries)."""
+    from picochat.engine import sample_plain
+
+    g = torch.Generator().manual_seed(2)
+    n, V = 12, 1000
+    logits = torch.randn(n, V, generator=g) * 4
+    logits[0, [17, 700]] = 50.0  # a tie: argmax is the first
+    logits[1, 999] = 50.0  # the maximum in the padded last block
+    logits[2, : V // 2] = float("-inf")
+    temperature = torch.tensor([0.0, -1.0, 0.0, 1.0, 0.7, 1.3, 1.0, 2.0, 0.0, 0.5, 1.0, 1.0])
+    greedy = temperature <= 0
+    step = torch.compile(sample_plain, fullgraph=True, dynamic=True)
+    for _ in range(40):
+        u = torch.rand(n, generator=g)
+        tok = step(logits, temperature, u)
+        assert torch.equal(tok[greedy], logits[greedy].argmax(-1))
+        z = logits[~greedy].double() / temperature[~greedy].double()[:, None]
+        p = torch.softmax(z, -1)
+        ref = _flat_search(p, u[~greedy])
+        cdf = p.cumsum(-1)
+        near = ((cdf - u[~greedy].double()[:, None]).abs() < 1e-5).any(-1)
+        assert torch.equal(tok[~greedy][~near], ref[~near])
+    assert tok[0].item() == 17 and tok[1].item() == 999
+
+
 def test_bf16_cache_with_per_row_positions(tiny_tokenizer, models):
     """Rows of different prompt lengths in one bf16 batch (the server's case on GPUs): the per-row cache write must
     cast k/v (fp32 after the rotary) to the cache dtype; it once raised in index_put."""

@@ -141,3 +141,15 @@ def test_flops_and_params():
     assert fl["linear"] == 6 * (n["blocks_attn"] + n["blocks_mlp"] + n["lm_head"])
     # causal average: (T+1)/2 keys per query, 12·H·D FLOPs per key per layer in training
     assert abs(fl["attention"] - 6 * 12 * 6 * 64 * (513 / 2)) < 1e-3
+
+
+def test_softcap_compiled_form_equals_tanh():
+    """The compiled softcap (exp form, cheaper for inductor) is cap * tanh(z / cap): near 0, at the cap, at +-inf."""
+    from picochat.model import softcap
+
+    z = torch.cat([torch.linspace(-300, 300, 4001), torch.tensor([0.0, 1e-6, -1e-6, float("inf"), float("-inf")])])
+    compiled = torch.compile(softcap, fullgraph=True)(z, 15.0)
+    ref = 15.0 * torch.tanh(z.double() / 15.0)
+    assert (compiled.double() - ref).abs().max() < 1e-5
+    assert compiled[-2].item() == 15.0 and compiled[-1].item() == -15.0
+    assert torch.equal(softcap(z, 15.0), 15.0 * torch.tanh(z / 15.0))  # eager: the tanh itself
