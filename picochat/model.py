@@ -260,7 +260,10 @@ class GPT(nn.Module):
         return {"linear": 6.0 * n_linear, "attention": attn_flops, "total": 6.0 * n_linear + attn_flops,
                 "palm_convention": 6.0 * n_linear + 12 * cfg.depth * cfg.n_head * cfg.head_dim * T}
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction: str = "mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction: str = "mean", last: bool = False):
+        """idx (B, T) -> logits (B, T, V), or (B, 1, V) with `last` (a prefill needs only the next token's: the head
+        and softcap over every prompt position were ~40% of a 25-token prefill's work at depth 4, vocab 8k), or a loss
+        with `targets`."""
         B, T = idx.shape
         if kv_cache is None:
             if T > self.cos.size(0):
@@ -278,6 +281,8 @@ class GPT(nn.Module):
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, cos, sin, kv_cache, ve)
+        if last and targets is None:
+            x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
         x = norm(x)
         cap = self.config.logit_softcap
         if targets is not None and loss_reduction in ("sum", "mean") and torch.is_grad_enabled():

@@ -211,7 +211,7 @@ class ScriptedModel(nn.Module):
         self.default = default
         self.calls = 0
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last=False):
         self.calls += 1
         B, T = idx.shape
         logits = torch.zeros(B, T, self.config.vocab_size)
@@ -331,7 +331,7 @@ class PolicyModel(nn.Module):
         self.policy = policy
         self.history: list[int] = []
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last=False):
         assert idx.size(0) == 1
         if kv_cache is None or (isinstance(kv_cache.pos, int) and kv_cache.pos == 0):
             self.history = []
@@ -418,6 +418,20 @@ def test_compiled_engine_matches_eager(tiny_tokenizer, models):
     assert done.wait(60)
     scheduler.stop()
     assert counters["stats"]["unique_graphs"] - graphs == 2
+
+
+def test_compiled_bf16_prefill_reads_cast_weights_with_the_same_result(tiny_tokenizer):
+    """A compiled bf16 engine prefills with bf16 copies of the linear weights (cast once, not by autocast at every
+    prefill): the logits and the cache are exactly those of autocast over the fp32 weights."""
+    tok = tiny_tokenizer
+    model = randomize_outputs(make_tiny_model(tok.vocab_size, n_embd=64, head_dim=16, seed=3), seed=4).eval()
+    ids = tok.encode("The quick brown fox", prepend=tok.bos_id)
+    compiled = Engine(model, tok, dtype=torch.bfloat16, compile=True)  # prefill is eager: nothing compiles here
+    plain = Engine(model, tok, dtype=torch.bfloat16)
+    assert compiled._prefill_weights and not plain._prefill_weights
+    a, b = compiled.new_cache(1), plain.new_cache(1)
+    assert torch.equal(compiled.prefill(ids, a, 0), plain.prefill(ids, b, 0))
+    assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
 
 
 def test_compiled_engine_refuses_changed_weights(tiny_tokenizer):

@@ -95,7 +95,12 @@ def test_kv_cache_matches_full_forward(n_kv_head):
         for t in range(10, 24):
             parts.append(model(x[:, t : t + 1], kv_cache=cache.view(slice(0, 3), [t, t, t])))
         cached = torch.cat(parts, dim=1)
+        # last=True (the engine's prefill): only the last position's logits, the same values
+        cache2 = KVCache(cfg.depth, 3, cfg.sequence_len, cfg.n_kv_head, cfg.head_dim, "cpu", torch.float32)
+        last = model(x[:, :10], kv_cache=cache2.view(slice(0, 3), [0, 0, 0]), last=True)
     assert (full - cached).abs().max().item() < 1e-4
+    assert last.shape == (3, 1, 200) and (last - full[:, 9:10]).abs().max().item() < 1e-4
+    assert torch.equal(cache2.k[:, :, :10], cache.k[:, :, :10])  # the cache is filled all the same
 
 
 def test_kv_cache_rows_at_different_positions():
