@@ -373,6 +373,7 @@ class Engine:
         # generate() decodes up to this many tokens per Python round trip (decode_n); the server's scheduler steps one
         # at a time so requests join and leave between tokens
         self.chunk = 8
+        self._spare: KVCache | None = None  # generate()'s cache, kept for the next call
         # token id -> bytes, specials -> b"" (built lazily: 8k-65k entries)
         self._bytes: list[bytes] | None = None
 
@@ -485,13 +486,22 @@ class Engine:
         params = params or SamplingParams()
         self.check_prompt(prompt_ids)
         out: list[Event] = []
-        batch = _Batch(self, max_rows=num_samples)
-        batch.add(_Request(0, list(prompt_ids), num_samples, params, out.append))
-        while batch.rows:
-            batch.step(max_steps=self.chunk)
-            if out:
-                yield list(out)
-                out.clear()
+        # reuse the last call's cache when it has the rows: a fresh one is zeroed and faulted in at every call
+        # (16 samples x 512 positions at depth 6: 75 MB, ~4% of a 128-token generate). Stale entries are masked (a
+        # row attends only to positions it has written) and finite (they are model outputs), so they add nothing.
+        cache, self._spare = self._spare, None
+        if cache is None or cache.k.size(1) < num_samples:
+            cache = self.new_cache(num_samples)
+        batch = _Batch(self, max_rows=num_samples, cache=cache)
+        try:
+            batch.add(_Request(0, list(prompt_ids), num_samples, params, out.append))
+            while batch.rows:
+                batch.step(max_steps=self.chunk)
+                if out:
+                    yield list(out)
+                    out.clear()
+        finally:
+            self._spare = cache
 
     def generate_batch(self, prompt_ids: list[int], num_samples: int = 1,
                        params: SamplingParams | None = None) -> tuple[list[list[int]], list[list[int]]]:
@@ -509,11 +519,10 @@ class Engine:
 class _Batch:
     """Live rows [0, len(rows)) of one KV cache, stepped together. Used by Engine.generate and by Scheduler."""
 
-    def __init__(self, engine: Engine, max_rows: int):
-        e = engine
-        self.e = e
+    def __init__(self, engine: Engine, max_rows: int, cache: KVCache | None = None):
+        self.e = engine
         self.max_rows = max_rows
-        self.cache = e.new_cache(max_rows)
+        self.cache = cache if cache is not None else engine.new_cache(max_rows)
         self.rows: list[_Row] = []
 
     @property

@@ -420,6 +420,22 @@ def test_compiled_engine_matches_eager(tiny_tokenizer, models):
     assert counters["stats"]["unique_graphs"] - graphs == 2
 
 
+def test_generate_reuses_its_cache_without_leaking_earlier_calls(tiny_tokenizer):
+    """generate() keeps its cache for the next call (no zeroing per call); what a call returns never depends on what
+    ran before it: a long 4-sample call, then a shorter prompt with 2 samples equals the same call on a new engine."""
+    tok = tiny_tokenizer
+    model = randomize_outputs(make_tiny_model(tok.vocab_size, n_embd=64, head_dim=16, seed=7), seed=8).eval()
+    p = SamplingParams(temperature=1.0, max_tokens=20, seed=11)
+    long_ids = tok.encode("a much longer prompt that fills more of the cache than the next", prepend=tok.bos_id)
+    short_ids = tok.encode("hi", prepend=tok.bos_id)
+    used = Engine(model, tok)
+    used.generate_batch(long_ids, 4, p)
+    spare = used._spare
+    assert spare is not None and spare.k.abs().sum() > 0  # the stale entries are there
+    assert used.generate_batch(short_ids, 2, p) == Engine(model, tok).generate_batch(short_ids, 2, p)
+    assert used._spare is spare  # reused, not reallocated
+
+
 def test_compiled_bf16_prefill_reads_cast_weights_with_the_same_result(tiny_tokenizer):
     """A compiled bf16 engine prefills with bf16 copies of the linear weights (cast once, not by autocast at every
     prefill): the logits and the cache are exactly those of autocast over the fp32 weights."""
