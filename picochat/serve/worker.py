@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import signal
 import threading
 import time
 from typing import Callable
@@ -41,6 +42,9 @@ class EngineDied(Exception):
 
 def _child(conn, model, tokenizer, tool, compile: bool, max_batch: int, threads: int) -> None:
     """The child process: build the engine, compile, then serve submit/cancel messages until "stop" or EOF."""
+    # Ctrl+C in a terminal reaches the whole process group: the parent shuts the server down and then stops us (a
+    # KeyboardInterrupt here would only print a second traceback)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     send_lock = threading.Lock()  # the scheduler thread sends events, this thread sends submit errors
     outbox: list[tuple] = []  # this step's events, appended on the scheduler thread
