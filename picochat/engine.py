@@ -30,6 +30,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -117,16 +118,42 @@ def inference_dtype(device: torch.device, compile: bool) -> torch.dtype:
     return pick_dtype(device, "auto")
 
 
-def _compile_options(device: torch.device, batch1: bool) -> dict:
+def _last_level_cache_bytes() -> int:
+    """The CPU's largest cache (Linux sysfs), 0 when unknown."""
+    sizes = [0]
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip()
+        except OSError:
+            continue
+        if text[:-1].isdigit() and text[-1:] in ("K", "M"):
+            sizes.append(int(text[:-1]) * (1024 if text[-1] == "K" else 1024**2))
+    return max(sizes)
+
+
+def _autotune_batch1(device: torch.device, dtype: torch.dtype, weight_bytes: int, cache_bytes: int) -> bool:
+    """Whether the batch-1 graph lets `max_autotune` pick inductor's C++ GEMV kernels over oneDNN/MKL. The autotuner
+    times each GEMM alone, its weights in cache, and there the C++ kernel wins; in a real step the weights come from
+    memory unless the whole model fits in cache. In fp32 the C++ GEMV wins either way (d6, 55 MB: the linears took
+    0.63 ms/token vs 3.3 with aten). In bf16 it streams only ~13 GB/s per thread from memory, where oneDNN reaches
+    ~36: at depth 6 (27 MB of bf16 weights, one thread) a batch-1 step took 2.5 ms with it vs 1.6 without (2 threads:
+    684-785 vs 856-905 tok/s), while at depth 4 (10 MB, in cache) it won, 0.40 vs 0.60 ms. So in bf16 only when the
+    weights fit in half the last-level cache (32 MB here)."""
+    if device.type != "cpu":
+        return False
+    return dtype == torch.float32 or weight_bytes <= cache_bytes // 2
+
+
+def _compile_options(device: torch.device, batch1: bool, autotune: bool = True) -> dict:
     """Inductor settings for the compiled decode step. `freezing` folds the weights in as constants, which lets
-    inductor pre-pack them for oneDNN/MKL and cast them once under bf16. At batch 1 on CPU `max_autotune` also tries
-    its own C++ GEMM kernels, whose GEMVs stream weights ~5x faster than aten's (d6 model, 2-core Zen 5: the linear
-    layers took 0.63 ms/token vs 3.3 ms); the price is ~15 s of autotuning. Not for batch >= 2: with a dynamic batch
+    inductor pre-pack them for oneDNN/MKL and cast them once under bf16. At batch 1 on CPU `max_autotune` (when
+    `autotune`, see `_autotune_batch1`) also tries its own C++ GEMM kernels, whose GEMVs stream fp32 weights ~5x
+    faster than aten's; the price is ~15 s of autotuning. Not for batch >= 2: with a dynamic batch
     size its C++ GEMM ran 2.6x slower than oneDNN (bf16, M=8). `cpp.enable_concat_linear` (needs freezing) merges
     the q, k and v projections, which read the same input, into one GEMM: one oneDNN call per layer instead of three
     (~20 us each at M=8); a depth-4 step at batch 8 went 1.23 -> 1.04 ms, batch 1 unchanged."""
     opts = {"freezing": True, "cpp.enable_concat_linear": True}
-    if device.type == "cpu" and batch1:
+    if device.type == "cpu" and batch1 and autotune:
         opts |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
     return opts
 
@@ -362,6 +389,9 @@ class Engine:
         # a compiled engine is for a model that no longer trains (chat, serve, eval); _check_frozen enforces it.
         self._step = torch.compile(_decode_step, fullgraph=True) if compile else None
         self._compiled: set[bool] = set()  # graph kinds compiled so far (False: batch 1, True: batch >= 2)
+        linear_bytes = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) * (
+            torch.finfo(self.dtype).bits // 8)
+        self._autotune = _autotune_batch1(self.device, self.dtype, linear_bytes, _last_level_cache_bytes())
         self._versions = self._weight_versions() if compile else None
         # the eager prefill of a compiled bf16 engine reads bf16 copies of the linear weights: autocast would cast
         # every weight at every prefill (1.2 of 2.8 ms for a 25-token prompt at depth 4), and casting once gives the
@@ -420,7 +450,7 @@ class Engine:
             torch._dynamo.mark_dynamic(t, 0)
         # no duck sizing: with a 1-row cache a layer's storage offset equals the row stride, and dynamo would tie the
         # two (a later cache with more rows then recompiled the batch-1 graph at the server's first request)
-        with torch._inductor.config.patch(_compile_options(self.device, batch1=not kind)), \
+        with torch._inductor.config.patch(_compile_options(self.device, not kind, self._autotune)), \
                 torch.fx.experimental._config.patch(use_duck_shape=False):
             out = self._step(*args)
         self._compiled.add(kind)

@@ -436,6 +436,22 @@ def test_generate_reuses_its_cache_without_leaking_earlier_calls(tiny_tokenizer)
     assert used._spare is spare  # reused, not reallocated
 
 
+def test_batch1_kernel_choice_follows_the_weights_size():
+    """max_autotune (inductor's C++ GEMVs) for the batch-1 graph: always in fp32 on CPU; in bf16 only while the
+    weights fit in half the last-level cache (from memory its bf16 GEMV is slower than oneDNN's); never on CUDA."""
+    from picochat.engine import _autotune_batch1, _compile_options
+
+    cpu, mb = torch.device("cpu"), 2**20
+    assert _autotune_batch1(cpu, torch.float32, 55 * mb, 32 * mb)
+    assert _autotune_batch1(cpu, torch.bfloat16, 10 * mb, 32 * mb)  # depth 4: in cache
+    assert not _autotune_batch1(cpu, torch.bfloat16, 27 * mb, 32 * mb)  # depth 6: from memory
+    assert not _autotune_batch1(cpu, torch.bfloat16, 10 * mb, 0)  # cache size unknown: oneDNN
+    assert not _autotune_batch1(torch.device("cuda"), torch.float32, mb, 32 * mb)
+    assert _compile_options(cpu, True, True)["max_autotune"]
+    assert "max_autotune" not in _compile_options(cpu, True, False)
+    assert "max_autotune" not in _compile_options(cpu, False, True)
+
+
 def test_compiled_bf16_prefill_reads_cast_weights_with_the_same_result(tiny_tokenizer):
     """A compiled bf16 engine prefills with bf16 copies of the linear weights (cast once, not by autocast at every
     prefill): the logits and the cache are exactly those of autocast over the fp32 weights."""
