@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import spawn_gloo
 from picochat.common import UserError, teardown_runtime
 from picochat.optim import MuonAdamW, build_optimizer, newton_schulz
 
@@ -323,7 +323,7 @@ def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def _spawn_workers(worker, tmp_path, prefix: str = "") -> list[dict]:
     """Run `worker(rank, init_file, out_dir)` on WORLD gloo processes; return each rank's saved results."""
-    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_gloo(worker, (str(tmp_path / "init"), str(tmp_path)), WORLD)
     return [torch.load(tmp_path / f"{prefix}rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import spawn_gloo
 from picochat.common import read_jsonl
 
 WORDS = ("the king queen lord spake unto them and said behold thou art my servant whom I have chosen "
@@ -190,7 +191,6 @@ def _run_synthetic(rank, world, out, global_batches, fsdp=False, state_out=None)
 def test_two_processes_equal_one(tmp_path):
     import socket
 
-    import torch.multiprocessing as mp
 
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 128, (8, 33), generator=g) for _ in range(2)] * 10  # learnable: repeats
@@ -200,7 +200,7 @@ def test_two_processes_equal_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ddp = tmp_path / "ddp.jsonl"
-    mp.spawn(_ddp_worker, args=(2, port, tmp_path, ddp, batches), nprocs=2, join=True)
+    spawn_gloo(_ddp_worker, (2, port, tmp_path, ddp, batches), 2)
     a, b = train_losses(single), train_losses(ddp)
     assert len(a) == len(b) == 20
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
@@ -228,13 +228,12 @@ def _free_port():
 
 def test_fsdp_two_processes_equal_one(tmp_path):
     """--fsdp (FSDP2 on gloo) with 2 processes gives the per-step losses and the final weights of 1 process."""
-    import torch.multiprocessing as mp
 
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 128, (8, 33), generator=g) for _ in range(2)] * 8  # learnable: repeats
     _run_synthetic(0, 1, tmp_path / "single.jsonl", batches, fsdp=True, state_out=tmp_path / "single.pt")  # warns
-    mp.spawn(_ddp_worker, args=(2, _free_port(), tmp_path, tmp_path / "fsdp.jsonl", batches, True,
-                                tmp_path / "fsdp.pt"), nprocs=2, join=True)
+    spawn_gloo(_ddp_worker, (2, _free_port(), tmp_path, tmp_path / "fsdp.jsonl", batches, True, tmp_path / "fsdp.pt"),
+               2)
     a, b = train_losses(tmp_path / "single.jsonl"), train_losses(tmp_path / "fsdp.jsonl")
     assert len(a) == len(b) == 16
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
@@ -260,7 +259,6 @@ def _pretrain_worker(rank, world, runs):
 def test_fsdp_checkpoint_resumes_exactly_and_loads_for_inference(base, tmp_path):
     """Real pretraining on 2 processes with --fsdp: stop at step 4 and resume equals an uninterrupted run; both equal
     the default (unsharded) 2-process path; the checkpoint is a plain full state dict that `load_model` reads."""
-    import torch.multiprocessing as mp
 
     from picochat.checkpoint import load_model
 
@@ -276,7 +274,7 @@ def test_fsdp_checkpoint_resumes_exactly_and_loads_for_inference(base, tmp_path)
             (_free_port(), dirs["resumed"], steps + ["--fsdp", "--resume", "--metrics", str(m["b"])]),
             (_free_port(), dirs["straight"], steps + ["--fsdp", "--metrics", str(m["straight"])]),
             (_free_port(), dirs["plain"], steps + ["--metrics", str(m["plain"])])]
-    mp.spawn(_pretrain_worker, args=(2, runs), nprocs=2, join=True)
+    spawn_gloo(_pretrain_worker, (2, runs), 2)
 
     straight = train_losses(m["straight"])
     assert len(straight) == 8 and straight[-1] < straight[0] - 0.5
