@@ -68,7 +68,7 @@ def _child(conn, model, tokenizer, tool, compile: bool, max_batch: int, threads:
         send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     send(("ready", sched.compile_seconds))
-    ids: dict[int, int] = {}  # parent's request id -> the scheduler's
+    ids: dict[int, int] = {}  # parent's request id -> the scheduler's, while the request runs (for cancels)
     try:
         while True:
             try:
@@ -77,12 +77,19 @@ def _child(conn, model, tokenizer, tool, compile: bool, max_batch: int, threads:
                 return
             if msg[0] == "submit":
                 _, prid, prompt, params, n = msg
+                rows_left = [n]
 
-                def on_event(ev: Event, prid=prid) -> None:
+                def on_event(ev: Event, prid=prid, rows_left=rows_left) -> None:  # on the scheduler thread
                     outbox.append((prid, ev.row, ev.token, ev.forced, ev.segment, ev.text, ev.finish_reason))
+                    if ev.finish_reason is not None:
+                        rows_left[0] -= 1
+                        if rows_left[0] == 0:
+                            ids.pop(prid, None)  # finished: nothing left to cancel (a long-running server)
 
                 try:
-                    ids[prid] = sched.submit(prompt, params, n, on_event)
+                    rid = sched.submit(prompt, params, n, on_event)
+                    if rows_left[0] > 0:  # not already over (then a stale id would stay)
+                        ids[prid] = rid
                 except Exception as exc:  # the parent checked these; answer a race or a bug per request
                     send((sched.steps, [(prid, i, -1, False, "text", str(exc), "error") for i in range(n)]))
             elif msg[0] == "cancel":
