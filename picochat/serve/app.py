@@ -96,7 +96,7 @@ class ServeConfig(CheckpointSource):
     threads: int = f(0, "CPU threads for the model; 0 = all cores but one, which is left to the HTTP side")
     # a server runs long enough to repay the warm-up; --compile false starts at once
     compile: bool = f(True, "torch.compile the decode step at startup (20-45 s on 2 cores; then 1 client got "
-                            "1,161-1,735 tok/s instead of 707 with the CPU preset model: README, Measured)")
+                            "1,322-1,920 tok/s instead of 707 with the CPU preset model: README, Measured)")
     engine_process: str = f("auto", "run the engine in its own process, so decoding and the HTTP side do not share "
                                     "one GIL: auto (yes on CPU, no on CUDA), true, false",
                             choices=["auto", "true", "false"])
