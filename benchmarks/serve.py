@@ -49,7 +49,7 @@ class BenchConfig:
     threads: int = f(0, "server --threads (0: all cores but one)")
     compile: bool = f(True, "server --compile (the decode step compiled at startup, as `picochat serve` does)")
     engine_process: str = f("auto", "server --engine-process: auto (own process on CPU), true, false",
-                            choices=["auto", "true", "false"])
+                            choices=["auto", "true", "false"])  # app.ENGINE_PROCESS
     startup_timeout: float = f(300.0, "seconds to wait for the server to answer /health")
     child_port: int = f(0, "internal: run as the --random server child on this port")
 
@@ -78,7 +78,7 @@ def serve_child(cfg: BenchConfig) -> None:
     import uvicorn
 
     from picochat.common import autodetect_device
-    from picochat.serve.app import create_app, set_model_threads
+    from picochat.serve.app import ENGINE_PROCESS, create_app, set_model_threads
     from picochat.tools import make_tool
 
     device = autodetect_device(cfg.device)
@@ -87,7 +87,7 @@ def serve_child(cfg: BenchConfig) -> None:
     model = model.to(device).eval()
     app = create_app(model, tok, max_batch=cfg.max_batch, max_queue=1024, max_tokens=cfg.max_tokens,
                      tool=make_tool("calculator"), source="random", compile=cfg.compile,
-                     engine_process={"auto": None, "true": True, "false": False}[cfg.engine_process])
+                     engine_process=ENGINE_PROCESS[cfg.engine_process])
     uvicorn.run(app, host="127.0.0.1", port=cfg.child_port, log_level="warning")
 
 

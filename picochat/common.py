@@ -198,10 +198,10 @@ def is_fsdp(module: torch.nn.Module) -> bool:
 def teardown_runtime() -> None:
     if dist.is_available() and dist.is_initialized():
         # gloo aborts the process ("terminate called without an active exception") when one rank tears down while
-        # a peer is still talking to it (gloo issue 155: a barrier followed by teardown can still do it, seen about
-        # once in 30 test runs). So: the barrier settles the collectives; then, over the store (its own connection),
-        # every rank announces it has left the barrier and waits for the others; rank 0, which hosts the store,
-        # destroys last, after every other rank's final store call.
+        # a peer is still talking to it (gloo issue 155: a barrier followed by teardown can still do it; it happened
+        # once in this project's CI). So: the barrier settles the collectives; then, over the store (its own
+        # connection), every rank announces it has left the barrier and waits for the others; rank 0, which hosts
+        # the store, destroys last, after every other rank's final store call.
         dist.barrier()
         store, n, rank = dist.distributed_c10d._get_default_store(), dist.get_world_size(), dist.get_rank()
         store.add("picochat/teardown/left_barrier", 1)

@@ -268,16 +268,6 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: list, to
     return _pick(logits, temperature, probs, u)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits (n, V) fp32 -> (n,) int64, the same settings for every row."""
-    n = logits.size(0)
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    u = torch.rand(n, generator=generator, device=logits.device)
-    return sample_rows(logits, torch.full((n,), float(temperature), device=logits.device), [top_k] * n, [top_p] * n, u)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # per-row state
 
@@ -386,20 +376,19 @@ class Engine:
         self.python_start, self.python_end = sid("<|python_start|>"), sid("<|python_end|>")
         self.output_start, self.output_end = sid("<|output_start|>"), sid("<|output_end|>")
         # compile: the decode step becomes one graph (two: batch 1 and batch >= 2). Freezing bakes in the weights, so
-        # a compiled engine is for a model that no longer trains (chat, serve, eval); _check_frozen enforces it.
+        # a compiled engine is for a model that no longer trains (chat, serve, eval); check_frozen enforces it.
         self._step = torch.compile(_decode_step, fullgraph=True) if compile else None
         self._compiled: set[bool] = set()  # graph kinds compiled so far (False: batch 1, True: batch >= 2)
-        linear_bytes = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) * (
-            torch.finfo(self.dtype).bits // 8)
-        self._autotune = _autotune_batch1(self.device, self.dtype, linear_bytes, _last_level_cache_bytes())
+        linears = {f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        weight_bytes = sum(w.numel() for w in linears.values()) * torch.finfo(self.dtype).bits // 8
+        self._autotune = _autotune_batch1(self.device, self.dtype, weight_bytes, _last_level_cache_bytes())
         self._versions = self._weight_versions() if compile else None
         # the eager prefill of a compiled bf16 engine reads bf16 copies of the linear weights: autocast would cast
         # every weight at every prefill (1.2 of 2.8 ms for a 25-token prompt at depth 4), and casting once gives the
         # same values. Only when compiled: its weights are frozen, an eager engine's may still be training.
         self._prefill_weights = {}
         if compile and self.dtype != torch.float32:
-            self._prefill_weights = {f"{name}.weight": m.weight.detach().to(self.dtype)
-                                     for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            self._prefill_weights = {name: w.detach().to(self.dtype) for name, w in linears.items()}
         # generate() decodes up to this many tokens per Python round trip (decode_n); the server's scheduler steps one
         # at a time so requests join and leave between tokens
         self.chunk = 8

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from conftest import make_tiny_model, randomize_outputs
 from picochat.common import UserError
-from picochat.engine import Engine, SamplingParams, Scheduler, sample_next
+from picochat.engine import Engine, SamplingParams, Scheduler, sample_rows
 from picochat.config import ModelConfig, derive_model_config
 
 
@@ -55,14 +55,21 @@ def test_sampling_rows_differ_and_seed_reproduces(tiny_tokenizer, models):
     assert c != a
 
 
-def test_sample_next_top_k_top_p():
+def _sample(logits, temperature, top_k, top_p, g):
+    """Every row with the same settings through the engine's per-row sampler."""
+    n = logits.size(0)
+    u = torch.rand(n, generator=g) if g is not None else torch.zeros(n)
+    return sample_rows(logits, torch.full((n,), float(temperature)), [top_k] * n, [top_p] * n, u)
+
+
+def test_sample_rows_top_k_top_p():
     logits = torch.tensor([[5.0, 4.0, 0.0, -1.0]] * 200)
     g = torch.Generator().manual_seed(0)
-    toks = sample_next(logits, 1.0, 2, None, g)
+    toks = _sample(logits, 1.0, 2, None, g)
     assert set(toks.tolist()) <= {0, 1} and len(set(toks.tolist())) == 2
-    toks = sample_next(logits, 1.0, None, 0.5, g)  # p(0) = 0.71 > 0.5: nucleus is token 0 alone
+    toks = _sample(logits, 1.0, None, 0.5, g)  # p(0) = 0.71 > 0.5: nucleus is token 0 alone
     assert set(toks.tolist()) == {0}
-    assert sample_next(logits[:1], 0.0, None, None, None).item() == 0
+    assert _sample(logits[:1], 0.0, None, None, None).item() == 0
 
 
 def test_sampling_frequencies_match_the_distribution():
@@ -71,11 +78,11 @@ def test_sampling_frequencies_match_the_distribution():
     logits = probs.clamp(min=1e-30).log().expand(20000, -1).clone()
     logits[:, probs == 0] = float("-inf")
     g = torch.Generator().manual_seed(0)
-    toks = sample_next(logits, 1.0, None, None, g)
+    toks = _sample(logits, 1.0, None, None, g)
     freq = torch.bincount(toks, minlength=6).float() / toks.numel()
     assert freq[1] == 0 and freq[4] == 0
     assert torch.allclose(freq, probs, atol=0.012), freq  # ~3.5 standard errors at n = 20000
-    again = sample_next(logits, 1.0, None, None, torch.Generator().manual_seed(0))
+    again = _sample(logits, 1.0, None, None, torch.Generator().manual_seed(0))
     assert torch.equal(toks, again)
 
 

@@ -74,6 +74,7 @@ from picochat.serve.chat_cli import SEGMENT_PART
 from picochat.serve.worker import EngineDied, EngineProcess
 
 log = logging.getLogger("picochat.serve")
+ENGINE_PROCESS = {"auto": None, "true": True, "false": False}  # --engine-process -> create_app(engine_process=...)
 
 FENCE_OPEN = {"python": "```python\n", "python_output": "```output\n"}
 FENCE_CLOSE = "\n```\n"
@@ -99,7 +100,7 @@ class ServeConfig(CheckpointSource):
                             "1,322-1,920 tok/s instead of 707 with the CPU preset model: README, Measured)")
     engine_process: str = f("auto", "run the engine in its own process, so decoding and the HTTP side do not share "
                                     "one GIL: auto (yes on CPU, no on CUDA), true, false",
-                            choices=["auto", "true", "false"])
+                            choices=list(ENGINE_PROCESS))
 
 
 class ApiError(Exception):
@@ -695,7 +696,7 @@ def _run(argv: list[str] | None) -> None:
     app = create_app(model, tokenizer, model_name=cfg.model_name, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                      max_tokens=cfg.max_tokens, tool=make_tool(cfg.tool),
                      source=source, step=meta.get("step", cfg.step), compile=cfg.compile,
-                     engine_process={"auto": None, "true": True, "false": False}[cfg.engine_process])
+                     engine_process=ENGINE_PROCESS[cfg.engine_process])
     del model  # the engine process has its own copy once started
     print0(f"serving {source} step {meta.get('step')} as '{cfg.model_name}' on http://{cfg.host}:{cfg.port}/")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

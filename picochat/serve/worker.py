@@ -60,7 +60,7 @@ def _child(conn, model, tokenizer, tool, compile: bool, max_batch: int, threads:
             send((sched.steps, batch))
 
     # the parent enforces --max-queue; the child only queues what the parent admitted
-    sched = Scheduler(Engine(model.eval(), tokenizer, tool=tool, compile=compile), max_batch=max_batch,
+    sched = Scheduler(Engine(model, tokenizer, tool=tool, compile=compile), max_batch=max_batch,
                       max_queue=2**31, on_step=flush)
     try:
         sched.start()  # compiles the decode graphs first
@@ -116,10 +116,11 @@ class EngineProcess:
     picklable module, e.g. GPT) is sent to the child once at `start()`; its tensors travel through shared memory."""
 
     def __init__(self, model, tokenizer, *, tool=None, compile: bool = False, max_batch: int = 32,
-                 max_queue: int = 256, threads: int | None = None):
+                 max_queue: int = 256):
         self.context = model.config.sequence_len
         self.max_batch, self.max_queue = max_batch, max_queue
-        self._args = (model, tokenizer, tool, compile, max_batch, threads or torch.get_num_threads())
+        # the child decodes with the model thread count set in this process (serve --threads)
+        self._args = (model, tokenizer, tool, compile, max_batch, torch.get_num_threads())
         self._open: dict[int, _Open] = {}
         self._lock = threading.Lock()
         self._next_id = 1
@@ -184,7 +185,7 @@ class EngineProcess:
         """Why the engine process is gone, or None while it serves."""
         return self._dead
 
-    # -- the Scheduler interface ----------------------------------------------------------------------------------------
+    # -- the Scheduler interface ---------------------------------------------------------------------------------------
 
     @property
     def load(self) -> tuple[int, int]:
@@ -215,7 +216,7 @@ class EngineProcess:
             if self._dead is None and request_id in self._open:
                 self._conn.send(("cancel", request_id))
 
-    # -- the reader thread ----------------------------------------------------------------------------------------------
+    # -- the reader thread ---------------------------------------------------------------------------------------------
 
     def _read(self) -> None:
         """Deliver each step's events to their requests' callbacks (which must not block: see app.Job)."""
