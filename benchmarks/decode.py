@@ -3,6 +3,8 @@
     python benchmarks/decode.py                          # CPU preset shape (d6, head dim 64, vocab 8192), random weights
     python benchmarks/decode.py --source base            # a trained checkpoint
     python benchmarks/decode.py --compile                # torch.compile the decode step
+    python benchmarks/decode.py --device cuda --depth 20 --head-dim 128 --vocab-size 65536 --max-seq-len 2048 \
+        --compile                                        # the d20 preset's shape on a GPU (CUDA graphs by default)
 
 Prints ONE JSON line. It also measures the memory bandwidth in the same run (a large tensor copy) and the batch-1
 bound it implies: every decoded token must read all linear weights (lm_head included) plus the KV cache so far, so
@@ -31,6 +33,8 @@ def measure_bandwidth(device, mb: int = 256, reps: int = 5) -> float:
     b = torch.empty_like(a)
     best = float("inf")
     for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         b.copy_(a)
         if device.type == "cuda":
@@ -72,6 +76,8 @@ def run(engine: Engine, prompt: list[int], n: int, new_tokens: int) -> tuple[flo
     def timed(*a, **k):
         t0 = time.perf_counter()
         out = inner(*a, **k)
+        if engine.device.type == "cuda":  # the GPU runs behind the Python: wait for it, or the forward looks free
+            torch.cuda.synchronize()
         fwd_time[0] += time.perf_counter() - t0
         return out
 
@@ -97,6 +103,8 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="compile the decode step (Engine(compile=True))")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "true", "false"],
+                   help="replay the decode step as CUDA graphs (auto = when compiled on CUDA, the engine's default)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the fastest is reported")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto = the engine's own choice (engine.inference_dtype: bf16 on CUDA, and on CPUs with "
@@ -120,7 +128,8 @@ def main(argv=None) -> None:
         tok = _Tok(args.vocab_size)
     cfg = model.config
     requested = None if args.dtype == "auto" else pick_dtype(device, args.dtype)
-    engine = Engine(model, tok, compile=args.compile, dtype=requested)
+    graphs = {"auto": None, "true": True, "false": False}[args.cuda_graphs]
+    engine = Engine(model, tok, compile=args.compile, dtype=requested, cuda_graphs=graphs)
     dtype = engine.dtype
     prompt = [int(x) for x in torch.randint(0, cfg.vocab_size - 9, (args.prompt_len,))]
 
@@ -146,7 +155,8 @@ def main(argv=None) -> None:
     tok_s_1, tok_s_n = n1 / dt1, nn_ / dtn
     print(json.dumps({
         "device": str(device), "depth": cfg.depth, "n_embd": cfg.n_embd, "vocab": cfg.vocab_size,
-        "dtype": str(dtype).removeprefix("torch."), "compile": args.compile, "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."), "compile": args.compile, "cuda_graphs": engine._graphs is not None,
+        "threads": torch.get_num_threads(),
         "prefill_tok_per_s": round(prefill_tok_s, 1),
         "decode_tok_per_s_batch1": round(tok_s_1, 1),
         f"decode_tok_per_s_{args.samples}_samples": round(tok_s_n, 1),

@@ -103,7 +103,9 @@ def _decode_step(model, tokens: torch.Tensor, pos: torch.Tensor, ks: list, vs: l
                  dtype: torch.dtype, temperature: torch.Tensor, u: torch.Tensor):
     """The body torch.compile sees: tokens (B, 1), pos (B,) -> last logits (B, V) and a temperature sample of them
     (B,) (sampling in the graph saves ~10 small eager ops per step); writes the new k, v into ks, vs."""
-    with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
+    # no autocast cache: a captured CUDA graph of the eager step must cast the weights inside the graph (a compiled
+    # step casts them once at freezing either way)
+    with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
         logits = model(tokens, kv_cache=StepView(ks, vs, pos))[:, -1]
     return logits, sample_plain(logits, temperature, u)
 
@@ -156,6 +158,95 @@ def _compile_options(device: torch.device, batch1: bool, autotune: bool = True) 
     if device.type == "cpu" and batch1 and autotune:
         opts |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
     return opts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA graphs of the decode step
+
+
+def _bucket(n: int, limit: int) -> int:
+    """The batch a graph is captured at: the smallest power of two >= n, at most `limit` (the cache's rows)."""
+    return min(1 << (n - 1).bit_length(), limit)
+
+
+def cuda_graph(fn: Callable[[], tuple], pool) -> tuple[Callable[[], None], tuple]:
+    """Capture `fn` (no arguments: it reads and writes fixed tensors) as a CUDA graph -> (replay, outputs). The
+    warm-up calls run it for real, off the capture stream (compiling, cuBLAS workspaces), as capture requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph.replay, out
+
+
+@dataclass
+class _Graph:
+    tokens: torch.Tensor  # (nb, 1) int64  \
+    pos: torch.Tensor  # (nb,) int64        | the inputs the graph reads: copied in before each replay
+    temperature: torch.Tensor  # (nb,)     |
+    u: torch.Tensor  # (nb,)                /
+    replay: Callable[[], None]
+    logits: torch.Tensor  # (nb, V), written by replay
+    sampled: torch.Tensor  # (nb,)
+
+
+class GraphedSteps:
+    """The decode step as replays of CUDA graphs (Engine(cuda_graphs=True)): at batch 1 a decode step is a few hundred
+    small kernels, and launching them one by one from Python costs more than running them; a replay launches all of
+    them in one call.
+
+    A graph has fixed shapes and addresses, so there is one per (batch bucket, kv-length bucket) of one cache, captured
+    on first use: the live rows are padded to a power of two (padding rows feed token 0 at position 0 into free rows
+    of the cache, which a prefill overwrites before they are used), and the attended cache length is rounded up to a
+    multiple of `kv_step` (the padding positions are masked: every row attends only up to its own position). Fewer
+    graphs than one per length, and at most `kv_step` - 1 masked positions read per row and layer.
+    `capture(fn, pool)` is `cuda_graph`; a test passes one that re-runs fn eagerly to check the padding on CPU."""
+
+    def __init__(self, engine: "Engine", capture=cuda_graph, kv_step: int = 256):
+        self.e = engine
+        self.capture = capture
+        self.kv_step = kv_step
+        self.pool = torch.cuda.graph_pool_handle() if capture is cuda_graph else None  # graphs share their memory
+        self.cache: KVCache | None = None
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, positions: list[int], temperature: torch.Tensor,
+                 u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cache is not self.cache:  # graphs read one cache's memory: a new cache (generate() grew it) recaptures
+            self.cache, self.graphs = cache, {}
+        n = tokens.size(0)
+        nb = _bucket(n, cache.k.size(1))
+        S = min(-(-(max(positions) + 1) // self.kv_step) * self.kv_step, self.e.context)
+        g = self.graphs.get((nb, S))
+        if g is None:
+            g = self.graphs[(nb, S)] = self._capture(cache, nb, S)
+        g.tokens[:n, 0] = tokens
+        g.pos.copy_(torch.tensor(positions + [0] * (nb - n)))  # one host-to-device copy, padding rows at 0
+        g.temperature[:n], g.u[:n] = temperature, u
+        if nb > n:
+            g.tokens[n:], g.temperature[n:], g.u[n:] = 0, 0.0, 0.0
+        g.replay()
+        # copies: the next replay overwrites the graph's outputs, and decode_n keeps every step's tokens
+        return g.logits[:n].clone(), g.sampled[:n].clone()
+
+    def _capture(self, cache: KVCache, nb: int, S: int) -> _Graph:
+        e, dev = self.e, self.e.device
+        with torch.inference_mode():
+            tokens = torch.zeros(nb, 1, dtype=torch.long, device=dev)
+            # the capture's warm-up runs write their k, v at position S - 1 of rows 0..nb-1: no live row has an entry
+            # there yet (S > every row's position), so nothing is lost
+            pos = torch.full((nb,), S - 1, dtype=torch.long, device=dev)
+            temperature, u = torch.zeros(nb, device=dev), torch.zeros(nb, device=dev)
+            ks = [k[:nb, :S] for k in cache.k_layers]  # per layer (nb, S, Hkv, D)
+            vs = [v[:nb, :S] for v in cache.v_layers]
+            args = (e.model, tokens, pos, ks, vs, dev.type, e.dtype, temperature, u)
+            replay, (logits, sampled) = self.capture(lambda: e.run_step(args, nb > 1), self.pool)
+        return _Graph(tokens, pos, temperature, u, replay, logits, sampled)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -363,7 +454,7 @@ class Engine:
     """Owns the model, the tokenizer's special ids and the tool. Cheap to construct; caches are per batch."""
 
     def __init__(self, model, tokenizer, *, tool: Callable[[str], str] | None = None, compile: bool = False,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, cuda_graphs: bool | None = None):
         self.model = model.eval()
         self.tok = tokenizer
         self.tool = tool
@@ -383,6 +474,13 @@ class Engine:
         weight_bytes = sum(w.numel() for w in linears.values()) * torch.finfo(self.dtype).bits // 8
         self._autotune = _autotune_batch1(self.device, self.dtype, weight_bytes, _last_level_cache_bytes())
         self._versions = self._weight_versions() if compile else None
+        # CUDA graphs (see GraphedSteps): by default for a compiled engine on CUDA, i.e. a model that no longer trains
+        # (an eager graph would read updated weights correctly, but training-time samples are few and short)
+        if cuda_graphs is None:
+            cuda_graphs = compile and self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise UserError(f"cuda_graphs=True needs a CUDA device; this model is on {self.device}")
+        self._graphs = GraphedSteps(self) if cuda_graphs else None
         # the eager prefill of a compiled bf16 engine reads bf16 copies of the linear weights: autocast would cast
         # every weight at every prefill (1.2 of 2.8 ms for a 25-token prompt at depth 4), and casting once gives the
         # same values. Only when compiled: its weights are frozen, an eager engine's may still be training.
@@ -415,6 +513,12 @@ class Engine:
                          u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens (n,) for live rows 0..n-1 at their positions -> (logits (n, V), sampled (n,) or None).
         The compiled step also samples at `temperature` with uniforms `u` (n,) in its graph; eager returns None."""
+        if self._graphs is not None:
+            return self._graphs(tokens, cache, positions, temperature, u)
+        return self._direct_step(tokens, cache, positions, temperature, u)
+
+    def _direct_step(self, tokens, cache, positions, temperature, u):
+        """decode_one_token without CUDA graphs: the eager model, or the compiled step on exactly the live rows."""
         n = tokens.size(0)
         if self._step is None:
             with autocast_ctx(self.device, self.dtype):
@@ -427,10 +531,16 @@ class Engine:
         # new_cache, and the callers (_Batch.add/step, warmup) build the rest in inference mode
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         x = tokens[:, None]  # (n,) -> (n, 1): one new token per row
-        args = (self.model, x, pos, ks, vs, self.device.type, self.dtype, temperature, u)
-        kind = n > 1  # batch 1 gets its own graph: its GEMV kernels differ from the small-batch GEMMs
+        return self.run_step((self.model, x, pos, ks, vs, self.device.type, self.dtype, temperature, u), n > 1)
+
+    def run_step(self, args: tuple, kind: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_decode_step(*args)`, compiled when the engine is: the graph for batch >= 2 when `kind`, else batch 1
+        (its GEMV kernels differ from the small-batch GEMMs). Eager here only under CUDA graph capture."""
+        if self._step is None:
+            return _decode_step(*args)
         if kind in self._compiled:
             return self._step(*args)
+        _, x, pos, ks, vs, _, _, temperature, u = args
         # first call of this kind: mark the dynamic dims and compile with our inductor options. Later calls skip both
         # (~70 us a step): the compiled graph's guards accept any batch >= 2 and any kv length by themselves.
         for t in ks + vs:
@@ -476,7 +586,8 @@ class Engine:
         cache = self.new_cache(2)
         for n in (1, 2) if max_batch > 1 else (1,):
             z = torch.zeros(n, device=self.device)
-            self.decode_one_token(torch.zeros(n, dtype=torch.long, device=self.device), cache, [1] * n, z + 1, z)
+            # not through CUDA graphs: they are captured on the cache they will serve, at first use
+            self._direct_step(torch.zeros(n, dtype=torch.long, device=self.device), cache, [1] * n, z + 1, z)
         return time.perf_counter() - t0
 
     def _weight_versions(self) -> list[int]:

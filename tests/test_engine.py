@@ -536,3 +536,65 @@ def test_row_finished_at_first_token_gets_one_event(tiny_tokenizer, models):
         batch.step()
     assert [e.finish_reason for e in events[1]] == ["length"]
     assert sum(e.finish_reason is not None for e in events[0]) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA graphs: the padding and bucketing logic, checked on CPU with a capture that re-runs the step eagerly (the real
+# capture runs in tests/test_gpu.py when a GPU is present)
+
+
+def _replay_eagerly(fn, pool):
+    """A stand-in for cuda_graph with its semantics: fn runs once at capture (like the warm-up), and each replay
+    recomputes the outputs into the tensors the capture returned."""
+    out = fn()
+
+    def replay():
+        for a, b in zip(out, fn()):
+            a.copy_(b)
+    return replay, out
+
+
+def _staggered(engine, prompts, params, steps_between=4):
+    """Tokens of each request when they join one batch one after another, `steps_between` decode steps apart."""
+    from picochat.engine import _Batch, _Request
+
+    out = {i: [] for i in range(len(prompts))}
+    batch = _Batch(engine, 4)
+    for rid, ids in enumerate(prompts):
+        batch.add(_Request(rid, ids, 1, params, lambda ev, rid=rid: out[rid].append(ev.token)))
+        for _ in range(steps_between):
+            batch.step()
+    while batch.rows:
+        batch.step()
+    return out
+
+
+def test_graphed_steps_pad_and_bucket_without_changing_tokens(tiny_tokenizer, models):
+    """GraphedSteps pads the live rows to a power of two and the attended length to a multiple of kv_step, and its
+    capture's warm-up writes into the cache. With requests joining a running batch (1 -> 2 -> 3 live rows, so 3 rows
+    run in a bucket of 4 with one padding row) and positions crossing many kv buckets, every request gets the same
+    tokens as the plain engine: greedy, and seeded sampling (the same uniforms reach the same rows)."""
+    from picochat.engine import GraphedSteps
+
+    tok = tiny_tokenizer
+    model = models[2]
+    prompts = [tok.encode(t, prepend=tok.bos_id) for t in ["The quick brown", "To be, or not to be, that", "def"]]
+    plain = Engine(model, tok, dtype=torch.float32)
+    graphed = Engine(model, tok, dtype=torch.float32)
+    graphed._graphs = GraphedSteps(graphed, capture=_replay_eagerly, kv_step=8)
+    for p in (SamplingParams(temperature=0, max_tokens=24), SamplingParams(temperature=1.0, max_tokens=24, seed=5)):
+        want = _staggered(plain, prompts, p)
+        assert _staggered(graphed, prompts, p) == want
+        assert sum(len(t) for t in want.values()) > 40  # ran long enough to cross several kv buckets
+    assert {nb for nb, _ in graphed._graphs.graphs} == {1, 2, 4}
+    assert len({S for _, S in graphed._graphs.graphs}) >= 4
+    # generate() with decode_n chunks through the graphs: the same tokens too
+    ids = prompts[1]
+    p = SamplingParams(temperature=1.0, max_tokens=20, seed=3)
+    assert graphed.generate_batch(ids, 3, p) == plain.generate_batch(ids, 3, p)
+
+
+def test_cuda_graphs_need_cuda(tiny_tokenizer, models):
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        Engine(models[0], tiny_tokenizer, cuda_graphs=True)
+    assert Engine(models[0], tiny_tokenizer, compile=True)._graphs is None  # the default: only on CUDA
