@@ -211,14 +211,17 @@ class GraphedSteps:
         self.e = engine
         self.capture = capture
         self.kv_step = kv_step
-        self.pool = torch.cuda.graph_pool_handle() if capture is cuda_graph else None  # graphs share their memory
         self.cache: KVCache | None = None
         self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool = None
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, positions: list[int], temperature: torch.Tensor,
                  u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if cache is not self.cache:  # graphs read one cache's memory: a new cache (generate() grew it) recaptures
             self.cache, self.graphs = cache, {}
+            # the graphs of one cache share one memory pool; a new pool with the new cache (the allocator frees a
+            # pool when its last graph goes, and a capture into a freed pool's handle fails an internal assert)
+            self.pool = torch.cuda.graph_pool_handle() if self.capture is cuda_graph else None
         n = tokens.size(0)
         nb = _bucket(n, cache.k.size(1))
         S = min(-(-(max(positions) + 1) // self.kv_step) * self.kv_step, self.e.context)
