@@ -14,6 +14,7 @@ py=${PYTHON:-python3}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/all.log, print the last lines and rc
     local name=$1 limit=$2 t0=$SECONDS
     shift 2
+    [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]] && return  # ONLY="tests decode_d6_eager": just those steps
     echo "== $name"
     timeout "$limit" "$@" >"$out/step.log" 2>&1
     local rc=$?
