@@ -13,9 +13,10 @@ from picochat.config import ModelConfig, derive_model_config
 def naive_greedy(model, ids, n):
     """Reference: full forward over the whole sequence for every new token (no cache)."""
     seq = list(ids)
+    device = next(model.parameters()).device
     with torch.no_grad():
         for _ in range(n):
-            logits = model(torch.tensor([seq]))[0, -1]
+            logits = model(torch.tensor([seq], device=device))[0, -1]
             seq.append(int(logits.argmax()))
     return seq[len(ids):]
 
