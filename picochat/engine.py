@@ -15,7 +15,9 @@ How a request runs (the same code path for one call and for the server's batch):
    different requests (different prompt lengths) share a step. Finished rows leave between steps: the last live row is
    moved into the hole so live rows stay contiguous and the batch never computes dead rows.
    With compile=True the step (forward + temperature sampling) is one inductor graph, dynamic in batch and kv length
-   (see `_decode_step`): two graphs, batch 1 and batch >= 2, serve every mix of requests.
+   (see `_decode_step`): two graphs, batch 1 and batch >= 2, serve every mix of requests. On CPU in fp32 the batch-1
+   graph is built ahead of time as one C++ library (`_aot_step`); on CUDA the steps replay as CUDA graphs
+   (`GraphedSteps`).
 3. per row, after sampling: forced tokens (a tool's output block) override the sample; the python-block state machine
    collects code between <|python_start|> and <|python_end|>, runs the tool and queues
    <|output_start|> result <|output_end|> as forced tokens; a row completes on <|assistant_end|> or <|bos|>, a stop
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import codecs
 import random
+import tempfile
 import threading
 import time
 from collections import deque
@@ -108,6 +111,45 @@ def _decode_step(model, tokens: torch.Tensor, pos: torch.Tensor, ks: list, vs: l
     with torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
         logits = model(tokens, kv_cache=StepView(ks, vs, pos))[:, -1]
     return logits, sample_plain(logits, temperature, u)
+
+
+class _StepModule(torch.nn.Module):
+    """`_decode_step` as a module: torch.export takes modules, not functions."""
+
+    def __init__(self, model, device_type: str, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.device_type, self.dtype = model, device_type, dtype
+
+    def forward(self, tokens, pos, ks, vs, temperature, u):
+        return _decode_step(self.model, tokens, pos, ks, vs, self.device_type, self.dtype, temperature, u)
+
+
+def _aot_step(model, args: tuple, context: int, options: dict, folder: str) -> Callable:
+    """The batch-1 decode step built ahead of time with AOTInductor: torch.export, then inductor's C++ kernels AND its
+    C++ wrapper in one shared library. Why, on CPU: the same kernels called through torch.compile pay its Python on
+    every call (dynamo's frame and guards, the runtime wrappers, ~40 kernel calls and ~70 buffer allocations from
+    Python): a depth-6 fp32 step took 1,340-1,350 us that way vs 1,042-1,070 us as one library call (same process,
+    alternating runs; the same logits, bit for bit). Not for bf16 (the exported graph ran 4.7x slower at depth 4:
+    its weight casts were not folded away) nor batch >= 2 (2.2x slower: it lost oneDNN's packed GEMMs).
+    `args` are _decode_step's at batch 1 (example values); the kv length is the one dynamic dimension."""
+    _, x, pos, ks, vs, device_type, dtype, temperature, u = args
+    S = torch.export.Dim("S", min=2, max=context)
+    with torch.inference_mode(False), torch.no_grad():  # export wants ordinary tensors, not inference ones
+        example = (x.clone(), pos.clone(), [k.clone() for k in ks], [v.clone() for v in vs], temperature.clone(),
+                   u.clone())
+        dims = (None, None, [{1: S}] * len(ks), [{1: S}] * len(vs), None, None)
+        program = torch.export.export(_StepModule(model, device_type, dtype), example, dynamic_shapes=dims)
+        path = torch._inductor.aoti_compile_and_package(program, package_path=f"{folder}/decode_batch1.pt2",
+                                                        inductor_configs=options)
+    # the package's own __call__ re-parses its input/output tree specs from JSON and walks them at every call (~60 us
+    # of a ~1 ms step at depth 6); the loader takes the flat list, in the tree's order, and returns [logits, sampled]
+    run = torch._inductor.aoti_load_package(path).loader.boxed_run
+
+    def step(*args):
+        _, x, pos, ks, vs, _, _, temperature, u = args
+        logits, sampled = run([x, pos, *ks, *vs, temperature, u])  # boxed: the call empties the list it is given
+        return logits, sampled
+    return step
 
 
 def inference_dtype(device: torch.device, compile: bool) -> torch.dtype:
@@ -473,6 +515,10 @@ class Engine:
         # a compiled engine is for a model that no longer trains (chat, serve, eval); check_frozen enforces it.
         self._step = torch.compile(_decode_step, fullgraph=True) if compile else None
         self._compiled: set[bool] = set()  # graph kinds compiled so far (False: batch 1, True: batch >= 2)
+        # on CPU in fp32 the batch-1 step is built ahead of time instead (see _aot_step); None until then
+        self._aot_batch1 = compile and self.device.type == "cpu" and self.dtype == torch.float32
+        self._aot: Callable | None = None
+        self._aot_dir: tempfile.TemporaryDirectory | None = None
         linears = {f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         weight_bytes = sum(w.numel() for w in linears.values()) * torch.finfo(self.dtype).bits // 8
         self._autotune = _autotune_batch1(self.device, self.dtype, weight_bytes, _last_level_cache_bytes())
@@ -541,6 +587,12 @@ class Engine:
         (its GEMV kernels differ from the small-batch GEMMs). Eager here only under CUDA graph capture."""
         if self._step is None:
             return _decode_step(*args)
+        if not kind and self._aot_batch1:
+            if self._aot is None:
+                self._aot_dir = tempfile.TemporaryDirectory(prefix="picochat-aot-")  # removed with the engine
+                opts = _compile_options(self.device, True, self._autotune)
+                self._aot = _aot_step(self.model, args, self.context, opts, self._aot_dir.name)
+            return self._aot(*args)
         if kind in self._compiled:
             return self._step(*args)
         _, x, pos, ks, vs, _, _, temperature, u = args

@@ -399,16 +399,21 @@ def _tokens_by_request(engine, prompts, params):
     return out
 
 
-def test_compiled_engine_matches_eager(tiny_tokenizer, models):
+@pytest.mark.parametrize("aot", [True, False])
+def test_compiled_engine_matches_eager(tiny_tokenizer, models, aot):
     """The compiled step (frozen weights, C++ GEMMs at batch 1, dynamic batch and kv length, one-query attention as
     reductions) gives the eager engine's greedy tokens alone, with several samples, and with rows of different
-    requests at different positions; and two graphs (batch 1, batch >= 2) serve all of it: no recompiles."""
+    requests at different positions; and two graphs (batch 1, batch >= 2) serve all of it: no recompiles. The batch-1
+    graph is built ahead of time (AOTInductor, the fp32 CPU default) or by torch.compile (as in bf16): both run."""
     from torch._dynamo.utils import counters
 
     tok = tiny_tokenizer
     model = models[2]  # GQA: 4 query heads share 2 kv heads
     eager = Engine(model, tok, dtype=torch.float32)
     compiled = Engine(model, tok, dtype=torch.float32, compile=True)
+    assert compiled._aot_batch1  # fp32 on CPU
+    compiled._aot_batch1 = aot
+    torch._dynamo.reset()  # dynamo caches graphs per code object: the other parametrization's would be reused
     graphs = counters["stats"]["unique_graphs"]
     prompts = [tok.encode(t, prepend=tok.bos_id) for t in ["The quick brown", "To be, or not to be, that", "def"]]
     p = SamplingParams(temperature=0, max_tokens=12)
@@ -416,6 +421,12 @@ def test_compiled_engine_matches_eager(tiny_tokenizer, models):
         assert compiled.generate_batch(ids, 1, p) == eager.generate_batch(ids, 1, p)
         assert compiled.generate_batch(ids, 3, p) == eager.generate_batch(ids, 3, p)
     assert _tokens_by_request(compiled, prompts, p) == _tokens_by_request(eager, prompts, p)
+    # up to the last position of the context (the kv length's largest value): stops there with "length"
+    ids = (prompts[1] * 20)[: compiled.context - 8]
+    long = SamplingParams(temperature=0, max_tokens=50)
+    events = [ev for step in compiled.generate(ids, 1, long) for ev in step]
+    assert [ev.token for ev in events] == [ev.token for step in eager.generate(ids, 1, long) for ev in step]
+    assert events[-1].finish_reason == "length" and len(events) == 8  # the last step attends to all 128 positions
     # the server's path: a warm-up on its own small cache, then the scheduler's batch built outside inference mode
     compiled.warmup(4)
     scheduler = Scheduler(compiled, max_batch=4)
@@ -425,7 +436,9 @@ def test_compiled_engine_matches_eager(tiny_tokenizer, models):
         [e for e in got if e.finish_reason]) == 2 and done.set()))
     assert done.wait(60)
     scheduler.stop()
-    assert counters["stats"]["unique_graphs"] - graphs == 2
+    # dynamo's graphs: batch >= 2, plus batch 1 unless that one was built ahead of time (once, by export)
+    assert counters["stats"]["unique_graphs"] - graphs == (1 if aot else 2)
+    assert (compiled._aot is not None) == aot
 
 
 def test_generate_reuses_its_cache_without_leaking_earlier_calls(tiny_tokenizer):
