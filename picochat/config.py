@@ -181,7 +181,7 @@ class CheckpointSource:
     step: int | None = f(None, "checkpoint step (default: the latest of that stage)")
     device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
     compile: bool = f(False, "torch.compile the decode step: a 20-45 s warm-up on 2 cores, then faster decoding "
-                             "(d6 fp32 at batch 1: 568-824 vs 226 tok/s, README: Measured); freezes the weights into "
+                             "(d6 fp32 at batch 1: 859-995 vs 230 tok/s, README: Measured); freezes the weights into "
                              "the compiled code")
 
 
