@@ -15,8 +15,8 @@ How a request runs (the same code path for one call and for the server's batch):
    different requests (different prompt lengths) share a step. Finished rows leave between steps: the last live row is
    moved into the hole so live rows stay contiguous and the batch never computes dead rows.
    With compile=True the step (forward + temperature sampling) is one inductor graph, dynamic in batch and kv length
-   (see `_decode_step`): two graphs, batch 1 and batch >= 2, serve every mix of requests. On CPU in fp32 the batch-1
-   graph is built ahead of time as one C++ library (`_aot_step`); on CUDA the steps replay as CUDA graphs
+   (see `_decode_step`): two graphs, batch 1 and batch >= 2, serve every mix of requests. On CPU the batch-1 graph is
+   usually built ahead of time as one C++ library instead (`_aot_step`); on CUDA the steps replay as CUDA graphs
    (`GraphedSteps`).
 3. per row, after sampling: forced tokens (a tool's output block) override the sample; the python-block state machine
    collects code between <|python_start|> and <|python_end|>, runs the tool and queues
@@ -114,31 +114,42 @@ def _decode_step(model, tokens: torch.Tensor, pos: torch.Tensor, ks: list, vs: l
 
 
 class _StepModule(torch.nn.Module):
-    """`_decode_step` as a module: torch.export takes modules, not functions."""
+    """`_decode_step` as a module (torch.export takes modules, not functions), reading `weights` (name -> tensor) in
+    place of the model's own where given."""
 
-    def __init__(self, model, device_type: str, dtype: torch.dtype):
+    def __init__(self, model, device_type: str, dtype: torch.dtype, weights: dict):
         super().__init__()
-        self.model, self.device_type, self.dtype = model, device_type, dtype
+        self.model, self.device_type, self.dtype, self.weights = model, device_type, dtype, weights
 
     def forward(self, tokens, pos, ks, vs, temperature, u):
-        return _decode_step(self.model, tokens, pos, ks, vs, self.device_type, self.dtype, temperature, u)
+        ks, vs = [k[None] for k in ks], [v[None] for v in vs]  # (S, Hkv, D) -> (1, S, Hkv, D), views
+        model = self.model
+        if self.weights:
+            def model(x, kv_cache):  # noqa: E306  (the same call, with the weights swapped in)
+                return torch.func.functional_call(self.model, self.weights, (x,), {"kv_cache": kv_cache})
+        return _decode_step(model, tokens, pos, ks, vs, self.device_type, self.dtype, temperature, u)
 
 
-def _aot_step(model, args: tuple, context: int, options: dict, folder: str) -> Callable:
+def _aot_step(model, args: tuple, weights: dict, context: int, options: dict, folder: str) -> Callable:
     """The batch-1 decode step built ahead of time with AOTInductor: torch.export, then inductor's C++ kernels AND its
     C++ wrapper in one shared library. Why, on CPU: the same kernels called through torch.compile pay its Python on
     every call (dynamo's frame and guards, the runtime wrappers, ~40 kernel calls and ~70 buffer allocations from
     Python): a depth-6 fp32 step took 1,340-1,350 us that way vs 1,042-1,070 us as one library call (same process,
-    alternating runs; the same logits, bit for bit). Not for bf16 (the exported graph ran 4.7x slower at depth 4:
-    its weight casts were not folded away) nor batch >= 2 (2.2x slower: it lost oneDNN's packed GEMMs).
-    `args` are _decode_step's at batch 1 (example values); the kv length is the one dynamic dimension."""
+    alternating runs; the same logits, bit for bit); depth 4 in bf16 (one thread) 414-428 vs 352-358 us.
+    Only where the batch-1 graph uses inductor's own C++ GEMVs (`_autotune_batch1`): with oneDNN's kernels the
+    exported graph ran slower (depth 6 bf16 1.75 vs 1.1 ms; batch 8 likewise, which is why batch >= 2 stays compiled).
+    bf16 needs `weights`, the linear weights already cast (the engine's prefill copies): exported under autocast,
+    the casts of the fp32 weights stayed in the graph, one per weight per step (4.7x slower).
+    `args` are _decode_step's at batch 1 (example values); the kv length is the one dynamic dimension. The library
+    takes each layer's cache row as (S, Hkv, D): with the batch dimension, exporting a bf16 step specialised on
+    S * row size < the cache's row stride (a layout check in a dtype conversion), i.e. on S < the context."""
     _, x, pos, ks, vs, device_type, dtype, temperature, u = args
     S = torch.export.Dim("S", min=2, max=context)
     with torch.inference_mode(False), torch.no_grad():  # export wants ordinary tensors, not inference ones
-        example = (x.clone(), pos.clone(), [k.clone() for k in ks], [v.clone() for v in vs], temperature.clone(),
-                   u.clone())
-        dims = (None, None, [{1: S}] * len(ks), [{1: S}] * len(vs), None, None)
-        program = torch.export.export(_StepModule(model, device_type, dtype), example, dynamic_shapes=dims)
+        example = (x.clone(), pos.clone(), [k[0].clone() for k in ks], [v[0].clone() for v in vs],
+                   temperature.clone(), u.clone())
+        dims = (None, None, [{0: S}] * len(ks), [{0: S}] * len(vs), None, None)
+        program = torch.export.export(_StepModule(model, device_type, dtype, weights), example, dynamic_shapes=dims)
         path = torch._inductor.aoti_compile_and_package(program, package_path=f"{folder}/decode_batch1.pt2",
                                                         inductor_configs=options)
     # the package's own __call__ re-parses its input/output tree specs from JSON and walks them at every call (~60 us
@@ -147,7 +158,8 @@ def _aot_step(model, args: tuple, context: int, options: dict, folder: str) -> C
 
     def step(*args):
         _, x, pos, ks, vs, _, _, temperature, u = args
-        logits, sampled = run([x, pos, *ks, *vs, temperature, u])  # boxed: the call empties the list it is given
+        # boxed: the call empties the list it is given; k[0]: the row of the (1, S, Hkv, D) slice
+        logits, sampled = run([x, pos, *(k[0] for k in ks), *(v[0] for v in vs), temperature, u])
         return logits, sampled
     return step
 
@@ -515,13 +527,13 @@ class Engine:
         # a compiled engine is for a model that no longer trains (chat, serve, eval); check_frozen enforces it.
         self._step = torch.compile(_decode_step, fullgraph=True) if compile else None
         self._compiled: set[bool] = set()  # graph kinds compiled so far (False: batch 1, True: batch >= 2)
-        # on CPU in fp32 the batch-1 step is built ahead of time instead (see _aot_step); None until then
-        self._aot_batch1 = compile and self.device.type == "cpu" and self.dtype == torch.float32
-        self._aot: Callable | None = None
-        self._aot_dir: tempfile.TemporaryDirectory | None = None
         linears = {f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         weight_bytes = sum(w.numel() for w in linears.values()) * torch.finfo(self.dtype).bits // 8
         self._autotune = _autotune_batch1(self.device, self.dtype, weight_bytes, _last_level_cache_bytes())
+        # where the batch-1 graph uses inductor's C++ GEMVs (CPU) it is built ahead of time instead (see _aot_step)
+        self._aot_batch1 = compile and self._autotune
+        self._aot: Callable | None = None
+        self._aot_dir: tempfile.TemporaryDirectory | None = None
         self._versions = self._weight_versions() if compile else None
         # CUDA graphs (see GraphedSteps): by default for a compiled engine on CUDA, i.e. a model that no longer trains
         # (an eager graph would read updated weights correctly, but training-time samples are few and short)
@@ -530,9 +542,10 @@ class Engine:
         if cuda_graphs and self.device.type != "cuda":
             raise UserError(f"cuda_graphs=True needs a CUDA device; this model is on {self.device}")
         self._graphs = GraphedSteps(self) if cuda_graphs else None
-        # the eager prefill of a compiled bf16 engine reads bf16 copies of the linear weights: autocast would cast
-        # every weight at every prefill (1.2 of 2.8 ms for a 25-token prompt at depth 4), and casting once gives the
-        # same values. Only when compiled: its weights are frozen, an eager engine's may still be training.
+        # the eager prefill of a compiled bf16 engine (and its ahead-of-time batch-1 step) reads bf16 copies of the
+        # linear weights: autocast would cast every weight at every prefill (1.2 of 2.8 ms for a 25-token prompt at
+        # depth 4), and casting once gives the same values. Only when compiled: its weights are frozen, an eager
+        # engine's may still be training.
         self._prefill_weights = {}
         if compile and self.dtype != torch.float32:
             self._prefill_weights = {name: w.detach().to(self.dtype) for name, w in linears.items()}
@@ -591,7 +604,7 @@ class Engine:
             if self._aot is None:
                 self._aot_dir = tempfile.TemporaryDirectory(prefix="picochat-aot-")  # removed with the engine
                 opts = _compile_options(self.device, True, self._autotune)
-                self._aot = _aot_step(self.model, args, self.context, opts, self._aot_dir.name)
+                self._aot = _aot_step(self.model, args, self._prefill_weights, self.context, opts, self._aot_dir.name)
             return self._aot(*args)
         if kind in self._compiled:
             return self._step(*args)

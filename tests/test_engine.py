@@ -487,6 +487,33 @@ def test_compiled_bf16_prefill_reads_cast_weights_with_the_same_result(tiny_toke
     assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
 
 
+def test_bf16_batch1_step_built_ahead_of_time_matches_compiled(tiny_tokenizer):
+    """In bf16 (weights small enough for the C++ GEMVs) the batch-1 step is built ahead of time from the cast weight
+    copies; its next-token logits over several steps match the torch.compile build of the same step to bf16
+    rounding, with the same greedy tokens, and the kv length reaches the whole context (no specialisation on it)."""
+    tok = tiny_tokenizer
+    model = randomize_outputs(make_tiny_model(tok.vocab_size, n_embd=64, head_dim=16, seed=3), seed=4).eval()
+    aot = Engine(model, tok, dtype=torch.bfloat16, compile=True)
+    dyn = Engine(model, tok, dtype=torch.bfloat16, compile=True)
+    assert aot._aot_batch1
+    dyn._aot_batch1 = False
+    ids = (tok.encode("The quick brown fox", prepend=tok.bos_id) * 20)[: aot.context - 6]
+    steps = []
+    for e in (aot, dyn):
+        cache, out = e.new_cache(1), []
+        with torch.inference_mode():
+            t = e.prefill(ids, cache, 0).argmax(-1)
+            for i in range(6):  # positions context-6 .. context-1: the last step attends to every position
+                z = torch.zeros(1)
+                logits, t = e.decode_one_token(t, cache, [len(ids) + i], z, z)
+                out.append(logits.float())
+        steps.append(torch.cat(out))
+    assert aot._aot is not None and dyn._aot is None
+    scale = steps[1].abs().max()
+    assert torch.allclose(steps[0], steps[1], atol=0.02 * scale), (steps[0] - steps[1]).abs().max() / scale
+    assert torch.equal(steps[0].argmax(-1), steps[1].argmax(-1))
+
+
 def test_compiled_engine_refuses_changed_weights(tiny_tokenizer):
     """Compiling freezes the weights into the graph; sampling after they changed would silently use stale ones."""
     tok = tiny_tokenizer
