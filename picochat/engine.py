@@ -135,7 +135,7 @@ def _aot_step(model, args: tuple, weights: dict, context: int, options: dict, fo
     C++ wrapper in one shared library. Why, on CPU: the same kernels called through torch.compile pay its Python on
     every call (dynamo's frame and guards, the runtime wrappers, ~40 kernel calls and ~70 buffer allocations from
     Python): a depth-6 fp32 step took 1,340-1,350 us that way vs 1,042-1,070 us as one library call (same process,
-    alternating runs; the same logits, bit for bit); depth 4 in bf16 (one thread) 414-428 vs 352-358 us.
+    alternating runs; the same logits, bit for bit); depth 4 in bf16 (one thread) 404-431 vs 274-284 us.
     Only where the batch-1 graph uses inductor's own C++ GEMVs (`_autotune_batch1`): with oneDNN's kernels the
     exported graph ran slower (depth 6 bf16 1.75 vs 1.1 ms; batch 8 likewise, which is why batch >= 2 stays compiled).
     bf16 needs `weights`, the linear weights already cast (the engine's prefill copies): exported under autocast,
