@@ -27,7 +27,12 @@ How a request runs (the same code path for one call and for the server's batch):
 from __future__ import annotations
 
 import codecs
+import hashlib
+import os
+import platform
 import random
+import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -39,7 +44,7 @@ from typing import Callable, Iterator
 import torch
 import torch.fx.experimental._config  # noqa: F401  (use_duck_shape, patched when compiling)
 
-from picochat.common import UserError, autocast_ctx, pick_dtype
+from picochat.common import UserError, _cpu_flags, autocast_ctx, get_base_dir, pick_dtype
 
 # ---------------------------------------------------------------------------------------------------------------------
 # KV cache
@@ -130,7 +135,7 @@ class _StepModule(torch.nn.Module):
         return _decode_step(model, tokens, pos, ks, vs, self.device_type, self.dtype, temperature, u)
 
 
-def _aot_step(model, args: tuple, weights: dict, context: int, options: dict, folder: str) -> Callable:
+def _aot_step(model, args: tuple, weights: dict, context: int, options: dict) -> Callable:
     """The batch-1 decode step built ahead of time with AOTInductor: torch.export, then inductor's C++ kernels AND its
     C++ wrapper in one shared library. Why, on CPU: the same kernels called through torch.compile pay its Python on
     every call (dynamo's frame and guards, the runtime wrappers, ~40 kernel calls and ~70 buffer allocations from
@@ -142,19 +147,68 @@ def _aot_step(model, args: tuple, weights: dict, context: int, options: dict, fo
     the casts of the fp32 weights stayed in the graph, one per weight per step (4.7x slower).
     `args` are _decode_step's at batch 1 (example values); the kv length is the one dynamic dimension. The library
     takes each layer's cache row as (S, Hkv, D): with the batch dimension, exporting a bf16 step specialised on
-    S * row size < the cache's row stride (a layout check in a dtype conversion), i.e. on S < the context."""
+    S * row size < the cache's row stride (a layout check in a dtype conversion), i.e. on S < the context.
+    The library is kept in `aot_cache_dir()` under a key of everything it depends on (`_aot_key`), so the next engine
+    over the same weights loads it in well under a second instead of rebuilding (20-40 s on 2 cores)."""
     _, x, pos, ks, vs, device_type, dtype, temperature, u = args
+    folder = aot_cache_dir()
+    path = folder / f"decode_batch1-{_aot_key(model, weights, context, dtype, options)}.pt2" if folder else None
+    if path is not None and path.exists():
+        try:
+            return _aot_runner(path)
+        except Exception as exc:  # a truncated or foreign file: say so, drop it, build anew
+            print(f"picochat: ignoring unreadable AOT cache entry {path.name} ({type(exc).__name__}); rebuilding",
+                  file=sys.stderr)
+            path.unlink(missing_ok=True)
     S = torch.export.Dim("S", min=2, max=context)
-    with torch.inference_mode(False), torch.no_grad():  # export wants ordinary tensors, not inference ones
+    with torch.inference_mode(False), torch.no_grad(), tempfile.TemporaryDirectory(prefix="picochat-aot-") as tmp:
         example = (x.clone(), pos.clone(), [k[0].clone() for k in ks], [v[0].clone() for v in vs],
                    temperature.clone(), u.clone())
         dims = (None, None, [{0: S}] * len(ks), [{0: S}] * len(vs), None, None)
         program = torch.export.export(_StepModule(model, device_type, dtype, weights), example, dynamic_shapes=dims)
-        path = torch._inductor.aoti_compile_and_package(program, package_path=f"{folder}/decode_batch1.pt2",
-                                                        inductor_configs=options)
+        built = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2",
+                                                         inductor_configs=options)
+        if path is None:
+            return _aot_runner(Path(built))
+        folder.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(f".part{os.getpid()}")
+        shutil.copyfile(built, part)
+        os.replace(part, path)  # atomic: another process sees the whole file or none
+    for old in sorted(folder.glob("decode_batch1-*.pt2"), key=lambda f: f.stat().st_mtime)[:-AOT_CACHE_KEEP]:
+        old.unlink(missing_ok=True)  # keep the newest few: each holds a copy of its model's weights
+    return _aot_runner(path)
+
+
+AOT_CACHE_KEEP = 4
+
+
+def aot_cache_dir() -> Path | None:
+    """Where built decode libraries are kept: $PICOCHAT_AOT_CACHE ("off": nowhere, build every time), else
+    <base dir>/aot."""
+    env = os.environ.get("PICOCHAT_AOT_CACHE", "")
+    if env.lower() == "off":
+        return None
+    return Path(env) if env else get_base_dir() / "aot"
+
+
+def _aot_key(model, weights: dict, context: int, dtype: torch.dtype, options: dict) -> str:
+    """A hash of what the library depends on: every weight's bytes (the cast copies too), the model's config, the
+    inductor options, torch's version, the CPU (its kernels use its instruction set) and the thread count (the
+    autotuner timed its kernel choices at it)."""
+    h = hashlib.sha256()
+    for value in (torch.__version__, platform.machine(), sorted(_cpu_flags()), torch.get_num_threads(), context,
+                  str(dtype), sorted(options.items()), repr(model.config)):
+        h.update(repr(value).encode())
+    for name, t in [*model.state_dict().items(), *sorted(weights.items())]:
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _aot_runner(path: Path) -> Callable:
     # the package's own __call__ re-parses its input/output tree specs from JSON and walks them at every call (~60 us
     # of a ~1 ms step at depth 6); the loader takes the flat list, in the tree's order, and returns [logits, sampled]
-    run = torch._inductor.aoti_load_package(path).loader.boxed_run
+    run = torch._inductor.aoti_load_package(str(path)).loader.boxed_run
 
     def step(*args):
         _, x, pos, ks, vs, _, _, temperature, u = args
@@ -533,7 +587,6 @@ class Engine:
         # where the batch-1 graph uses inductor's C++ GEMVs (CPU) it is built ahead of time instead (see _aot_step)
         self._aot_batch1 = compile and self._autotune
         self._aot: Callable | None = None
-        self._aot_dir: tempfile.TemporaryDirectory | None = None
         self._versions = self._weight_versions() if compile else None
         # CUDA graphs (see GraphedSteps): by default for a compiled engine on CUDA, i.e. a model that no longer trains
         # (an eager graph would read updated weights correctly, but training-time samples are few and short)
@@ -602,9 +655,8 @@ class Engine:
             return _decode_step(*args)
         if not kind and self._aot_batch1:
             if self._aot is None:
-                self._aot_dir = tempfile.TemporaryDirectory(prefix="picochat-aot-")  # removed with the engine
                 opts = _compile_options(self.device, True, self._autotune)
-                self._aot = _aot_step(self.model, args, self._prefill_weights, self.context, opts, self._aot_dir.name)
+                self._aot = _aot_step(self.model, args, self._prefill_weights, self.context, opts)
             return self._aot(*args)
         if kind in self._compiled:
             return self._step(*args)

@@ -1,10 +1,17 @@
 """Shared test setup: offline hub settings, a private base dir per session, tiny tokenizer/model fixtures."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("PICOCHAT_DTYPE", "fp32")  # tests compare numbers; bf16 would need looser tolerances
+# built decode libraries (engine._aot_step) go to a folder of this test session, not the user's cache
+if "PICOCHAT_AOT_CACHE" not in os.environ:
+    os.environ["PICOCHAT_AOT_CACHE"] = tempfile.mkdtemp(prefix="picochat-test-aot-")
+    atexit.register(shutil.rmtree, os.environ["PICOCHAT_AOT_CACHE"], ignore_errors=True)
 
 import pytest
 import torch

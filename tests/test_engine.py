@@ -514,6 +514,38 @@ def test_bf16_batch1_step_built_ahead_of_time_matches_compiled(tiny_tokenizer):
     assert torch.equal(steps[0].argmax(-1), steps[1].argmax(-1))
 
 
+def test_aot_step_comes_from_the_cache_and_a_corrupt_entry_is_rebuilt(tiny_tokenizer, tmp_path, monkeypatch):
+    """The batch-1 library is kept under a key of the weights (and the rest it depends on): a second engine over the
+    same weights loads it without building, different weights build their own, and a corrupt file is replaced by a
+    fresh build rather than crashing; every engine generates the same tokens as a fresh build would."""
+    import torch._inductor
+
+    monkeypatch.setenv("PICOCHAT_AOT_CACHE", str(tmp_path))
+    builds = []
+    real = torch._inductor.aoti_compile_and_package
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: builds.append(1) or real(*a, **k))
+    tok = tiny_tokenizer
+    model = randomize_outputs(make_tiny_model(tok.vocab_size, n_embd=64, head_dim=16, seed=5), seed=6).eval()
+    ids = tok.encode("To be, or not", prepend=tok.bos_id)
+    p = SamplingParams(temperature=0, max_tokens=10)
+    want = Engine(model, tok, dtype=torch.float32).generate_batch(ids, 1, p)
+
+    def run():
+        return Engine(model, tok, dtype=torch.float32, compile=True).generate_batch(ids, 1, p)
+
+    assert run() == want and len(builds) == 1
+    entries = list(tmp_path.glob("decode_batch1-*.pt2"))
+    assert len(entries) == 1
+    assert run() == want and len(builds) == 1  # loaded, not built
+    entries[0].write_bytes(b"not a package")
+    assert run() == want and len(builds) == 2  # rebuilt over the corrupt entry
+    assert list(tmp_path.glob("decode_batch1-*.pt2")) == entries and entries[0].stat().st_size > 1000
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # other weights: another key, another build
+    Engine(model, tok, dtype=torch.float32, compile=True).generate_batch(ids, 1, p)
+    assert len(builds) == 3 and len(list(tmp_path.glob("decode_batch1-*.pt2"))) == 2
+
+
 def test_compiled_engine_refuses_changed_weights(tiny_tokenizer):
     """Compiling freezes the weights into the graph; sampling after they changed would silently use stale ones."""
     tok = tiny_tokenizer
