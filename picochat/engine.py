@@ -170,10 +170,15 @@ def _aot_step(model, args: tuple, weights: dict, context: int, options: dict) ->
                                                          inductor_configs=options)
         if path is None:
             return _aot_runner(Path(built))
-        folder.mkdir(parents=True, exist_ok=True)
-        part = path.with_suffix(f".part{os.getpid()}")
-        shutil.copyfile(built, part)
-        os.replace(part, path)  # atomic: another process sees the whole file or none
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            part = path.with_suffix(f".part{os.getpid()}")
+            shutil.copyfile(built, part)
+            os.replace(part, path)  # atomic: another process sees the whole file or none
+        except OSError as exc:  # a read-only or full cache folder costs the next start a rebuild, nothing more
+            print(f"picochat: could not keep the built decode step in {folder} ({exc.strerror or exc}); set "
+                  f"PICOCHAT_AOT_CACHE to a writable folder, or to off", file=sys.stderr)
+            return _aot_runner(Path(built))
     for old in sorted(folder.glob("decode_batch1-*.pt2"), key=lambda f: f.stat().st_mtime)[:-AOT_CACHE_KEEP]:
         old.unlink(missing_ok=True)  # keep the newest few: each holds a copy of its model's weights
     return _aot_runner(path)

@@ -514,10 +514,11 @@ def test_bf16_batch1_step_built_ahead_of_time_matches_compiled(tiny_tokenizer):
     assert torch.equal(steps[0].argmax(-1), steps[1].argmax(-1))
 
 
-def test_aot_step_comes_from_the_cache_and_a_corrupt_entry_is_rebuilt(tiny_tokenizer, tmp_path, monkeypatch):
+def test_aot_step_comes_from_the_cache_and_a_corrupt_entry_is_rebuilt(tiny_tokenizer, tmp_path, monkeypatch, capsys):
     """The batch-1 library is kept under a key of the weights (and the rest it depends on): a second engine over the
-    same weights loads it without building, different weights build their own, and a corrupt file is replaced by a
-    fresh build rather than crashing; every engine generates the same tokens as a fresh build would."""
+    same weights loads it without building, different weights build their own, a corrupt file is replaced by a
+    fresh build rather than crashing, and a cache folder that cannot be written costs a warning, not the engine;
+    every engine generates the same tokens as a fresh build would."""
     import torch._inductor
 
     monkeypatch.setenv("PICOCHAT_AOT_CACHE", str(tmp_path))
@@ -542,8 +543,13 @@ def test_aot_step_comes_from_the_cache_and_a_corrupt_entry_is_rebuilt(tiny_token
     assert list(tmp_path.glob("decode_batch1-*.pt2")) == entries and entries[0].stat().st_size > 1000
     with torch.no_grad():
         model.lm_head.weight.mul_(1.5)  # other weights: another key, another build
-    Engine(model, tok, dtype=torch.float32, compile=True).generate_batch(ids, 1, p)
-    assert len(builds) == 3 and len(list(tmp_path.glob("decode_batch1-*.pt2"))) == 2
+    want = Engine(model, tok, dtype=torch.float32).generate_batch(ids, 1, p)
+    assert run() == want and len(builds) == 3 and len(list(tmp_path.glob("decode_batch1-*.pt2"))) == 2
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("PICOCHAT_AOT_CACHE", str(tmp_path / "a_file" / "aot"))  # cannot be created
+    capsys.readouterr()
+    assert run() == want and len(builds) == 4
+    assert "could not keep the built decode step" in capsys.readouterr().err
 
 
 def test_compiled_engine_refuses_changed_weights(tiny_tokenizer):
