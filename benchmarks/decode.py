@@ -9,9 +9,9 @@
 Prints ONE JSON line. It also measures the memory bandwidth in the same run (a large tensor copy, before and after
 the batch-1 runs, the higher reading kept) and the batch-1 bound it implies: every decoded token must read all
 linear weights (lm_head included) plus the KV cache so far, so tokens/s <= bandwidth / bytes_per_token when all of
-them come from memory. (Where the weights are not much larger
-than the last-level cache, part of them stays cached from one step to the next and a step can beat that bound:
-`batch1_bytes_read_gb_s` then reads above `bandwidth_gb_s`.) `python_overhead` is the share of decode time spent
+them come from memory. (Where the weights are not much larger than the last-level cache, part of them stays cached
+from one step to the next and a step can beat that bound: `batch1_bytes_read_gb_s` then reads above
+`bandwidth_gb_s`.) `python_overhead` is the share of decode time spent
 outside the model's forward pass (sampling, the per-row state machine, streaming text). Decode figures exclude the
 prompt's prefill (reported on its own as prefill tokens/s).
 """

@@ -118,9 +118,17 @@ def _decode_step(model, tokens: torch.Tensor, pos: torch.Tensor, ks: list, vs: l
     return logits, sample_plain(logits, temperature, u)
 
 
+def _with_weights(model, weights: dict) -> Callable:
+    """`model` as a callable that reads `weights` (name -> tensor, e.g. bf16 copies of the linear weights) in place of
+    its own parameters of those names; the model itself when `weights` is empty."""
+    if not weights:
+        return model
+    return lambda x, **kw: torch.func.functional_call(model, weights, (x,), kw)
+
+
 class _StepModule(torch.nn.Module):
-    """`_decode_step` as a module (torch.export takes modules, not functions), reading `weights` (name -> tensor) in
-    place of the model's own where given."""
+    """`_decode_step` as a module (torch.export takes modules, not functions), reading `weights` in place of the
+    model's own (see `_with_weights`)."""
 
     def __init__(self, model, device_type: str, dtype: torch.dtype, weights: dict):
         super().__init__()
@@ -128,10 +136,7 @@ class _StepModule(torch.nn.Module):
 
     def forward(self, tokens, pos, ks, vs, temperature, u):
         ks, vs = [k[None] for k in ks], [v[None] for v in vs]  # (S, Hkv, D) -> (1, S, Hkv, D), views
-        model = self.model
-        if self.weights:
-            def model(x, kv_cache):  # noqa: E306  (the same call, with the weights swapped in)
-                return torch.func.functional_call(self.model, self.weights, (x,), {"kv_cache": kv_cache})
+        model = _with_weights(self.model, self.weights)
         return _decode_step(model, tokens, pos, ks, vs, self.device_type, self.dtype, temperature, u)
 
 
@@ -149,10 +154,10 @@ def _aot_step(model, args: tuple, weights: dict, context: int, options: dict) ->
     takes each layer's cache row as (S, Hkv, D): with the batch dimension, exporting a bf16 step specialised on
     S * row size < the cache's row stride (a layout check in a dtype conversion), i.e. on S < the context.
     The library is kept in `aot_cache_dir()` under a key of everything it depends on (`_aot_key`), so the next engine
-    over the same weights loads it in well under a second instead of rebuilding (20-40 s on 2 cores)."""
+    over the same weights loads it in well under a second instead of rebuilding (12-42 s on 2 cores)."""
     _, x, pos, ks, vs, device_type, dtype, temperature, u = args
     folder = aot_cache_dir()
-    path = folder / f"decode_batch1-{_aot_key(model, weights, context, dtype, options)}.pt2" if folder else None
+    path = folder / f"decode_batch1-{_aot_key(model, context, dtype, options)}.pt2" if folder else None
     if path is not None and path.exists():
         try:
             return _aot_runner(path)
@@ -196,15 +201,15 @@ def aot_cache_dir() -> Path | None:
     return Path(env) if env else get_base_dir() / "aot"
 
 
-def _aot_key(model, weights: dict, context: int, dtype: torch.dtype, options: dict) -> str:
-    """A hash of what the library depends on: every weight's bytes (the cast copies too), the model's config, the
-    inductor options, torch's version, the CPU (its kernels use its instruction set) and the thread count (the
-    autotuner timed its kernel choices at it)."""
+def _aot_key(model, context: int, dtype: torch.dtype, options: dict) -> str:
+    """A hash of what the library depends on: every weight's bytes, the dtype (the cast copies in `weights` follow
+    from the two), the model's config, the inductor options, torch's version, the CPU (its kernels use its
+    instruction set) and the thread count (the autotuner timed its kernel choices at it)."""
     h = hashlib.sha256()
     for value in (torch.__version__, platform.machine(), sorted(_cpu_flags()), torch.get_num_threads(), context,
                   str(dtype), sorted(options.items()), repr(model.config)):
         h.update(repr(value).encode())
-    for name, t in [*model.state_dict().items(), *sorted(weights.items())]:
+    for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:20]
@@ -604,9 +609,9 @@ class Engine:
         # linear weights: autocast would cast every weight at every prefill (1.2 of 2.8 ms for a 25-token prompt at
         # depth 4), and casting once gives the same values. Only when compiled: its weights are frozen, an eager
         # engine's may still be training.
-        self._prefill_weights = {}
+        self._cast_weights = {}
         if compile and self.dtype != torch.float32:
-            self._prefill_weights = {name: w.detach().to(self.dtype) for name, w in linears.items()}
+            self._cast_weights = {name: w.detach().to(self.dtype) for name, w in linears.items()}
         # generate() decodes up to this many tokens per Python round trip (decode_n); the server's scheduler steps one
         # at a time so requests join and leave between tokens
         self.chunk = 8
@@ -620,12 +625,9 @@ class Engine:
     def prefill(self, ids: list[int], cache: KVCache, row: int) -> torch.Tensor:
         """Run the prompt at batch 1 into `row` of the cache; returns the last position's logits (1, V)."""
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        kw = dict(kv_cache=cache.view(slice(row, row + 1), [0]), last=True)
         with autocast_ctx(self.device, self.dtype):
-            if self._prefill_weights:
-                logits = torch.func.functional_call(self.model, self._prefill_weights, (x,), kw, strict=False)
-            else:
-                logits = self.model(x, **kw)
+            logits = _with_weights(self.model, self._cast_weights)(
+                x, kv_cache=cache.view(slice(row, row + 1), [0]), last=True)
         return logits[:, -1]
 
     @torch.inference_mode()
@@ -661,7 +663,7 @@ class Engine:
         if not kind and self._aot_batch1:
             if self._aot is None:
                 opts = _compile_options(self.device, True, self._autotune)
-                self._aot = _aot_step(self.model, args, self._prefill_weights, self.context, opts)
+                self._aot = _aot_step(self.model, args, self._cast_weights, self.context, opts)
             return self._aot(*args)
         if kind in self._compiled:
             return self._step(*args)

@@ -481,7 +481,7 @@ def test_compiled_bf16_prefill_reads_cast_weights_with_the_same_result(tiny_toke
     ids = tok.encode("The quick brown fox", prepend=tok.bos_id)
     compiled = Engine(model, tok, dtype=torch.bfloat16, compile=True)  # prefill is eager: nothing compiles here
     plain = Engine(model, tok, dtype=torch.bfloat16)
-    assert compiled._prefill_weights and not plain._prefill_weights
+    assert compiled._cast_weights and not plain._cast_weights
     a, b = compiled.new_cache(1), plain.new_cache(1)
     assert torch.equal(compiled.prefill(ids, a, 0), plain.prefill(ids, b, 0))
     assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
