@@ -1,6 +1,6 @@
 """The inference engine: KV cache, prefill/decode, sampling, tool use, streaming. The ONLY sampling code in picochat.
 
-Everything that generates text goes through here: the chat CLI, the server (continuous batching via `Scheduler`),
+Everything that generates text goes through here: the chat CLI, the server (continuous batching: serve/scheduler.py),
 training-time samples, evaluation and RL.
 
     engine = Engine(model, tokenizer, tool=make_tool("calculator"))
@@ -34,7 +34,6 @@ import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -494,10 +493,6 @@ class Event:
     finish_reason: str | None = None  # None while running; "stop" | "length" | "cancelled" | "error"
 
 
-class OverloadedError(Exception):
-    """The scheduler's queue is full; the server answers 429."""
-
-
 class _Text:
     """Turns a row's token bytes into printable deltas: complete UTF-8 only, stop strings held back and cut."""
 
@@ -737,6 +732,39 @@ class Engine:
     def check_prompt(self, ids: list[int]) -> None:
         check_prompt(ids, self.context)
 
+    def check_score(self, ids: list[int], top: int = 0) -> None:
+        """What `score` accepts: 1..context token ids of the vocabulary, 0 <= top <= vocab."""
+        V = self.model.config.vocab_size
+        if not ids:
+            raise UserError("prompt to score is empty")
+        if len(ids) > self.context:
+            raise UserError(f"prompt to score is {len(ids)} tokens; the model's context is {self.context}")
+        bad = next((t for t in ids if not 0 <= t < V), None)
+        if bad is not None:
+            raise UserError(f"token id {bad} is outside the vocabulary (0..{V - 1})")
+        if not 0 <= top <= V:
+            raise UserError(f"top={top} must be between 0 and the vocabulary size {V}")
+
+    @torch.inference_mode()
+    def score(self, ids: list[int], top: int = 0) -> tuple[list[float | None], list[list[tuple[int, float]]]]:
+        """Log-probability of each token given the ones before it (None for the first) and, per position, the `top`
+        most likely (token, logprob) there ([] for the first): one forward over the whole prompt at batch 1, in the
+        engine's dtype as prefill runs it, log-softmax in fp32. What an evaluation client scores choices with."""
+        self.check_score(ids, top)
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with autocast_ctx(self.device, self.dtype):
+            logits = _with_weights(self.model, self._cast_weights)(x)  # (1, T, V)
+        logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # (T-1, V): position i predicts token i+1
+        target = torch.tensor(ids[1:], dtype=torch.long, device=self.device)
+        picked = logp.gather(1, target[:, None])[:, 0].tolist()
+        tops: list[list[tuple[int, float]]] = [[]]
+        if top > 0:
+            vals, idx = logp.topk(top, dim=-1)  # (T-1, top)
+            tops += [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+        else:
+            tops += [[] for _ in picked]
+        return [None, *picked], tops
+
     def generate(self, prompt_ids: list[int], num_samples: int = 1,
                  params: SamplingParams | None = None) -> Iterator[list[Event]]:
         """Stream a request: yields the list of Events of each step until every row has finished."""
@@ -774,7 +802,7 @@ class Engine:
 
 
 class _Batch:
-    """Live rows [0, len(rows)) of one KV cache, stepped together. Used by Engine.generate and by Scheduler."""
+    """Live rows [0, len(rows)) of one KV cache, stepped together. Used by Engine.generate and by serve.Scheduler."""
 
     def __init__(self, engine: Engine, max_rows: int, cache: KVCache | None = None):
         self.e = engine
@@ -925,118 +953,3 @@ class _Batch:
                 self.rows.pop()
             else:
                 i += 1
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# continuous batching for the server
-
-
-class Scheduler:
-    """Continuous batching across requests: a background thread admits queued requests into free rows between
-    decode steps and steps all live rows together. `on_event` callbacks run on that thread and must not block."""
-
-    def __init__(self, engine: Engine, max_batch: int = 32, max_queue: int = 256,
-                 on_step: Callable[[], None] | None = None):
-        self.engine = engine
-        self.on_step = on_step  # called on the scheduler thread after each round (admissions + one step)
-        self.max_batch = max_batch
-        self.max_queue = max_queue
-        self._queue: deque[_Request] = deque()
-        self._cancel: set[int] = set()
-        self._cv = threading.Condition()
-        self._next_id = 1
-        self._thread: threading.Thread | None = None
-        self._stop = False
-        self._batch: _Batch | None = None
-        self._threads = torch.get_num_threads()
-        self.steps = 0
-        self.compile_seconds = 0.0
-
-    def start(self) -> None:
-        """Compile the decode graphs (a compiled engine; `compile_seconds` says how long it took), then start the
-        scheduler thread."""
-        if self._thread is None:
-            self.compile_seconds = self.engine.warmup(self.max_batch)
-            self._batch = _Batch(self.engine, self.max_batch)
-            self._thread = threading.Thread(target=self._loop, name="picochat-scheduler", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
-    @property
-    def load(self) -> tuple[int, int]:
-        """(live rows, queued rows)."""
-        running = len(self._batch.rows) if self._batch else 0
-        return running, sum(r.n for r in self._queue)
-
-    def submit(self, prompt_ids: list[int], params: SamplingParams, n: int, on_event: Callable[[Event], None]) -> int:
-        self.engine.check_prompt(prompt_ids)
-        if n < 1 or n > self.max_batch:
-            raise UserError(f"n={n} must be between 1 and the server's max batch {self.max_batch}")
-        with self._cv:
-            if sum(r.n for r in self._queue) + n > self.max_queue:
-                raise OverloadedError(f"server busy: {self.max_queue} rows already queued; retry later")
-            rid = self._next_id
-            self._next_id += 1
-            self._queue.append(_Request(rid, list(prompt_ids), n, params, on_event))
-            self._cv.notify_all()
-        return rid
-
-    def cancel(self, request_id: int) -> None:
-        with self._cv:
-            self._cancel.add(request_id)
-            self._cv.notify_all()
-
-    def _loop(self) -> None:
-        # OpenMP's thread count is per thread: a new thread starts from the process default (all cores), not from
-        # what torch.set_num_threads set on the thread that built the scheduler. Carry it over.
-        torch.set_num_threads(self._threads)
-        b = self._batch
-        while True:
-            with self._cv:
-                while not self._stop and not b.rows and not self._queue:
-                    self._cv.wait()
-                if self._stop:
-                    return
-                admit = []
-                while self._queue and self._queue[0].n <= b.free - sum(r.n for r in admit):
-                    admit.append(self._queue.popleft())
-                cancel, self._cancel = self._cancel, set()
-            for req in admit:
-                if req.rid in cancel:
-                    for i in range(req.n):
-                        req.on_event(Event(i, -1, False, "text", "", "cancelled"))
-                    continue
-                self._guard(req, lambda: b.add(req))
-            for r in b.rows:
-                if r.request.rid in cancel:
-                    r.request.cancelled = True
-            if b.rows:
-                try:
-                    b.step()
-                    self.steps += 1
-                except Exception as exc:  # a failed step fails its rows' requests, never the server
-                    for r in b.rows:
-                        r.done = True
-                        r.request.on_event(Event(r.index, -1, False, r.segment, f"{exc}", "error"))
-                    b._compact()
-            # a request cancelled while queued also needs its cancel remembered
-            with self._cv:
-                self._cancel |= {rid for rid in cancel if any(q.rid == rid for q in self._queue)}
-            if self.on_step is not None:
-                self.on_step()
-
-    def _guard(self, req: _Request, fn) -> None:
-        try:
-            fn()
-        except Exception as exc:
-            for i in range(req.n):
-                req.on_event(Event(i, -1, False, "text", f"{exc}", "error"))
-            self._batch.rows = [r for r in self._batch.rows if r.request is not req]
-

@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from conftest import make_tiny_model, randomize_outputs
 from picochat.common import UserError
-from picochat.engine import Engine, SamplingParams, Scheduler, sample_rows
+from picochat.engine import Engine, SamplingParams, sample_rows
+from picochat.serve.scheduler import Scheduler
 from picochat.config import ModelConfig, derive_model_config
 
 

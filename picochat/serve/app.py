@@ -69,7 +69,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from picochat.common import UserError, print0, run_main
 from picochat.config import CheckpointSource, f, log_config, parse_config
-from picochat.engine import Engine, Event, OverloadedError, SamplingParams, Scheduler
+from picochat.engine import Engine, Event, SamplingParams
+from picochat.serve.scheduler import OverloadedError, Scheduler
 from picochat.serve.chat_cli import SEGMENT_PART
 from picochat.serve.worker import EngineDied, EngineProcess
 

@@ -29,15 +29,12 @@ import torch
 import torch.multiprocessing as mp
 
 from picochat.common import UserError
-from picochat.engine import Engine, Event, OverloadedError, SamplingParams, Scheduler, check_prompt
+from picochat.engine import Engine, Event, SamplingParams, check_prompt
+from picochat.serve.scheduler import EngineDied, OverloadedError, Scheduler
 
 log = logging.getLogger("picochat.serve")
 
 READY_TIMEOUT_S = 900.0  # model transfer + torch.compile of both decode graphs; 20-45 s on 2 cores
-
-
-class EngineDied(Exception):
-    """The engine process is gone; the server answers 503."""
 
 
 def _child(conn, model, tokenizer, tool, compile: bool, max_batch: int, threads: int) -> None:

@@ -1,0 +1,234 @@
+"""Continuous batching for the server: one thread admits queued requests into free rows of one batch between decode
+steps and steps every live row together, so concurrent requests share decode steps.
+
+    sched = Scheduler(Engine(model, tokenizer, tool=tool), max_batch=32)
+    sched.start()
+    rid = sched.submit(prompt_ids, SamplingParams(max_tokens=64), n=2, on_event=handle)   # handle(Event), 1 per token
+    sched.submit_score(ids, top=5, on_done=handle_score)    # Engine.score between decode steps
+    sched.cancel(rid); sched.load; sched.dead; sched.stop()
+
+Callbacks run on the scheduler thread and must not block. `serve/worker.py` runs the same class in a child process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+
+from picochat.common import UserError
+from picochat.engine import Engine, Event, SamplingParams
+from picochat.engine import _Batch, _Request
+
+log = logging.getLogger("picochat.serve")
+
+ScoreResult = tuple[list[Union[float, None]], list[list[tuple[int, float]]]]
+
+# a round scores queued prompts until this many tokens (at least one prompt), then decodes a step: a queue of long
+# scoring requests (an evaluation client) must not stall the streams that are decoding
+SCORE_TOKENS_PER_ROUND = 2048
+
+
+class OverloadedError(Exception):
+    """The scheduler's queue is full; the server answers 429."""
+
+
+class EngineDied(Exception):
+    """The scheduler's thread (or the engine process) is gone; the server answers 503."""
+
+
+@dataclass
+class _Score:
+    """A queued Engine.score call: one queue row."""
+    rid: int
+    ids: list[int]
+    top: int
+    on_done: Callable[[Union[ScoreResult, BaseException]], None]
+    n: int = 1
+
+
+class Scheduler:
+    """Continuous batching across requests on a background thread; see the module docstring."""
+
+    def __init__(self, engine: Engine, max_batch: int = 32, max_queue: int = 256,
+                 on_step: Callable[[], None] | None = None):
+        self.engine = engine
+        self.on_step = on_step  # called on the scheduler thread after each round (admissions + one step)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self._queue: deque[_Request | _Score] = deque()
+        self._queued_rows = 0  # sum of n over the queue; both under _cv
+        self._running = 0  # live rows of the batch, as of the end of the last round; under _cv
+        self._cancel: set[int] = set()
+        self._cv = threading.Condition()
+        self._next_id = 1
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._dead: str | None = None
+        self._batch: _Batch | None = None
+        self._threads = torch.get_num_threads()
+        self.steps = 0
+        self.compile_seconds = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Compile the decode graphs (a compiled engine; `compile_seconds` says how long it took), then start the
+        scheduler thread."""
+        if self._thread is None:
+            self.compile_seconds = self.engine.warmup(self.max_batch)
+            self._batch = _Batch(self.engine, self.max_batch)
+            self._thread = threading.Thread(target=self._run, name="picochat-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    @property
+    def dead(self) -> str | None:
+        """Why the scheduler thread is gone, or None while it runs (or before start / after stop)."""
+        if self._dead is None and self._thread is not None and not self._thread.is_alive() and not self._stop:
+            return "the scheduler thread exited"
+        return self._dead
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(live rows, queued rows)."""
+        with self._cv:
+            return self._running, self._queued_rows
+
+    # -- requests -----------------------------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, n: int, on_event: Callable[[Event], None]) -> int:
+        self.engine.check_prompt(prompt_ids)
+        if n < 1 or n > self.max_batch:
+            raise UserError(f"n={n} must be between 1 and the server's max batch {self.max_batch}")
+        return self._enqueue(lambda rid: _Request(rid, list(prompt_ids), n, params, on_event))
+
+    def submit_score(self, ids: list[int], top: int,
+                     on_done: Callable[[Union[ScoreResult, BaseException]], None]) -> int:
+        """Queue `Engine.score(ids, top)`; `on_done` gets its result, or the exception it raised, on the scheduler
+        thread. Counts one row against the queue limit."""
+        self.engine.check_score(ids, top)
+        return self._enqueue(lambda rid: _Score(rid, list(ids), top, on_done))
+
+    def _enqueue(self, make: Callable[[int], _Request | _Score]) -> int:
+        with self._cv:
+            if self.dead is not None:
+                raise EngineDied(self.dead)
+            item = make(self._next_id)
+            if self._queued_rows + item.n > self.max_queue:
+                raise OverloadedError(f"server busy: {self.max_queue} rows already queued; retry later")
+            self._next_id += 1
+            self._queue.append(item)
+            self._queued_rows += item.n
+            self._cv.notify_all()
+        return item.rid
+
+    def cancel(self, request_id: int) -> None:
+        with self._cv:
+            self._cancel.add(request_id)
+            self._cv.notify_all()
+
+    # -- the scheduler thread -----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - a dead loop must be reported, whatever killed it
+            why = f"the scheduler thread died: {type(exc).__name__}: {exc}"
+            with self._cv:
+                self._dead = why
+                queued, self._queue, self._queued_rows, self._running = list(self._queue), deque(), 0, 0
+            for item in queued:
+                _fail(item, why)
+            for r in self._batch.rows:
+                if not r.done:
+                    r.done = True
+                    r.request.on_event(Event(r.index, -1, False, r.segment, why, "error"))
+            self._batch.rows = []
+            log.error("%s; failed %d queued request(s)", why, len(queued), exc_info=exc)
+
+    def _loop(self) -> None:
+        # OpenMP's thread count is per thread: a new thread starts from the process default (all cores), not from
+        # what torch.set_num_threads set on the thread that built the scheduler. Carry it over.
+        torch.set_num_threads(self._threads)
+        b = self._batch
+        while True:
+            with self._cv:
+                while not self._stop and not b.rows and not self._queue:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                admit, scores, keep = [], [], deque()
+                budget, free, blocked = SCORE_TOKENS_PER_ROUND, b.free, False
+                for item in self._queue:  # generation in order of arrival; scores do not wait for rows
+                    if isinstance(item, _Score) and budget > 0:
+                        scores.append(item)
+                        budget -= len(item.ids)
+                    elif isinstance(item, _Request) and not blocked and item.n <= free:
+                        admit.append(item)
+                        free -= item.n
+                    else:
+                        blocked = blocked or isinstance(item, _Request)
+                        keep.append(item)
+                self._queue = keep
+                self._queued_rows -= sum(q.n for q in admit) + len(scores)
+                cancel, self._cancel = self._cancel, set()
+            for job in scores:
+                if job.rid in cancel:
+                    continue
+                try:
+                    result: ScoreResult | BaseException = self.engine.score(job.ids, job.top)
+                except Exception as exc:  # noqa: BLE001 - handed to the caller, which answers the client
+                    result = exc
+                job.on_done(result)
+            for req in admit:
+                if req.rid in cancel:
+                    for i in range(req.n):
+                        req.on_event(Event(i, -1, False, "text", "", "cancelled"))
+                    continue
+                self._guard(req, lambda: b.add(req))
+            for r in b.rows:
+                if r.request.rid in cancel:
+                    r.request.cancelled = True
+            if b.rows:
+                try:
+                    b.step()
+                    self.steps += 1
+                except Exception as exc:  # a failed step fails its rows' requests, never the server
+                    for r in b.rows:
+                        r.done = True
+                        r.request.on_event(Event(r.index, -1, False, r.segment, f"{exc}", "error"))
+                    b._compact()
+            with self._cv:
+                self._running = len(b.rows)
+                # a request cancelled while queued also needs its cancel remembered
+                self._cancel |= {rid for rid in cancel if any(q.rid == rid for q in self._queue)}
+            if self.on_step is not None:
+                self.on_step()
+
+    def _guard(self, req: _Request, fn) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            for i in range(req.n):
+                req.on_event(Event(i, -1, False, "text", f"{exc}", "error"))
+            self._batch.rows = [r for r in self._batch.rows if r.request is not req]
+
+
+def _fail(item: _Request | _Score, why: str) -> None:
+    if isinstance(item, _Score):
+        item.on_done(EngineDied(why))
+    else:
+        for i in range(item.n):
+            item.on_event(Event(i, -1, False, "text", why, "error"))
