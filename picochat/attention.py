@@ -7,12 +7,21 @@ Layouts: q (B, T, H, D); k, v (B, T, Hkv, D) with H % Hkv == 0 (GQA); the output
 Backends: FlashAttention-3 (`flash_attn_interface`) on Hopper GPUs when it is installed, otherwise PyTorch SDPA
 (which itself dispatches to flash / memory-efficient / CPU-flash kernels). `PICOCHAT_ATTN=sdpa|fa3` overrides the
 choice (the parity test uses it). The choice and its reason are logged once by `describe_backend()`.
+`fa3_override(kernels)` is the test override: it runs the FA3 code path anywhere with a stand-in for the kernels
+(the CPU tests use one that asserts FA3's input contract and computes with SDPA).
+
+FA3's contract, which the FA3 branches meet by casting: q, k, v (and the cache) in ONE dtype, fp16 or bf16 (there is no
+fp32 kernel), (B, T, H, D) with the last dimension contiguous; `flash_attn_func` is not autocast-aware. Under bf16
+autocast q and k arrive fp32 (the rotary tables are fp32) while v is bf16, and evaluation may run without autocast.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +52,57 @@ def _backend() -> tuple[str, str]:
     return "sdpa", f"PyTorch SDPA ({fa3_reason})"
 
 
+# the kernels `fa3_override` installed, if any (a context variable: scoped to the `with` block, no global to reset)
+_FA3_OVERRIDE: ContextVar[object | None] = ContextVar("picochat_fa3_override", default=None)
+
+
+@contextmanager
+def fa3_override(kernels: object | None) -> Iterator[None]:
+    """Test override: inside the block the backend is FA3 and `kernels` (anything with `flash_attn_func` and
+    `flash_attn_with_kvcache`, called as flash_attn_interface's) stands in for flash_attn_interface, on any device.
+    `None` restores the process's own backend inside an outer override (a test's reference run)."""
+    token = _FA3_OVERRIDE.set(kernels)
+    try:
+        yield
+    finally:
+        _FA3_OVERRIDE.reset(token)
+
+
+def _fa3():
+    kernels = _FA3_OVERRIDE.get()
+    if kernels is None:
+        import flash_attn_interface as kernels
+    return kernels
+
+
 @torch.compiler.assume_constant_result
 def backend_name() -> str:
     """The chosen backend's name; a constant to torch.compile (it does not trace into the lru_cache)."""
-    return _backend()[0]
+    return "fa3" if _FA3_OVERRIDE.get() is not None else _backend()[0]
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _fa3_dtypes(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype FA3 runs in, dtype to return). Under autocast: autocast's dtype for both, as SDPA would give. Without
+    (evaluation of an fp32 model): v's dtype if it is half, else bf16 since FA3 has no fp32 kernel, and the result goes
+    back to q's dtype so the fp32 output projection that follows accepts it."""
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) in _HALF:
+        dt = torch.get_autocast_dtype(dev)
+        return dt, dt
+    return (v.dtype if v.dtype in _HALF else torch.bfloat16), q.dtype
+
+
+def _fa3_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t = t.to(dtype)
+    return t if t.stride(-1) == 1 else t.contiguous()  # FA3 reads the head dim as one contiguous vector
+
+
+def _fa3_window(window: int) -> tuple[int, int]:
+    # FA3's (left, right) window counts the keys besides the query's own: `window` keys = (window - 1, 0); -1 = none
+    return (window - 1 if window > 0 else -1, 0)
 
 
 def describe_backend() -> str:
@@ -78,10 +134,10 @@ def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
     name = backend_name()
     T = q.size(1)
     if name == "fa3":
-        import flash_attn_interface
-
-        ws = (window - 1 if window > 0 else -1, 0)
-        return flash_attn_interface.flash_attn_func(q, k, v, causal=causal, window_size=ws)
+        dt, out_dt = _fa3_dtypes(q, v)
+        y = _fa3().flash_attn_func(_fa3_in(q, dt), _fa3_in(k, dt), _fa3_in(v, dt), causal=causal,
+                                   window_size=_fa3_window(window))
+        return y.to(out_dt)
     if window > 0 and window < T:
         return _sdpa(q, k, v, mask=_band_mask(T, T, 0, window, q.device))
     return _sdpa(q, k, v, causal=causal)
@@ -95,8 +151,19 @@ def attn_with_cache(q, k, v, k_cache, v_cache, pos, kv_len: int, window: int = 0
          int64 tensor of per-row start positions (continuous batching: rows of different requests).
     kv_len: a Python int >= max(pos) + T, how much of the cache to attend over (passed in so no device sync is needed).
     The cache's own bookkeeping (advancing positions) belongs to the caller, after the forward pass.
+    With FA3 (eager, a bf16/fp16 cache) one `flash_attn_with_kvcache` call writes and attends: the new entries land at
+    each row's `pos` (its cache_seqlens) and query i sits at pos + i, our positions exactly. Inside torch.compile the
+    SDPA / `_one_query` path stays: FA3's ops through dynamo are not verified here. An fp32 cache also takes SDPA (FA3
+    would need a half copy of the whole cache at every step).
     """
     B, T = q.shape[:2]
+    if backend_name() == "fa3" and k_cache.dtype in _HALF and not torch.compiler.is_compiling():
+        dt, out_dt = k_cache.dtype, _fa3_dtypes(q, v)[1]
+        seqlens = (torch.full((B,), pos, dtype=torch.int32, device=q.device) if isinstance(pos, int)
+                   else pos.to(torch.int32))  # FA3 takes int32 lengths
+        y = _fa3().flash_attn_with_kvcache(_fa3_in(q, dt), k_cache, v_cache, k=_fa3_in(k, dt), v=_fa3_in(v, dt),
+                                           cache_seqlens=seqlens, causal=True, window_size=_fa3_window(window))
+        return y.to(out_dt)
     if isinstance(pos, int):
         k_cache[:, pos : pos + T] = k
         v_cache[:, pos : pos + T] = v
