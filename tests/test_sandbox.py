@@ -4,9 +4,12 @@
 """
 
 import ast
+import glob
 import os
 import socket
+import stat
 import tempfile
+import threading
 import time
 import uuid
 
@@ -17,6 +20,29 @@ from picochat.sandbox import run_python
 # Re-importing a builtin module gives back its original functions: the documented way around the Python-level guards.
 # Tests use it to check the layers that must hold without the guards (rlimits, process group, netns, Landlock).
 UNGUARDED_POSIX = "import sys\ndel sys.modules['posix']\nimport posix\n"
+
+
+@pytest.fixture(params=["auto", "fallback"])
+def mode(request, monkeypatch):
+    """Every probe runs under both isolation paths: bubblewrap where it works ("auto") and the layers the child sets
+    up itself ("fallback", forced by PICOCHAT_SANDBOX)."""
+    monkeypatch.setenv("PICOCHAT_SANDBOX", request.param)
+    return request.param
+
+
+def survivors(marker: str) -> list[int]:
+    """Live processes whose command line holds `marker` (every process of a run has the work dir in its argv)."""
+    found = []
+    for d in glob.glob("/proc/[0-9]*"):
+        try:
+            with open(f"{d}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        pid = int(d.rsplit("/", 1)[1])
+        if marker.encode() in cmdline and pid != os.getpid() and pid_alive(pid):
+            found.append(pid)
+    return found
 
 
 def assert_still_works() -> None:
@@ -120,33 +146,6 @@ def test_subprocesses_fail():
     assert_still_works()
 
 
-def test_forked_helpers_die_with_the_child():
-    # With the guards bypassed, a fork either fails (RLIMIT_NPROC = 0, non-root) or the helper is in the child's
-    # process group and is SIGKILLed when the child exits (root, where the kernel ignores RLIMIT_NPROC).
-    code = UNGUARDED_POSIX + (
-        "import time\n"
-        "try:\n"
-        "    pid = posix.fork()\n"
-        "except OSError as e:\n"
-        "    print('fork failed', e)\n"
-        "else:\n"
-        "    if pid == 0:\n"
-        "        time.sleep(60)\n"
-        "    print('helper', pid)\n"
-    )
-    t0 = time.monotonic()
-    r = run_python(code, timeout_s=5)
-    assert time.monotonic() - t0 < 4  # did not wait for the sleeping helper
-    if r.stdout.startswith("fork failed"):
-        return
-    assert r.status == "ok"
-    helper = int(r.stdout.split()[1])
-    deadline = time.monotonic() + 2
-    while pid_alive(helper) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not pid_alive(helper)
-
-
 def test_large_output_is_truncated_quickly():
     t0 = time.monotonic()
     r = run_python("print('x' * 1_000_000)", max_output_bytes=4096)
@@ -221,3 +220,186 @@ def test_stdlib_is_usable_despite_the_guards():
             "print(json.dumps([uuid.uuid4().version, asyncio.run(asyncio.sleep(0, 'async ok'))]))")
     r = run_python(code)
     assert (r.status, r.stdout) == ("ok", '[4, "async ok"]\n')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# probes: each got through before the sandbox had a PID/mount namespace, seccomp and Landlock read rules
+
+
+def test_host_unix_socket_by_path_is_unreachable(mode):
+    sock_dir = tempfile.mkdtemp(prefix="picochat_probe_sock_")  # outside any run's work dir
+    path = os.path.join(sock_dir, "agent.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(4)
+    server.setblocking(False)
+    try:
+        r = run_python(f"import _socket\ns = _socket.socket(_socket.AF_UNIX)\ns.settimeout(1)\ns.connect({path!r})\n"
+                       "print('connected')", timeout_s=3)
+        assert r.status == "error" and "connected" not in r.stdout
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nobody reached the socket
+    finally:
+        server.close()
+        os.unlink(path)
+        os.rmdir(sock_dir)
+
+
+def _read_probe(path: str):
+    # _io.FileIO is not behind the Python-level guards, so only the OS-level layers can stop it
+    return run_python(f"import _io\nprint(_io.FileIO({path!r}).read(200))", timeout_s=3)
+
+
+def test_system_files_are_unreadable(mode):
+    r = _read_probe("/etc/passwd")
+    assert r.status == "error" and "root:" not in r.stdout
+    assert r.stderr.strip().splitlines()[-1].split(":")[0] in ("PermissionError", "FileNotFoundError")
+
+
+def test_files_under_home_are_unreadable(mode):
+    secret = f"picochat-secret-{uuid.uuid4().hex}"
+    path = os.path.join(os.path.expanduser("~"), f".picochat_probe_{uuid.uuid4().hex}")
+    with open(path, "w") as f:
+        f.write(secret)
+    try:
+        r = _read_probe(path)
+    finally:
+        os.unlink(path)
+    assert r.status == "error" and secret not in r.stdout
+
+
+def test_another_runs_code_is_unreadable(mode):
+    marker = f"picochat-marker-{uuid.uuid4().hex}"
+    other = threading.Thread(target=run_python, args=(f"# {marker}\nimport time\ntime.sleep(30)",),
+                             kwargs={"timeout_s": 3})
+    other.start()
+    try:
+        deadline, found = time.monotonic() + 2.5, None
+        while found is None and time.monotonic() < deadline:
+            for p in glob.glob(os.path.join(tempfile.gettempdir(), "picochat_sandbox_*", "main.py")):
+                try:
+                    with open(p) as f:
+                        found = p if marker in f.read() else None
+                except OSError:
+                    continue
+                if found:
+                    break
+            time.sleep(0.01)
+        assert found, "the other run's main.py never appeared"
+        r = _read_probe(found)
+        assert r.status == "error" and marker not in r.stdout
+    finally:
+        other.join()
+
+
+def test_no_new_processes_even_as_root(mode):
+    # As root the kernel does not enforce RLIMIT_NPROC; 20 forks must still all fail.
+    code = UNGUARDED_POSIX + (
+        "n = 0\n"
+        "for _ in range(20):\n"
+        "    try:\n"
+        "        pid = posix.fork()\n"
+        "    except OSError:\n"
+        "        continue\n"
+        "    if pid == 0:\n"
+        "        posix._exit(0)\n"
+        "    posix.waitpid(pid, 0)\n"
+        "    n += 1\n"
+        "print('forked', n)\n"
+    )
+    r = run_python(code, timeout_s=5)
+    assert (r.status, r.stdout) == ("ok", "forked 0\n")
+
+
+def test_a_setsid_helper_dies_with_the_run(mode):
+    # A helper that leaves the process group (setsid) escapes a group kill; nothing of the run may outlive it.
+    code = UNGUARDED_POSIX + (
+        "import os, time\n"
+        "print(os.getcwd(), flush=True)\n"
+        "try:\n"
+        "    pid = posix.fork()\n"
+        "except OSError as e:\n"
+        "    print('fork refused', e.errno, flush=True)\n"
+        "else:\n"
+        "    if pid == 0:\n"
+        "        posix.setsid()\n"
+        "        time.sleep(60)\n"
+        "        posix._exit(0)\n"
+        "    print('helper', pid, flush=True)\n"
+    )
+    t0 = time.monotonic()
+    r = run_python(code, timeout_s=5)
+    assert time.monotonic() - t0 < 3  # did not wait for the helper
+    workdir = r.stdout.split()[0]
+    assert workdir.startswith(os.path.join(tempfile.gettempdir(), "picochat_sandbox_"))
+    assert survivors(workdir) == []  # right after run_python returned, not eventually
+
+
+def test_cleanup_does_not_follow_a_symlink_swapped_in_during_it(mode):
+    # A process still running in the sandbox during the clean-up swaps a directory the clean-up is inside for a
+    # symlink to an outside directory and keeps the real one non-empty, so that removing it fails: a clean-up that
+    # then fixes permissions by path chmods (and removes) the outside directory instead.
+    outside = tempfile.mkdtemp(prefix="picochat_probe_outside_")
+    victim = os.path.join(outside, "d")
+    os.mkdir(victim, 0o555)
+    code = UNGUARDED_POSIX + (
+        "import os, time\n"
+        "os.makedirs('a/d')\n"
+        "for i in range(3000):\n"
+        "    open(f'a/d/f{i}', 'w').close()\n"
+        "fd = os.open('a/d', os.O_RDONLY)\n"
+        "try:\n"
+        "    pid = posix.fork()\n"
+        "except OSError as e:\n"
+        "    print('fork refused', flush=True)\n"
+        "    raise SystemExit\n"
+        "if pid:\n"
+        "    print('helper', flush=True)\n"
+        "    raise SystemExit\n"
+        "posix.setsid()\n"
+        "posix.close(1)\n"
+        "posix.close(2)\n"
+        "end = time.monotonic() + 5\n"
+        "while len(os.listdir(fd)) >= 3000 and time.monotonic() < end:\n"
+        "    pass\n"
+        "posix.rename('a', 'moved')\n"
+        f"posix.symlink({outside!r}, 'a')\n"
+        "for i in range(20000):\n"
+        "    posix.close(posix.open(f'n{i}', posix.O_CREAT | posix.O_WRONLY, dir_fd=fd))\n"
+        "posix._exit(0)\n"
+    )
+    try:
+        r = run_python(code, timeout_s=5)
+        assert r.status == "ok", r.stderr
+        time.sleep(0.5)  # let a survivor finish what it started
+        assert os.path.isdir(victim)
+        assert stat.S_IMODE(os.stat(victim).st_mode) == 0o555
+    finally:
+        os.chmod(victim, 0o755) if os.path.isdir(victim) else None
+        for root, dirs, files in os.walk(outside, topdown=False):
+            for n in files:
+                os.unlink(os.path.join(root, n))
+            for n in dirs:
+                os.rmdir(os.path.join(root, n))
+        os.rmdir(outside)
+
+
+def test_total_disk_quota(mode):
+    # Each file stays under RLIMIT_FSIZE (16 MiB); together they pass the work dir's quota (32 MiB by default).
+    code = ("import errno\n"
+            "total = 0\n"
+            "try:\n"
+            "    for i in range(12):\n"
+            "        with open(f'f{i}', 'wb') as f:\n"
+            "            for _ in range(8):\n"
+            "                f.write(b'x' * 1024 * 1024)\n"
+            "                total += 1\n"
+            "except OSError as e:\n"
+            "    print('refused', errno.errorcode[e.errno], total)\n"
+            "else:\n"
+            "    print('wrote', total)\n")
+    r = run_python(code, timeout_s=5)
+    assert r.status == "ok", r.stderr
+    verdict, *rest = r.stdout.split()
+    assert verdict == "refused" and rest[0] in ("ENOSPC", "EDQUOT"), r.stdout
+    assert int(rest[1]) <= 32  # MiB written before the refusal
