@@ -1,4 +1,5 @@
-"""PackingLoader: full rows, BOS alignment, best-fit order, exact resume, rank sharding, clear errors.
+"""PackingLoader: full rows, BOS alignment, best-fit order, every document once per pass, the split policy's used
+fraction, exact resume (both policies), rank sharding, clear errors; the validation slice; the corpus token count.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/pytest -x -q tests/test_loader.py
 """
@@ -15,7 +16,7 @@ import torch
 
 from picochat.common import UserError
 from picochat.data.corpus import corpus_dir, write_corpus, write_manifest
-from picochat.data.loader import PackingLoader
+from picochat.data.loader import PackingLoader, ValidationSlice, corpus_tokens
 
 BOS = 256
 
@@ -50,7 +51,8 @@ def test_rows_full_bos_aligned_and_made_of_documents():
     docs = random_docs(60, seed=1)
     write_corpus("c", docs, rows_per_group=8, val_docs=8)
     whole = {tuple([BOS] + list(d.encode())) for d in docs[:-8]}
-    loader = PackingLoader(ByteTokenizer(), "train", B=3, T=40, corpus="c", buffer_docs=6, tokenizer_threads=1)
+    loader = PackingLoader(ByteTokenizer(), "train", B=3, T=40, corpus="c", buffer_docs=6, tokenizer_threads=1,
+                           packing="crop")  # split's pieces are checked token by token further down
     n_whole = n_crop = 0
     for _ in range(12):
         x, y = next(loader)
@@ -71,27 +73,38 @@ def test_rows_full_bos_aligned_and_made_of_documents():
     assert n_crop > 0 and n_whole > 0
 
 
-def test_best_fit_order_hand_built():
-    # tokens per doc (BOS + bytes): a 5, b 8, c 3, d 2, e 10, f 13; rows of T+1 = 10, 3 docs buffered
+HAND_ROWS = {  # tokens per doc (BOS + bytes): a 5, b 8, c 3, d 2, e 10, f 13; rows of T+1 = 10, 3 docs buffered
+    "crop": ["|bbbbbbb|d",  # b (8) is the largest that fits; then only d (2) fits the 2 left
+             "|eeeeeeeee",  # e fills the row exactly
+             "|fffffffff",  # f is longer than a row: it starts one (and crop drops its last 3)
+             "|aaaa|aaaa",  # a (5) then the second epoch's a (5)
+             "|bbbbbbb|d"],  # b (8), then the second epoch's d (2)
+    "split": ["|bbbbbbb|d", "|eeeeeeeee",
+              "|fffffffff",  # f's last 3 go back as a 4-token piece |fff
+              "|aaaa|aaaa",
+              "|bbbbbbb|c",  # nothing fits 2: the shortest (the older c, 3) fills it and its rest goes back as |c
+              "|fff|cc|c|"],  # the |fff piece, the new c, the |c piece; the last slot takes the BOS of d
+}
+
+
+@pytest.mark.parametrize("packing", ["crop", "split"])
+def test_best_fit_order_hand_built(packing):
     train = ["aaaa", "bbbbbbb", "cc", "d", "eeeeeeeee", "ffffffffffff"]
     write_corpus("hand", train + ["zz"], rows_per_group=2, val_docs=1)
-    loader = PackingLoader(ByteTokenizer(), "train", B=1, T=9, corpus="hand", buffer_docs=3, tokenizer_threads=1)
+    loader = PackingLoader(ByteTokenizer(), "train", B=1, T=9, corpus="hand", buffer_docs=3, tokenizer_threads=1,
+                           packing=packing)
 
     def row():
         x, y = next(loader)
         return "".join("|" if t == BOS else chr(t) for t in x[0].tolist() + y[0, -1:].tolist())
 
-    assert row() == "|bbbbbbb|d"  # b (8) is the largest that fits; then only d (2) fits the 2 left
-    assert row() == "|eeeeeeeee"  # e fills the row exactly
-    assert loader.epoch == 1
-    assert row() == "|aaaa|aaaa"  # a (5) then, with f (13) and c (3) buffered, the second epoch's a (5)
+    rows = [row() for _ in HAND_ROWS[packing]]
+    assert rows == HAND_ROWS[packing]
     assert loader.epoch == 2
-    assert row() == "|bbbbbbb|c"  # b (8); nothing fits 2, so the shortest (the older c, 3) is cropped
-    assert row() == "|cc|d|eeee"  # c (3), d (2), then e (10) cropped to the last 5
 
 
 def test_best_fit_ties_go_to_the_oldest_document():
-    write_corpus("tie", ["aa", "bb", "cccccc", "zz"], rows_per_group=1, val_docs=1)
+    write_corpus("tie", ["aa", "bb", "c", "zz"], rows_per_group=1, val_docs=1)
     loader = PackingLoader(ByteTokenizer(), "train", B=1, T=2, corpus="tie", buffer_docs=3, tokenizer_threads=1)
     rows = ["".join(chr(t) for t in next(loader)[0][0].tolist()[1:]) for _ in range(4)]
     assert rows == ["a", "b", "a", "b"]  # aa and bb (3 tokens each) both fill the row: the older one goes first
@@ -101,10 +114,11 @@ def _collect(loader, n):
     return [tuple(t.clone() for t in next(loader)) for _ in range(n)]
 
 
-def test_resume_is_exact_including_across_epochs():
-    docs = random_docs(50, seed=2, hi=40)
+@pytest.mark.parametrize("packing", ["crop", "split"])
+def test_resume_is_exact_including_across_epochs(packing):
+    docs = random_docs(50, seed=2, hi=40)  # up to 41 tokens in rows of 25: split pieces are in the saved states
     write_corpus("r", docs, rows_per_group=4, val_docs=6)
-    kw = dict(B=2, T=24, corpus="r", buffer_docs=5, tokenizer_threads=1)
+    kw = dict(B=2, T=24, corpus="r", buffer_docs=5, tokenizer_threads=1, packing=packing)
     ref = PackingLoader(ByteTokenizer(), "train", **kw)
     states, batches, epochs = [], [], []
     for _ in range(40):
@@ -147,7 +161,7 @@ def test_epochs_done_counts_documents_read():
         before = loader.epochs_done()
         loader._pull()
         assert loader.epochs_done() - before == pytest.approx(1 / n_train)
-    loader._add(0, 0, np.zeros(3, dtype=np.int64))  # one waiting in the buffer is not done yet
+    loader.packer.add((0, 0), np.zeros(3, dtype=np.int64))  # one waiting in the buffer is not done yet
     assert loader.epochs_done() - before == pytest.approx(0.0, abs=1e-12)
     loader.close()
 
@@ -157,6 +171,10 @@ def test_resume_rejects_a_state_from_another_setup():
     state = PackingLoader(ByteTokenizer(), "train", B=1, T=16, corpus="s").state_dict()
     with pytest.raises(UserError, match="world_size"):
         PackingLoader(ByteTokenizer(), "train", B=1, T=16, corpus="s", rank=1, world_size=2, state=state)
+    with pytest.raises(UserError, match="packing 'split' \\(this run: 'crop'\\).*--packing"):
+        PackingLoader(ByteTokenizer(), "train", B=1, T=16, corpus="s", packing="crop", state=state)
+    with pytest.raises(UserError, match="packing 'bestfit' is not one of split, crop"):
+        PackingLoader(ByteTokenizer(), "train", B=1, T=16, corpus="s", packing="bestfit")
 
 
 def test_ranks_read_disjoint_row_groups_covering_all():
@@ -219,3 +237,149 @@ def test_state_position_survives_buffer_larger_than_epoch():
     got = _collect(PackingLoader(ByteTokenizer(), "train", state=state, **kw), 4)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(want, got))
     assert np.all([torch.equal(a[1], b[1]) for a, b in zip(want, got)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# every token accounted for: documents whose tokens name their document and position
+
+
+class PositionTokenizer:
+    """Test fixture: the text "i L" is document i of L tokens, token j being i * 100_000 + j + 1; BOS is 0. So every
+    token in a packed row says which document it came from and where."""
+
+    bos_id = 0
+
+    def encode(self, texts, prepend=None, num_threads=1):
+        out = []
+        for t in texts:
+            i, n = map(int, t.split())
+            out.append(([prepend] if prepend is not None else []) + [i * 100_000 + j + 1 for j in range(n)])
+        return out
+
+
+def long_tailed(n, T, seed=0):
+    """Document lengths with a FineWeb-like long tail (log-normal, median T/2, sigma 1.2): about 30% of them are longer
+    than a row, a few several rows long."""
+    rng = np.random.default_rng(seed)
+    return [int(x) for x in np.clip(rng.lognormal(np.log(T / 2), 1.2, n), 1, 12 * T)]
+
+
+def position_corpus(name, lengths, val=8):
+    write_corpus(name, [f"{i} {n}" for i, n in enumerate(lengths)] + [f"{len(lengths) + i} 5" for i in range(val)],
+                 rows_per_group=8, val_docs=val)
+
+
+def emitted(loader, rows):
+    """The non-BOS tokens of the next `rows` packed rows (each row is inputs + the last target), in order."""
+    out = []
+    while len(out) < rows * (loader.T + 1):
+        x, y = next(loader)
+        out += [t for row in torch.cat([x, y[:, -1:]], dim=1).tolist() for t in row]
+    return np.array([t for t in out if t != 0])
+
+
+@pytest.mark.parametrize("packing", ["crop", "split"])
+def test_no_document_starved_or_repeated_within_a_pass(packing):
+    """Over the first 4 passes' worth of document starts, every document starts 3-5 times (4 but for the passes'
+    edges). Best-fit alone kept documents longer than a row in the buffer until nothing else was left: they were
+    never emitted while the short ones were emitted again and again."""
+    T, n_docs, passes = 32, 200, 4
+    position_corpus("lt", long_tailed(n_docs, T, seed=1))
+    loader = PackingLoader(PositionTokenizer(), "train", B=4, T=T, corpus="lt", buffer_docs=12, tokenizer_threads=1,
+                           packing=packing)
+    starts = []
+    while len(starts) < passes * n_docs:
+        tokens = emitted(loader, 4)
+        starts += [t // 100_000 for t in tokens if t % 100_000 == 1]
+    counts = np.bincount(starts[:passes * n_docs], minlength=n_docs)
+    assert counts.min() >= passes - 1 and counts.max() <= passes + 1, (counts.min(), counts.max())
+    loader.close()
+
+
+def test_split_packing_puts_every_token_of_a_pass_in_a_row():
+    """The split policy's goal (issue 12): >= 97% of a pass's tokens reach a row. With pieces going back into the
+    buffer nothing is dropped, so once the reader is a full pass further, every token of the first pass was emitted
+    exactly once; the loader's own count agrees."""
+    T = 32
+    lengths = long_tailed(200, T, seed=2)
+    position_corpus("lt2", lengths)
+    loader = PackingLoader(PositionTokenizer(), "train", B=4, T=T, corpus="lt2", buffer_docs=12, tokenizer_threads=1,
+                           packing="split")
+    seen = []
+    while loader.epoch < 3:
+        seen.append(emitted(loader, 4))
+    assert loader.stats()["loader_used_frac"] == 1.0
+    seen = np.concatenate(seen)
+    want = np.concatenate([i * 100_000 + np.arange(1, n + 1) for i, n in enumerate(lengths)])
+    first_pass = np.unique(seen, return_counts=True)
+    assert np.isin(want, first_pass[0]).mean() >= 0.97
+    assert np.isin(want, first_pass[0]).all()  # in fact all of them
+    assert first_pass[1].max() <= 2  # and none more often than the passes read (2, plus the one in progress)
+    loader.close()
+
+
+def test_crop_counts_what_it_drops():
+    """Crop's used fraction: row tokens over row tokens + cropped tails; with the tokens still buffered the three
+    add up to everything read (checked within the first pass, before the per-pass counts restart)."""
+    T = 32
+    lengths = long_tailed(200, T, seed=3)
+    position_corpus("lt3", lengths)
+    loader = PackingLoader(PositionTokenizer(), "train", B=4, T=T, corpus="lt3", buffer_docs=12, tokenizer_threads=1,
+                           packing="crop")
+    last = [y[:, -1] for y in (next(loader)[1] for _ in range(5))]
+    lone_bos = int(sum((t == 0).sum() for t in last))  # a row's last slot that nothing fitted holds a BOS
+    p, (e, k, d) = loader.packer, loader._pos
+    assert e == 1
+    read = sum(n + 1 for n in lengths[:sum(g[3] for g in loader.groups[:k]) + d])
+    buffered = sum(key[0] for key in p.keys)
+    assert p.used == 5 * 4 * (T + 1) - lone_bos and p.used + p.dropped + buffered == read
+    assert loader.stats()["loader_used_frac"] == pytest.approx(p.used / (p.used + p.dropped))
+    assert 0.3 < loader.stats()["loader_used_frac"] < 0.9  # a long tail loses a real share to cropping
+    loader.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the validation slice
+
+
+def test_validation_slice_is_fixed_in_order_and_the_same_on_any_rank_count():
+    """Every evaluation sees the same tokens; each document of the slice is scored once, whole, in document order
+    from the split's start; 2 ranks score exactly the targets 1 rank scores and run the same number of batches."""
+    val_lengths = [70, 3, 15, 200, 40, 1, 33, 90, 12, 50]  # tokens per document, some longer than a row
+    write_corpus("v", [f"{i} 5" for i in range(20)] + [f"{100 + i} {n}" for i, n in enumerate(val_lengths)],
+                 rows_per_group=2, val_docs=len(val_lengths))
+    tok = PositionTokenizer()
+    budget = 300  # covers the first 5 documents (71 + 4 + 16 + 201 = 292 tokens with BOS, then 41 more)
+
+    def targets(vs):
+        ys = [y for _, y in vs.batches()]
+        assert all(y.shape == (2, 16) for y in ys) and len(ys) == vs.steps
+        flat = torch.cat([y.flatten() for y in ys])
+        return flat[flat > 0].tolist()  # -1 is padding, 0 a BOS (no bytes: not scored)
+
+    one = ValidationSlice(tok, B=2, T=16, tokens=budget, corpus="v", tokenizer_threads=1)
+    assert (one.docs, one.tokens, one.split_docs) == (5, 333, 10)
+    first = targets(one)
+    assert targets(one) == first  # the same tokens on every call
+    want = [(100 + i) * 100_000 + j + 1 for i, n in enumerate(val_lengths[:5]) for j in range(n)]
+    assert first == want  # every token of the first 5 documents once, in order (each row starts at a BOS)
+    ranks = [ValidationSlice(tok, B=2, T=16, tokens=budget, corpus="v", rank=r, world_size=2, tokenizer_threads=1)
+             for r in (0, 1)]
+    assert ranks[0].steps == ranks[1].steps
+    assert sorted(targets(ranks[0]) + targets(ranks[1])) == sorted(first)
+    whole = ValidationSlice(tok, B=2, T=16, tokens=10**9, corpus="v", tokenizer_threads=1)
+    assert whole.docs == 10 and "all of the split's 10 documents" in whole.describe()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# corpus size
+
+
+def test_corpus_tokens_exact_when_small_and_estimated_when_large():
+    docs = random_docs(400, seed=8, lo=20, hi=400)
+    write_corpus("size", docs, rows_per_group=10, val_docs=40)
+    exact = sum(len(d.encode()) + 1 for d in docs[:-40])  # byte tokens + a BOS each
+    assert corpus_tokens(ByteTokenizer(), "train", "size") == (exact, "exact")
+    n, how = corpus_tokens(ByteTokenizer(), "train", "size", sample_bytes=8000)
+    assert how.startswith("estimated from") and "bytes/token" in how
+    assert abs(n - exact) / exact < 0.05  # footer sizes x tokens per byte of a tenth of the row groups

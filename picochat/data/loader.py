@@ -1,56 +1,153 @@
-"""The pretraining data loader: BOS-aligned best-fit packing of corpus documents into (B, T) token batches.
+"""The pretraining data loader: BOS-aligned best-fit packing of corpus documents into (B, T) token batches, the
+in-order validation slice, and the corpus-size count that pretraining plans its epochs with.
 
     loader = PackingLoader(tokenizer, "train", B=8, T=512, rank=rt.rank, world_size=rt.world_size, device=rt.device)
     inputs, targets = next(loader)            # (B, T) int64 each; targets are inputs shifted left by one
     meta["loader"] = loader.state_dict()      # PackingLoader(..., state=meta["loader"]) resumes at the next batch
+    loader.stats()                            # {"loader_used_frac": ..., "epochs": ...}
+    val = ValidationSlice(tokenizer, B=8, T=512, tokens=65536, rank=rt.rank, world_size=rt.world_size)
+    for x, y in val.batches(device): ...      # the same tokens on every call; y == -1 is padding
+    corpus_tokens(tokenizer, "train")         # (tokens, how it was counted)
 
-Used by picochat/train/pretrain.py (and midtrain for plain-text mixing); tests in tests/test_loader.py.
+Used by picochat/train/pretrain.py; tests in tests/test_loader.py; figures from benchmarks/loader.py.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from picochat.common import UserError
-from picochat.data.corpus import corpus_fingerprint, load_manifest, open_shard, read_row_group, row_groups
+from picochat.data.corpus import corpus_fingerprint, iter_documents, load_manifest, open_shard, read_row_group, \
+    row_groups
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+PACKING = ("split", "crop")
 # Prefetch depth in tokenized chunks: enough to hide a row group read + tokenization behind a few training steps,
 # small enough that read-ahead memory stays at a few chunks of documents.
 QUEUE_CHUNKS = 4
+# A buffered document older than this many buffers' worth of arrivals starts the next row, whatever its length.
+# Best-fit alone let over-long documents sit forever (the 61 longest of the embedded corpus were never emitted in 4
+# passes while others were emitted 5+ times); mean residence is one buffer (Little's law), so 4 rarely overrides
+# best fit (benchmarks/loader.py: used fraction unchanged) yet bounds every document's wait.
+MAX_AGE_BUFFERS = 4
+
+
+class Packer:
+    """The best-fit buffer, shared by the training loader and the validation slice.
+
+    Items are (ref, offset, seq, tokens): `tokens` a whole document (its BOS first), `offset` how much of it already
+    went into rows, `seq` its arrival number. An item's piece is tokens[offset:], led by a BOS when offset > 0.
+    Filling a row of n tokens:
+      row start:  the oldest item if it arrived more than `max_age` arrivals ago (no document waits longer); else the
+                  oldest item longer than the row (it fills the row whole: under crop that is the most of it any row
+                  can keep); else best fit;
+      best fit:   the LARGEST piece that fits the space left (oldest first among equal lengths);
+      none fits:  the SHORTEST piece fills the space; "crop" drops its tail (every token then sees its document's
+                  start: nanochat's trade), "split" puts the tail back as a BOS-led piece with the same seq. A last
+                  single slot gets a BOS instead: it is only a target (the end-of-document prediction), and cropping
+                  a document to its BOS would lose all of it.
+    `used` and `dropped` count corpus tokens that reached a row or were cropped away (a split piece's added BOS is
+    not a corpus token).
+    """
+
+    def __init__(self, policy: str, buffer_docs: int, max_age: int, bos: int):
+        self.policy, self.buffer_docs, self.max_age, self.bos = policy, buffer_docs, max_age, bos
+        self.keys: list[tuple[int, int]] = []  # sorted (piece length, seq) ...
+        self.items: list[tuple[tuple[int, int], int, int, np.ndarray]] = []  # ... aligned: (ref, offset, seq, tokens)
+        self.seq = 0  # arrivals so far
+        self.used = self.dropped = 0
+
+    def add(self, ref: tuple[int, int], tokens: np.ndarray, offset: int = 0, seq: int | None = None) -> None:
+        if seq is None:
+            seq, self.seq = self.seq, self.seq + 1
+        key = (len(tokens) - offset + (offset > 0), seq)
+        at = bisect_left(self.keys, key)
+        self.keys.insert(at, key)
+        self.items.insert(at, (ref, offset, seq, tokens))
+
+    def _pick(self, space: int, row_start: bool) -> int | None:
+        """Index of the item to place next, or None when nothing fits."""
+        keys = self.keys
+        if row_start:
+            oldest = min(range(len(keys)), key=lambda i: keys[i][1])
+            if self.seq - keys[oldest][1] > self.max_age:
+                return oldest
+            long = bisect_right(keys, (space, math.inf))
+            if long < len(keys):
+                return min(range(long, len(keys)), key=lambda i: keys[i][1])
+        last = bisect_right(keys, (space, math.inf)) - 1
+        if last >= 0:
+            return bisect_left(keys, (keys[last][0], -1))
+        return None
+
+    def fill(self, out: np.ndarray, pull: Callable[[], tuple[tuple[int, int], np.ndarray] | None]) -> int:
+        """Fill `out` (1-D) from the buffer, topping it up from `pull` (None: no more documents) before each pick.
+        Returns how many tokens were written: len(out), or fewer once `pull` and the buffer are both empty."""
+        filled, n = 0, len(out)
+        while filled < n:
+            while len(self.keys) < self.buffer_docs:
+                got = pull()
+                if got is None:
+                    break
+                self.add(*got)
+            if not self.keys:
+                break
+            at = self._pick(n - filled, filled == 0)
+            if at is None and filled == n - 1:  # a BOS, not the first token of a document lost to crop
+                out[filled] = self.bos
+                filled += 1
+                continue
+            at = 0 if at is None else at
+            self.keys.pop(at)
+            ref, offset, seq, tokens = self.items.pop(at)
+            piece = tokens if offset == 0 else np.concatenate(([self.bos], tokens[offset:]))
+            take = min(len(piece), n - filled)
+            out[filled:filled + take] = piece[:take]
+            filled += take
+            self.used += take - (offset > 0 and take > 0)
+            if take < len(piece):
+                if self.policy == "split":
+                    self.add(ref, tokens, offset + take - (offset > 0), seq)
+                else:
+                    self.dropped += len(piece) - take
+        return filled
+
+    def arrival_order(self) -> list[int]:
+        return sorted(range(len(self.keys)), key=lambda i: self.keys[i][1])
 
 
 class PackingLoader:
-    """BOS-aligned best-fit packing. Yields (inputs, targets), each (B, T) int64 on `device`.
-
-    Every row holds T+1 real tokens (inputs = row[:-1], targets = row[1:]) and starts at a document's BOS. A row is
-    filled by repeatedly taking the LARGEST buffered document that fits the remaining space; when none fits, the
-    SHORTEST buffered document is cropped to fill the row exactly and its tail is dropped. No padding.
+    """BOS-aligned best-fit packing (see `Packer` for the rule). Yields (inputs, targets), each (B, T) int64 on
+    `device`. Every row holds T+1 real tokens (inputs = row[:-1], targets = row[1:]) and starts at a BOS. No padding.
 
     Row group i of the split (counted across its shards in order) belongs to rank i % world_size. A background thread
     reads and tokenizes this rank's row groups ahead of use, forever, epoch after epoch. `epoch` counts the passes
     over this rank's data that have started (1 during the first). `state_dict()` names the reader position and the
-    buffered documents by (row group, row) reference, so a resumed loader re-reads and re-tokenizes them and yields
+    buffered pieces by (row group, row, offset, seq), so a resumed loader re-reads and re-tokenizes them and yields
     exactly the batch the uninterrupted loader would have yielded next.
     """
 
     def __init__(self, tokenizer, split: str, B: int, T: int, *, corpus: str = "default", rank: int = 0,
-                 world_size: int = 1, device: str | torch.device = "cpu", buffer_docs: int = 256,
-                 tokenizer_threads: int = 4, state: dict | None = None):
+                 world_size: int = 1, device: str | torch.device = "cpu", packing: str = "split",
+                 buffer_docs: int = 256, tokenizer_threads: int = 4, state: dict | None = None):
         if B < 1 or T < 1 or buffer_docs < 1:
             raise UserError(f"PackingLoader needs B, T and buffer_docs >= 1 (got B={B}, T={T}, "
                             f"buffer_docs={buffer_docs})")
+        if packing not in PACKING:
+            raise UserError(f"packing '{packing}' is not one of {', '.join(PACKING)}")
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside world_size {world_size}")
         self.tokenizer, self.split, self.B, self.T = tokenizer, split, B, T
-        self.corpus, self.rank, self.world_size = corpus, rank, world_size
+        self.corpus, self.rank, self.world_size, self.packing = corpus, rank, world_size, packing
         self.device = torch.device(device)
         self.buffer_docs, self.tokenizer_threads = buffer_docs, tokenizer_threads
         self.fingerprint = corpus_fingerprint(load_manifest(corpus))
@@ -61,13 +158,12 @@ class PackingLoader:
         # this rank's row groups: (global index in the split, shard path, index in the shard, rows)
         self.groups: list[tuple[int, Path, int, int]] = [(g, p, i, n) for g, (p, i, n) in enumerate(groups)
                                                          if g % world_size == rank]
-        if sum(n for *_, n in self.groups) == 0:
+        self.docs_per_pass = sum(n for *_, n in self.groups)
+        if self.docs_per_pass == 0:
             raise UserError(f"corpus '{corpus}' split '{split}' has no documents for rank {rank} of {world_size}")
+        self.packer = Packer(packing, buffer_docs, MAX_AGE_BUFFERS * buffer_docs, tokenizer.bos_id)
         self.epoch = 1
         self._pos = self._normalize((1, 0, 0))  # (epoch, index into self.groups, row): next doc to enter the buffer
-        self._keys: list[tuple[int, int]] = []  # buffer sorted by (length, arrival seq) ...
-        self._docs: list[tuple[int, int, np.ndarray]] = []  # ... aligned: (global row group, row, tokens)
-        self._seq = 0
         self._chunk: list = []  # the prefetched chunk being consumed, and how far
         self._chunk_at = 0
         self._thread: threading.Thread | None = None
@@ -77,15 +173,21 @@ class PackingLoader:
             self._load_state(state)
 
     # ----------------------------------------------------------------------------------------------------------------
-    # reader position
+    # reader position and stats
 
     def epochs_done(self) -> float:
         """Passes over this rank's documents so far, fractional: documents that entered the buffer minus those still
-        waiting in it, over the documents of the split (both parts are in state_dict, so it resumes exactly)."""
+        waiting in it (a split document counts as waiting until its last piece left), over the documents of the
+        split (both parts are in state_dict, so it resumes exactly)."""
         e, k, d = self._pos
-        total = sum(n for *_, n in self.groups)
-        read = (e - 1) * total + sum(n for *_, n in self.groups[:k]) + d
-        return (read - len(self._docs)) / total
+        read = (e - 1) * self.docs_per_pass + sum(n for *_, n in self.groups[:k]) + d
+        return (read - len(self.packer.keys)) / self.docs_per_pass
+
+    def stats(self) -> dict:
+        """`loader_used_frac`: of the corpus tokens that left the buffer since this pass began, the share that
+        reached a row (1.0 minus what crop dropped); `epochs`: `epochs_done()`."""
+        p = self.packer
+        return {"loader_used_frac": p.used / max(1, p.used + p.dropped), "epochs": self.epochs_done()}
 
     def _normalize(self, pos: tuple[int, int, int]) -> tuple[int, int, int]:
         """Move `pos` past the end of row groups (and over empty ones) to the next document that exists."""
@@ -94,8 +196,9 @@ class PackingLoader:
             e, k, d = (e, k + 1, 0) if k + 1 < len(self.groups) else (e + 1, 0, 0)
         return e, k, d
 
-    def _pull(self) -> tuple[tuple[int, int, int], np.ndarray]:
-        """The next document from the prefetch thread, with its position; starts the thread on first use."""
+    def _pull(self) -> tuple[tuple[int, int], np.ndarray]:
+        """The next document from the prefetch thread as ((global row group, row), tokens); starts the thread on
+        first use and restarts the used/dropped counts when a new pass begins."""
         if self._thread is None:
             self._queue = queue.Queue(maxsize=QUEUE_CHUNKS)
             self._thread = threading.Thread(
@@ -117,40 +220,11 @@ class PackingLoader:
         self._chunk_at += 1
         if pos != self._pos:  # the thread reads exactly the sequence _normalize walks; anything else is a bug
             raise RuntimeError(f"loader position mismatch: expected {self._pos}, got {pos}")
+        if pos[0] != self.epoch:
+            self.packer.used = self.packer.dropped = 0
         self.epoch = pos[0]
         self._pos = self._normalize((pos[0], pos[1], pos[2] + 1))
-        return pos, tokens
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # the buffer
-
-    def _add(self, g: int, d: int, tokens: np.ndarray) -> None:
-        key = (len(tokens), self._seq)
-        self._seq += 1
-        at = bisect_left(self._keys, key)
-        self._keys.insert(at, key)
-        self._docs.insert(at, (g, d, tokens))
-
-    def _take(self, space: int) -> np.ndarray:
-        """Remove and return the largest buffered doc of length <= space (oldest first among equal lengths), else
-        the shortest one cropped to `space`."""
-        while len(self._keys) < self.buffer_docs:
-            (_, k, d), tokens = self._pull()
-            self._add(self.groups[k][0], d, tokens)
-        last = bisect_right(self._keys, (space, float("inf"))) - 1
-        if last >= 0:
-            at = bisect_left(self._keys, (self._keys[last][0], -1))
-            self._keys.pop(at)
-            return self._docs.pop(at)[2]
-        self._keys.pop(0)
-        return self._docs.pop(0)[2][:space]
-
-    def _row(self, out: np.ndarray) -> None:
-        filled, n = 0, len(out)
-        while filled < n:
-            tokens = self._take(n - filled)
-            out[filled:filled + len(tokens)] = tokens
-            filled += len(tokens)
+        return (self.groups[pos[1]][0], pos[2]), tokens
 
     # ----------------------------------------------------------------------------------------------------------------
     # iteration and state
@@ -161,7 +235,7 @@ class PackingLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.empty((self.B, self.T + 1), dtype=np.int64)
         for b in range(self.B):
-            self._row(rows[b])
+            self.packer.fill(rows[b], self._pull)
         inputs = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))  # (B, T)
         targets = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))  # (B, T)
         if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
@@ -170,31 +244,37 @@ class PackingLoader:
         return inputs.to(self.device), targets.to(self.device)
 
     def state_dict(self) -> dict:
-        """JSON-serialisable position: reader (epoch, group, row) + buffered docs as [row group, row] refs."""
-        order = sorted(range(len(self._keys)), key=lambda i: self._keys[i][1])  # arrival order
+        """JSON-serialisable position: reader (epoch, group, row), the pass's token counts and the buffered pieces
+        as [row group, row, offset, seq] in arrival order."""
+        p = self.packer
         return {"version": STATE_VERSION, "corpus": self.corpus, "split": self.split, "rank": self.rank,
-                "world_size": self.world_size, "fingerprint": self.fingerprint, "epoch": self.epoch,
-                "pos": list(self._pos), "buffer": [[self._docs[i][0], self._docs[i][1]] for i in order]}
+                "world_size": self.world_size, "fingerprint": self.fingerprint, "packing": self.packing,
+                "buffer_docs": self.buffer_docs, "epoch": self.epoch, "pos": list(self._pos), "seq": p.seq,
+                "used": p.used, "dropped": p.dropped,
+                "buffer": [[*p.items[i][0], p.items[i][1], p.items[i][2]] for i in p.arrival_order()]}
 
     def _load_state(self, state: dict) -> None:
         want = {"version": STATE_VERSION, "corpus": self.corpus, "split": self.split, "rank": self.rank,
-                "world_size": self.world_size, "fingerprint": self.fingerprint}
+                "world_size": self.world_size, "fingerprint": self.fingerprint, "packing": self.packing,
+                "buffer_docs": self.buffer_docs}
         try:
-            got = {k: state[k] for k in want}
-            epoch, pos, refs = int(state["epoch"]), tuple(int(x) for x in state["pos"]), state["buffer"]
-        except (KeyError, TypeError, ValueError) as e:
+            got = {k: state.get(k) for k in want}
+            epoch, pos = int(state["epoch"]), tuple(int(x) for x in state["pos"])
+            seq, used, dropped = int(state["seq"]), int(state["used"]), int(state["dropped"])
+            refs = [(int(g), int(d), int(o), int(s)) for g, d, o, s in state["buffer"]]
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise UserError(f"loader state is malformed ({e!r}); start without it or use a matching "
                             f"checkpoint") from None
         if got != want:
             diff = ", ".join(f"{k} {got[k]!r} (this run: {want[k]!r})" for k in want if got[k] != want[k])
-            raise UserError(f"loader state does not match this loader: {diff}; resume with the same corpus and "
-                            f"world size, or start the data from scratch")
+            raise UserError(f"loader state does not match this loader: {diff}; resume with the same corpus, world "
+                            f"size and --packing, or start the data from scratch")
         if len(pos) != 3 or not 0 <= pos[1] < len(self.groups) or pos[2] >= self.groups[pos[1]][3]:
             raise UserError(f"loader state position {list(pos)} is outside this corpus; start the data from scratch")
         self.epoch, self._pos = epoch, pos
         local = {g: k for k, (g, *_) in enumerate(self.groups)}
         wanted: dict[int, list[int]] = defaultdict(list)
-        for g, d in refs:
+        for g, d, _, _ in refs:
             if g not in local or d >= self.groups[local[g]][3]:
                 raise UserError(f"loader state names row {d} of row group {g}, which this rank does not have")
             wanted[g].append(d)
@@ -203,10 +283,11 @@ class PackingLoader:
             _, path, index, _ = self.groups[local[g]]
             rows = read_row_group(path, index, self.corpus)
             texts.update({(g, d): rows[d] for d in wanted[g]})
-        ids = self.tokenizer.encode([texts[(g, d)] for g, d in refs], prepend=self.tokenizer.bos_id,
+        ids = self.tokenizer.encode([texts[(g, d)] for g, d, _, _ in refs], prepend=self.tokenizer.bos_id,
                                     num_threads=self.tokenizer_threads) if refs else []
-        for (g, d), tokens in zip(refs, ids):
-            self._add(g, d, np.asarray(tokens, dtype=np.int64))
+        for (g, d, offset, s), tokens in zip(refs, ids):
+            self.packer.add((g, d), np.asarray(tokens, dtype=np.int64), offset, s)
+        self.packer.seq, self.packer.used, self.packer.dropped = seq, used, dropped
 
     def close(self) -> None:
         """Stop the prefetch thread (it also stops by itself when the loader is garbage-collected)."""
@@ -253,3 +334,112 @@ def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
         except queue.Full:
             continue
     return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# validation
+
+
+class ValidationSlice:
+    """The first `tokens` tokens' worth of the validation split, whole documents in document order, packed once into
+    BOS-led rows of T+1 in that order (the split rule with a one-document buffer: a document that does not fit the
+    row's rest continues at the next row's start), so every document token is a target exactly once and every call
+    of `batches` yields the same tokens. Rows are dealt round-robin to ranks (row i to rank i % world_size) and each
+    rank's share is padded with ignored rows (targets -1) to the same number of batches, so the union over ranks,
+    and with it the bits per byte, does not depend on the rank count. Attributes: `docs`, `tokens` (document tokens,
+    BOS included), `split_docs`, `rows` (over all ranks), `steps` (batches per rank)."""
+
+    def __init__(self, tokenizer, B: int, T: int, tokens: int, *, corpus: str = "default", rank: int = 0,
+                 world_size: int = 1, tokenizer_threads: int = 4):
+        if B < 1 or T < 1 or tokens < 1:
+            raise UserError(f"the validation slice needs B, T and eval tokens >= 1 (got B={B}, T={T}, "
+                            f"tokens={tokens})")
+        self.split_docs = sum(n for *_, n in row_groups("val", corpus))
+        docs: list[np.ndarray] = []
+        self.tokens = 0
+        texts = iter_documents("val", corpus)
+        while self.tokens < tokens:
+            chunk = [t for _, t in zip(range(64), texts)]
+            if not chunk:
+                break
+            for ids in tokenizer.encode(chunk, prepend=tokenizer.bos_id, num_threads=tokenizer_threads):
+                if self.tokens < tokens:
+                    docs.append(np.asarray(ids, dtype=np.int64))
+                    self.tokens += len(ids)
+        if not docs:
+            raise UserError(f"corpus '{corpus}' has no validation documents; rebuild it with `picochat data prepare`")
+        self.docs = len(docs)
+        feed = iter(enumerate(docs))
+
+        def pull() -> tuple[tuple[int, int], np.ndarray] | None:
+            got = next(feed, None)
+            return None if got is None else ((0, got[0]), got[1])
+
+        packer = Packer("split", 1, 0, tokenizer.bos_id)
+        rows = []
+        while True:
+            row = np.full(T + 1, tokenizer.bos_id, dtype=np.int64)
+            n = packer.fill(row, pull)
+            if n == 0:
+                break
+            rows.append((row, n))
+            if n < T + 1:
+                break
+        self.rows = len(rows)
+        mine = rows[rank::world_size]
+        self.steps = math.ceil(math.ceil(len(rows) / world_size) / B)
+        self._x = np.full((self.steps * B, T), tokenizer.bos_id, dtype=np.int64)  # (steps * B, T)
+        self._y = np.full((self.steps * B, T), -1, dtype=np.int64)  # (steps * B, T); -1 = not scored
+        for i, (row, n) in enumerate(mine):
+            self._x[i] = row[:-1]
+            self._y[i, :n - 1] = row[1:n]
+        self.B = B
+
+    def batches(self, device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's `steps` batches of (inputs, targets), each (B, T) int64 on `device`."""
+        for a in range(0, len(self._x), self.B):
+            yield (torch.from_numpy(self._x[a:a + self.B]).to(device),
+                   torch.from_numpy(self._y[a:a + self.B]).to(device))
+
+    def describe(self) -> str:
+        part = "all" if self.docs == self.split_docs else f"the first {self.docs:,}"
+        return (f"validation slice: {part} of the split's {self.split_docs:,} documents in order, {self.tokens:,} "
+                f"tokens in {self.rows:,} rows, {self.steps} batches per rank")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# corpus size
+
+
+def corpus_tokens(tokenizer, split: str = "train", corpus: str = "default",
+                  sample_bytes: int = 4 << 20) -> tuple[int, str]:
+    """Tokens (BOS included) in `split`, and how they were counted. Splits of up to `sample_bytes` of text are
+    tokenized whole ("exact"); larger ones are estimated from the parquet footers: the `text` column's uncompressed
+    size in every row group, times the tokens per footer byte measured on whole row groups spread evenly over the
+    split (about `sample_bytes` of them; the ratio absorbs the page headers and length prefixes the footer size
+    includes). Reading the footers costs milliseconds per shard; the sample ~1 s per 4 MB on 2 cores."""
+    groups = row_groups(split, corpus)
+    footers: dict[Path, object] = {}
+    sizes = []
+    for path, index, _ in groups:
+        if path not in footers:
+            footers[path] = open_shard(path, corpus).metadata
+        rg = footers[path].row_group(index)
+        sizes.append(next(rg.column(c).total_uncompressed_size for c in range(rg.num_columns)
+                          if rg.column(c).path_in_schema == "text"))
+    total = sum(sizes)
+    order = list(range(len(groups)))
+    if total > sample_bytes:  # every step-th row group: a spread of the split's sources and positions
+        order = order[::max(1, round(total / sample_bytes))]
+    n_tok = n_bytes = n_footer = 0
+    for i in order:
+        path, index, _ = groups[i]
+        texts = read_row_group(path, index, corpus)
+        n_tok += sum(len(t) for t in tokenizer.encode(texts, prepend=tokenizer.bos_id))
+        n_bytes += sum(len(t.encode("utf-8")) for t in texts)
+        n_footer += sizes[i]
+    if len(order) == len(groups):
+        return n_tok, "exact"
+    return round(total * n_tok / max(1, n_footer)), (f"estimated from the shard footers ({total / 1e6:,.1f} MB) "
+                                                     f"at {n_bytes / max(1, n_tok):.2f} bytes/token measured on "
+                                                     f"{len(order)} of {len(groups)} row groups")
