@@ -2,10 +2,16 @@
 
 The training loop builds it once and calls one `step()` per optimizer step:
 
-    opt = build_optimizer(model.param_kinds(), n_embd=cfg.n_embd, distributed=runtime.ddp)
+    opt = build_optimizer(model.param_kinds(), n_embd=cfg.n_embd, distributed=runtime.ddp,
+                          named_params=model.named_parameters())  # checks every parameter is in one group
     ...loss.backward()...
     grad_norm = opt.step()          # averages (if distributed), clips, updates; returns the pre-clip norm
     model.zero_grad(set_to_none=True)
+
+The step reads the same in every mode: reduce the gradients, clip by the global norm, update what this rank owns,
+gather. The math (Newton–Schulz, the Muon and AdamW updates, the norm and clipping) is plain functions on tensors;
+where the tensors live is one small interface (`_Local`, `_Zero1`, `_Fsdp`: plan, reduce, sum_over_ranks,
+orthogonalise, gather) chosen once at construction.
 
 Single process and `torchrun` use the same class. With `distributed=True` the loop must NOT wrap the model in DDP
 and must NOT all-reduce gradients itself: `step()` averages them with a reduce-scatter, so each rank holds the
@@ -18,19 +24,23 @@ on dim 0 and their gradients arrive already reduce-scattered and averaged, so th
 gradients or parameters. AdamW and Muon's momentum update each rank's rows in place; Muon all-gathers the Nesterov
 update to whole matrices, orthogonalises them on every rank and keeps its own rows. The math is the same as above.
 
+On `--resume`, `load_state_dict` restores the moments and momentum buffers but keeps this run's learning rates,
+weight decay, betas and momentum, printing each one that changed.
+
 Tests: `OMP_NUM_THREADS=1 .venv/bin/pytest -q tests/test_optim.py` (includes a 2-process gloo run).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from picochat.common import UserError
+from picochat.common import UserError, print0
 
 # The quintic Newton–Schulz coefficients (a, b, c) from Keller Jordan's Muon write-up (2024, "Muon: An optimizer for
 # hidden layers in neural networks"). They are chosen for the steepest slope at 0 (a = 3.4445), so small singular
@@ -67,31 +77,274 @@ def newton_schulz(G: Tensor, steps: int = NS_STEPS) -> Tensor:
     return X.mT if tall else X
 
 
+# ------------------------------------------------------------------------------------------------- the math
+# Plain functions on this rank's tensors: they neither know nor care which rank owns what (see the layouts below).
+
+
+def global_norm(grads: list[Tensor], sum_over_ranks: Callable[[Tensor], Tensor]) -> Tensor:
+    """L2 norm of all gradients together, as a 0-dim fp32 tensor (no host sync). Each rank passes the disjoint part
+    it owns, so the squared norms summed over ranks are the squared global norm."""
+    norms = torch._foreach_norm(grads) if grads else [torch.zeros(())]
+    return sum_over_ranks(torch.stack([n.float() for n in norms]).square().sum()).sqrt()
+
+
+def clip_coefficient(norm: Tensor, max_norm: float) -> Tensor:
+    """min(1, max_norm / norm), a tensor so the GPU need not sync; 1e-6 keeps a zero gradient finite."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
+def nesterov_momentum(bufs: list[Tensor], grads: list[Tensor], momentum: float) -> list[Tensor]:
+    """buf = momentum*buf + (1-momentum)*g in place; returns the Nesterov look-ahead (1-momentum)*g + momentum*buf."""
+    torch._foreach_lerp_(bufs, grads, 1 - momentum)
+    return torch._foreach_lerp(grads, bufs, momentum)
+
+
+def muon_scale(shape: tuple[int, int]) -> float:
+    """An orthogonal (R, C) matrix has RMS entry 1/sqrt(max(R, C)); the sqrt(R/C) factor for tall matrices gives
+    their updates the same per-input-dimension size as square ones (Keller Jordan's Muon uses this scale)."""
+    rows, cols = shape
+    return max(1.0, rows / cols) ** 0.5
+
+
+def orthogonal_step(params: list[Tensor], O: Tensor, lr: float, weight_decay: float, scale: float) -> None:
+    """p *= 1 - lr*wd, then p -= lr*scale*O, in place; O: (len(params), ...) stacked like the params."""
+    if weight_decay:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_add_(params, list(O.to(params[0].dtype).unbind(0)), alpha=-lr * scale)
+
+
+def adamw_step(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *, lr: float,
+               betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """Textbook AdamW (decoupled decay, bias correction) on p in place; `step` counts from 1."""
+    beta1, beta2 = betas
+    if weight_decay:
+        p.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+
+
+# ------------------------------------------------------------------------------------------------- who owns what
+
+
 @dataclass
-class _MuonBucket:
-    """Same-shape matrices of one Muon group, stacked so one reduce-scatter/all-gather and one batched
-    Newton–Schulz serve them all. Rank r owns the contiguous block [r*per_rank, (r+1)*per_rank) of the
-    list padded to a multiple of world_size (the block a reduce-scatter over the stacked dim 0 hands it)."""
+class _Unit:
+    """One piece of a step: a Muon bucket (same-shape matrices of one group, averaged, orthogonalised and gathered as
+    one stack) or one AdamW parameter. `members` is all of it; `params` the members this rank updates (they key the
+    optimizer state); `views` what of each it updates (the tensor, a slice of rows, or an FSDP shard's local rows:
+    views, so updates land in the parameters); `grads`, set by reduce(), the averaged gradients of the views."""
 
     group: int  # index into param_groups (not the dict: load_state_dict replaces the dicts)
+    muon: bool
+    members: list[Tensor]
     params: list[Tensor]
-    per_rank: int
+    views: list[Tensor]
+    grads: list[Tensor] = field(default_factory=list)
+    per_rank: int = 0  # ZeRO-1 Muon: matrices per rank (the bucket padded to a multiple of world_size)
+    rows: tuple[int, int] | None = None  # ZeRO-1 AdamW split by rows: this rank's [start, end)
+    owner: int = 0  # ZeRO-1 AdamW not split: the rank that holds it whole
 
-    def owned(self, rank: int) -> list[Tensor]:
-        return self.params[rank * self.per_rank : (rank + 1) * self.per_rank]
+
+def _grad_or_zero(p: Tensor) -> Tensor:
+    # a parameter without a gradient steps as zero: every rank must join the same collectives
+    return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
-@dataclass
-class _AdamSlot:
-    """One AdamW parameter and the part of it this rank owns: rows [start, end) when dim 0 divides by world_size
-    (every rank owns a slice), else the whole parameter on rank `owner` only."""
+def _done() -> None:
+    pass
 
-    group: int
-    param: Tensor
-    sharded: bool
-    start: int = 0
-    end: int = 0
-    owner: int = 0
+
+class _Local:
+    """One process owns everything: no collectives. The interface of every layout: plan() the units of a step,
+    reduce() their gradients, sum_over_ranks() the norm, orthogonalise() a Muon stack, gather() the new values (it
+    starts the collective and returns the call that finishes it)."""
+
+    rank, world_size, use_reduce_scatter = 0, 1, True
+
+    def plan(self, groups: list[dict]) -> list[_Unit]:
+        """Deterministic from the parameter order, so every rank computes the same plan."""
+        units, self._n_whole = [], 0
+        for gi, group in enumerate(groups):
+            if group["kind"] == "muon":
+                by_shape: dict[tuple, list[Tensor]] = {}
+                for p in group["params"]:
+                    by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+                units += [self._muon_unit(gi, ps) for ps in by_shape.values()]
+            else:
+                units += [self._adam_unit(gi, p) for p in group["params"]]
+        return units
+
+    def _muon_unit(self, gi: int, ps: list[Tensor]) -> _Unit:
+        return _Unit(gi, True, ps, ps, ps)
+
+    def _adam_unit(self, gi: int, p: Tensor) -> _Unit:
+        return _Unit(gi, False, [p], [p], [p])
+
+    def reduce(self, units: list[_Unit]) -> None:
+        for u in units:
+            u.grads = [_grad_or_zero(p) for p in u.params]
+
+    def sum_over_ranks(self, x: Tensor) -> Tensor:
+        return x
+
+    def orthogonalise(self, u: _Unit, X: Tensor) -> Tensor:
+        return newton_schulz(X)
+
+    def gather(self, u: _Unit) -> Callable[[], None]:
+        return _done
+
+
+class _Zero1(_Local):
+    """torchrun without FSDP: the optimizer averages gradients with a reduce-scatter, each rank updates and keeps
+    state for its share, then all-gathers. Muon needs whole matrices, so rank r owns the contiguous block
+    [r*per_rank, (r+1)*per_rank) of a bucket padded to a multiple of world_size (the block a reduce-scatter over the
+    stacked dim 0 hands it); AdamW is element-wise, so a rank owns a dim-0 slice of each parameter whose rows divide
+    by world_size, and the others go whole to one rank each, round robin.
+
+    use_reduce_scatter chooses reduce-scatter/all-gather (True) or all-reduce + slice (False); it is probed here,
+    because some backends/torch versions (gloo) lack reduce-scatter."""
+
+    def __init__(self) -> None:
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.fallback_reason: str | None = None  # why use_reduce_scatter is False, for the run log
+        self.use_reduce_scatter = self._probe_reduce_scatter()
+
+    def _probe_reduce_scatter(self) -> bool:
+        """Unsupported collectives fail on every rank alike before any data moves, so catching that failure cannot
+        leave the ranks out of step."""
+        if dist.get_backend() == "nccl":
+            return True
+        x = torch.zeros(self.world_size)
+        try:
+            _reduce_scatter(x[:1].clone(), x, async_op=False)
+        except (RuntimeError, NotImplementedError, ValueError) as e:  # the backend says it lacks the collective
+            self.fallback_reason = f"{dist.get_backend()}: {e}"
+            return False
+        return True
+
+    def _muon_unit(self, gi: int, ps: list[Tensor]) -> _Unit:
+        k = math.ceil(len(ps) / self.world_size)
+        mine = ps[self.rank * k : (self.rank + 1) * k]
+        return _Unit(gi, True, ps, mine, mine, per_rank=k)
+
+    def _adam_unit(self, gi: int, p: Tensor) -> _Unit:
+        if p.ndim >= 1 and p.shape[0] % self.world_size == 0:
+            n = p.shape[0] // self.world_size
+            start = self.rank * n
+            return _Unit(gi, False, [p], [p], [p[start : start + n]], rows=(start, start + n))
+        owner, self._n_whole = self._n_whole % self.world_size, self._n_whole + 1
+        mine = [p] if owner == self.rank else []
+        return _Unit(gi, False, [p], mine, mine, owner=owner)
+
+    def reduce(self, units: list[_Unit]) -> None:
+        # launch every collective first so they run back to back, then wait
+        for finish in [self._start_reduce(u) for u in units]:
+            finish()
+
+    def _start_reduce(self, u: _Unit) -> Callable[[], None]:
+        ws, rank = self.world_size, self.rank
+        if u.muon:
+            k = u.per_rank
+            grads = [_grad_or_zero(p) for p in u.members]
+            grads += [torch.zeros_like(grads[0])] * (k * ws - len(grads))  # pad so every rank gets k matrices
+            full = torch.stack(grads)  # (k*ws, R, C)
+            if self.use_reduce_scatter:
+                mine = torch.empty_like(full[:k])  # (k, R, C)
+                handle = _reduce_scatter(mine, full, async_op=True)
+            else:
+                mine, handle = full[rank * k : (rank + 1) * k], dist.all_reduce(full, async_op=True)
+        else:
+            g = _grad_or_zero(u.members[0])
+            if u.rows is None:  # whole, to its owner
+                mine = g.clone()
+                handle = dist.reduce(mine, dst=u.owner, async_op=True)
+            elif self.use_reduce_scatter:
+                mine = torch.empty_like(g[u.rows[0] : u.rows[1]])
+                handle = _reduce_scatter(mine, g.contiguous(), async_op=True)
+            else:
+                full = g.clone()
+                mine, handle = full[u.rows[0] : u.rows[1]], dist.all_reduce(full, async_op=True)
+
+        def finish() -> None:
+            handle.wait()
+            # sums -> means; a Muon block's rows past its real matrices are padding, an unowned AdamW param has none
+            u.grads = list(mine[: len(u.params)].div_(ws).unbind(0)) if u.muon else [mine.div_(ws)] * len(u.params)
+
+        return finish
+
+    def sum_over_ranks(self, x: Tensor) -> Tensor:
+        dist.all_reduce(x)
+        return x
+
+    def gather(self, u: _Unit) -> Callable[[], None]:
+        ws, like = self.world_size, u.members[0]
+        if u.muon:
+            chunk = torch.zeros((u.per_rank, *like.shape), dtype=like.dtype, device=like.device)  # (k, R, C)
+            if u.params:
+                chunk[: len(u.params)] = torch.stack(u.params)
+            full = torch.empty((u.per_rank * ws, *like.shape), dtype=like.dtype, device=like.device)  # (k*ws, R, C)
+            handle = (_all_gather(full, chunk, async_op=True) if self.use_reduce_scatter
+                      else dist.all_gather(list(full.chunk(ws)), chunk, async_op=True))
+
+            def finish() -> None:
+                handle.wait()
+                torch._foreach_copy_(u.members, list(full[: len(u.members)].unbind(0)))
+
+            return finish
+        if u.rows is None:
+            return dist.broadcast(like.data, src=u.owner, async_op=True).wait
+        mine = like.data[u.rows[0] : u.rows[1]].clone()  # the collective's input must not alias its output
+        if self.use_reduce_scatter:
+            return _all_gather(like.data, mine, async_op=True).wait
+        return dist.all_gather(list(like.data.chunk(ws)), mine, async_op=True).wait
+
+
+class _Fsdp(_Local):
+    """FSDP2 `fully_shard`: parameters are DTensors sharded on dim 0 and their gradients arrive averaged and sharded
+    alike, so every rank updates the local rows of every parameter and the only collectives are the norm's
+    all-reduce and Muon's all-gather. Newton–Schulz needs whole matrices: the Nesterov update is all-gathered and
+    every rank orthogonalises ALL of them, redundantly. That costs world_size times the Muon FLOPs of ZeRO-1 (where
+    each rank orthogonalises only the matrices it owns); acceptable for an opt-in mode whose point is memory."""
+
+    def __init__(self) -> None:
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def _muon_unit(self, gi: int, ps: list[Tensor]) -> _Unit:
+        return _Unit(gi, True, ps, ps, [p.to_local() for p in ps])  # (r, C) views of each matrix's rows
+
+    def _adam_unit(self, gi: int, p: Tensor) -> _Unit:
+        return _Unit(gi, False, [p], [p], [p.to_local()])
+
+    def reduce(self, units: list[_Unit]) -> None:
+        for u in units:
+            u.grads = [p.grad.to_local() if p.grad is not None else torch.zeros_like(v)
+                       for p, v in zip(u.params, u.views)]
+
+    def sum_over_ranks(self, x: Tensor) -> Tensor:
+        dist.all_reduce(x)
+        return x
+
+    def orthogonalise(self, u: _Unit, X: Tensor) -> Tensor:
+        """X: (k, r, C), this rank's rows of the bucket's k matrices -> the same rows of their orthogonalisation."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        k, (R, C), mesh = len(u.params), u.params[0].shape, u.params[0].device_mesh
+        # the stack is sharded like each parameter, on its row dim (1); the global shape and stride are given
+        # because the row split may be uneven (torch.chunk rule: the last ranks may hold fewer rows)
+        full = DTensor.from_local(X, mesh, [Shard(1)], run_check=False, shape=(k, R, C),
+                                  stride=(R * C, C, 1)).full_tensor()  # (k, R, C) on every rank
+        O = newton_schulz(full)  # (k, R, C), identical on every rank
+        # Replicate -> Shard(1) is a local slice, no communication: this rank's rows, split exactly as FSDP splits
+        return DTensor.from_local(O, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
+
+
+# ------------------------------------------------------------------------------------------------- the optimizer
+
+# What a resumed run takes from its own flags, not from the checkpoint's param groups ("lr" and "momentum" are the
+# schedule's per-step outputs from these), and the flag of `picochat pretrain` / build_optimizer each one is set by.
+_FROM_FLAGS = {"initial_lr": "lr", "weight_decay": "weight_decay", "betas": "adam_betas", "eps": "adam_eps",
+               "initial_momentum": "muon_momentum"}
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -99,7 +352,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     Group keys: "lr" (set by the schedule each step), "initial_lr" (the schedule's base, defaults to lr),
     "weight_decay" (decoupled, p *= 1 - lr*wd, applied to 2-D parameters only); Muon groups: "momentum"
-    (Nesterov, warmed up by the loop); AdamW groups: "betas", "eps". Muon groups may hold only 2-D parameters.
+    (Nesterov, set by the loop's warm-up) and "initial_momentum" (its base); AdamW groups: "betas", "eps". Muon
+    groups may hold only 2-D parameters.
 
     A parameter whose .grad is None is stepped as if its gradient were zero: under `distributed=True` every rank must
     take part in the same collectives, and single-process must give the same result.
@@ -111,9 +365,7 @@ class MuonAdamW(torch.optim.Optimizer):
     docstring); each rank keeps optimizer state for its rows only.
 
     `state_dict()` is per rank: it holds only this rank's shard (plus its rank, world size and FSDP mode, checked on
-    load).
-    `use_reduce_scatter` chooses reduce-scatter/all-gather collectives (True) or all-reduce + slice (False); it is
-    probed at construction, because some backends/torch versions (gloo) lack reduce-scatter.
+    load). `load_state_dict()` keeps this run's hyperparameters (see `_FROM_FLAGS`) and returns what differed.
     """
 
     def __init__(self, param_groups: list[dict], *, max_grad_norm: float = 1.0, distributed: bool = False,
@@ -127,15 +379,19 @@ class MuonAdamW(torch.optim.Optimizer):
         self.max_grad_norm = float(max_grad_norm)
         self.distributed = distributed
         self.fsdp = fsdp
-        self.rank = dist.get_rank() if distributed or fsdp else 0
-        self.world_size = dist.get_world_size() if distributed or fsdp else 1
-        self._plan: tuple[list[_MuonBucket], list[_AdamSlot]] | None = None
-        self.fallback_reason: str | None = None  # why use_reduce_scatter is False, for the run log
+        self._layout = _Fsdp() if fsdp else _Zero1() if distributed and dist.get_world_size() > 1 else _Local()
+        self.rank, self.world_size = self._layout.rank, self._layout.world_size
+        self.fallback_reason: str | None = getattr(self._layout, "fallback_reason", None)
         super().__init__(param_groups, defaults={})
-        # FSDP mode runs no reduce-scatter of its own, so there is nothing to probe
-        self.use_reduce_scatter = self._probe_reduce_scatter() if self.world_size > 1 and not fsdp else True
 
-    # ------------------------------------------------------------------------------------------------- groups
+    @property
+    def use_reduce_scatter(self) -> bool:
+        """ZeRO-1's collectives: reduce-scatter/all-gather (True) or all-reduce + slice (False); probed."""
+        return self._layout.use_reduce_scatter
+
+    @use_reduce_scatter.setter
+    def use_reduce_scatter(self, value: bool) -> None:
+        self._layout.use_reduce_scatter = value
 
     def add_param_group(self, param_group: dict) -> None:
         kind = param_group.get("kind")
@@ -148,284 +404,61 @@ class MuonAdamW(torch.optim.Optimizer):
         group.setdefault("weight_decay", 0.0)
         if kind == "muon":
             group.setdefault("momentum", 0.95)
+            group.setdefault("initial_momentum", group["momentum"])
         else:
             # eps 1e-8: the Adam paper's default (Kingma & Ba 2015)
             group.setdefault("betas", (0.8, 0.95))
             group.setdefault("eps", 1e-8)
         super().add_param_group(group)
-        if kind == "muon":
-            for p in self.param_groups[-1]["params"]:
-                if p.ndim != 2:
-                    raise ValueError(f"Muon handles 2-D matrices only, got a parameter of shape {tuple(p.shape)}: "
-                                     "put it in an adamw group")
-        if self.fsdp:  # set before super().__init__ calls this
-            for p in self.param_groups[-1]["params"]:
-                if not _is_dim0_sharded(p):
-                    raise ValueError(f"fsdp=True needs parameters sharded by FSDP2 fully_shard on dim 0 of a 1-D "
-                                     f"mesh, got {type(p).__name__} {getattr(p, 'placements', '')} of shape "
-                                     f"{tuple(p.shape)}")
-        self._plan = None
-
-    def _get_plan(self) -> tuple[list[_MuonBucket], list[_AdamSlot]]:
-        """Who owns what. Deterministic from the param order, so every rank computes the same plan."""
-        if self._plan is not None:
-            return self._plan
-        ws = self.world_size
-        buckets: list[_MuonBucket] = []
-        slots: list[_AdamSlot] = []
-        n_whole = 0  # round-robin counter for the AdamW params that cannot be split evenly
-        for gi, group in enumerate(self.param_groups):
-            if group["kind"] == "muon":
-                by_shape: dict[tuple, list[Tensor]] = {}
-                for p in group["params"]:
-                    by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
-                for params in by_shape.values():
-                    buckets.append(_MuonBucket(gi, params, per_rank=math.ceil(len(params) / ws)))
-            else:
-                for p in group["params"]:
-                    if p.ndim >= 1 and p.shape[0] % ws == 0:
-                        rows = p.shape[0] // ws
-                        slots.append(_AdamSlot(gi, p, True, self.rank * rows, (self.rank + 1) * rows))
-                    else:
-                        slots.append(_AdamSlot(gi, p, False, owner=n_whole % ws))
-                        n_whole += 1
-        self._plan = (buckets, slots)
-        return self._plan
-
-    def _probe_reduce_scatter(self) -> bool:
-        """True when the backend runs reduce-scatter. Unsupported collectives fail on every rank alike before any
-        data moves, so catching that failure cannot leave the ranks out of step."""
-        if dist.get_backend() == "nccl":
-            return True
-        x = torch.zeros(self.world_size)
-        try:
-            _reduce_scatter(x[:1].clone(), x, async_op=False)
-        except (RuntimeError, NotImplementedError, ValueError) as e:  # the backend says it lacks the collective
-            self.fallback_reason = f"{dist.get_backend()}: {e}"
-            return False
-        return True
-
-    # ------------------------------------------------------------------------------------------------- step
+        for p in self.param_groups[-1]["params"]:
+            if kind == "muon" and p.ndim != 2:
+                raise ValueError(f"Muon handles 2-D matrices only, got a parameter of shape {tuple(p.shape)}: "
+                                 "put it in an adamw group")
+            if self.fsdp and not _is_dim0_sharded(p):
+                raise ValueError(f"fsdp=True needs parameters sharded by FSDP2 fully_shard on dim 0 of a 1-D "
+                                 f"mesh, got {type(p).__name__} {getattr(p, 'placements', '')} of shape "
+                                 f"{tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self) -> Tensor:
-        if self.fsdp:
-            return self._step_fsdp()
-        buckets, slots = self._get_plan()
-        ws = self.world_size
-
-        # 1) average gradients; launch every collective first so they run back to back, then wait.
-        muon_jobs = [self._reduce_muon(b) for b in buckets]
-        adam_jobs = [self._reduce_adam(s) for s in slots]
-        for job in muon_jobs + adam_jobs:
-            if job[0] is not None:
-                job[0].wait()
-        muon_grads = [job[1]() for job in muon_jobs]  # (per_rank, R, C) each, averaged
-        adam_grads = [job[1]() for job in adam_jobs]  # owned slice/param each, None where not owned
-
-        # 2) global norm over what this rank owns (disjoint across ranks, padding is zero), summed over ranks.
-        owned = muon_grads + [g for g in adam_grads if g is not None]
-        norms = torch._foreach_norm(owned) if owned else [torch.zeros(())]
-        sumsq = torch.stack([n.float() for n in norms]).square().sum()
-        if ws > 1:
-            dist.all_reduce(sumsq)
-        norm = sumsq.sqrt()
+        layout = self._layout
+        units = layout.plan(self.param_groups)
+        layout.reduce(units)  # 1) average the gradients: each unit now holds those of what this rank owns
+        norm = global_norm([g for u in units for g in u.grads], layout.sum_over_ranks)  # 2) clip
         if self.max_grad_norm > 0:
-            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)  # a tensor: no host sync on GPU
-            muon_grads = [g * coef.to(g.dtype) for g in muon_grads]
-            adam_grads = [None if g is None else g * coef.to(g.dtype) for g in adam_grads]
-
+            coef = clip_coefficient(norm, self.max_grad_norm)
+            for u in units:
+                u.grads = [g * coef.to(g.dtype) for g in u.grads]
         # 3) update what this rank owns and start gathering each result at once, so the all-gather of one bucket
-        # overlaps the Newton–Schulz of the next.
+        # overlaps the Newton–Schulz of the next; 4) wait for them all
         gathers = []
-        for bucket, g in zip(buckets, muon_grads):
-            self._muon_update(bucket, g)
-            gathers.append(self._gather_muon(bucket))
-        for slot, g in zip(slots, adam_grads):
-            if g is not None:
-                self._adam_update(slot, g)
-            gathers.append(self._gather_adam(slot))
-        for handle, finish in gathers:
-            if handle is not None:
-                handle.wait()
+        for u in units:
+            if u.params:
+                (self._muon if u.muon else self._adamw)(u, self.param_groups[u.group])
+            gathers.append(layout.gather(u))
+        for finish in gathers:
             finish()
         return norm
 
-    # ------------------------------------------------------------------------------------------------- Muon
+    def _muon(self, u: _Unit, group: dict) -> None:
+        """SGD-momentum with Nesterov, orthogonalised. The momentum buffer has the view's shape."""
+        for p, v in zip(u.params, u.views):
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(v)
+        bufs = [self.state[p]["momentum_buffer"] for p in u.params]
+        update = torch.stack(nesterov_momentum(bufs, u.grads, group["momentum"]))  # (k, r, C)
+        orthogonal_step(u.views, self._layout.orthogonalise(u, update), group["lr"], group["weight_decay"],
+                        muon_scale(u.params[0].shape))
 
-    def _reduce_muon(self, b: _MuonBucket):
-        """Start averaging the bucket's gradients; returns (handle, get) where get() gives (per_rank, R, C)."""
-        ws, k = self.world_size, b.per_rank
-        grads = [_grad_or_zero(p) for p in b.params]
-        grads += [torch.zeros_like(grads[0])] * (k * ws - len(grads))  # pad so every rank gets k matrices
-        stacked = torch.stack(grads)  # (k*ws, R, C)
-        if ws == 1:
-            return None, lambda: stacked
-        if self.use_reduce_scatter:
-            out = torch.empty_like(stacked[:k])  # (k, R, C)
-            return _reduce_scatter(out, stacked, async_op=True), lambda: out.div_(ws)
-        handle = dist.all_reduce(stacked, async_op=True)
-        return handle, lambda: stacked[self.rank * k : (self.rank + 1) * k].div_(ws)
-
-    def _muon_update(self, b: _MuonBucket, G: Tensor) -> None:
-        """SGD-momentum with Nesterov, orthogonalised. G: (per_rank, R, C), rows past the real params are padding."""
-        group = self.param_groups[b.group]
-        params = b.owned(self.rank)
-        if not params:
-            return
-        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        grads = list(G[: len(params)].unbind(0))
-        bufs = []
-        for p in params:
-            st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p)
-            bufs.append(st["momentum_buffer"])
-        torch._foreach_lerp_(bufs, grads, 1 - mom)  # buf = mom*buf + (1-mom)*g
-        nesterov = torch._foreach_lerp(grads, bufs, mom)  # look ahead: (1-mom)*g + mom*buf
-        O = newton_schulz(torch.stack(nesterov))  # (n_owned, R, C)
-        scale = _muon_scale(params[0].shape)
-        if wd:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_add_(params, list(O.to(params[0].dtype).unbind(0)), alpha=-lr * scale)
-
-    def _gather_muon(self, b: _MuonBucket):
-        ws, k = self.world_size, b.per_rank
-        if ws == 1:
-            return None, lambda: None
-        mine = b.owned(self.rank)
-        chunk = torch.zeros((k, *b.params[0].shape), dtype=b.params[0].dtype, device=b.params[0].device)
-        if mine:
-            chunk[: len(mine)] = torch.stack(mine)
-        full = torch.empty((k * ws, *chunk.shape[1:]), dtype=chunk.dtype, device=chunk.device)  # (k*ws, R, C)
-        if self.use_reduce_scatter:
-            handle = _all_gather(full, chunk, async_op=True)
-        else:
-            handle = dist.all_gather(list(full.chunk(ws)), chunk, async_op=True)
-
-        def finish():
-            torch._foreach_copy_(b.params, list(full[: len(b.params)].unbind(0)))
-
-        return handle, finish
-
-    # ------------------------------------------------------------------------------------------------- AdamW
-
-    def _reduce_adam(self, s: _AdamSlot):
-        """Start averaging one AdamW gradient; get() gives this rank's slice, the whole grad, or None (not owned)."""
-        ws = self.world_size
-        g = _grad_or_zero(s.param)
-        if ws == 1:
-            return None, lambda: g
-        if s.sharded:
-            if self.use_reduce_scatter:
-                out = torch.empty_like(g[s.start : s.end])
-                return _reduce_scatter(out, g.contiguous(), async_op=True), lambda: out.div_(ws)
-            full = g.clone()
-            return dist.all_reduce(full, async_op=True), lambda: full[s.start : s.end].div_(ws)
-        full = g.clone()
-        handle = dist.reduce(full, dst=s.owner, async_op=True)
-        return handle, lambda: full.div_(ws) if self.rank == s.owner else None
-
-    def _adam_update(self, s: _AdamSlot, g: Tensor) -> None:
-        p = s.param[s.start : s.end] if s.sharded else s.param  # a view: updates land in the parameter
-        self._adamw(s.param, p, g, self.param_groups[s.group])
-
-    def _adamw(self, param: Tensor, p: Tensor, g: Tensor, group: dict) -> None:
-        """Textbook AdamW with bias correction on p, the part of `param` this rank updates (a view of it, so the
-        update lands in the parameter), with g of p's shape; the state, keyed by `param`, has p's shape."""
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        st = self.state[param]
+    def _adamw(self, u: _Unit, group: dict) -> None:
+        (p,), (view,), (g,) = u.params, u.views, u.grads
+        st = self.state[p]
         if not st:
-            st["step"] = 0
-            st["exp_avg"] = torch.zeros_like(p)
-            st["exp_avg_sq"] = torch.zeros_like(p)
+            st.update(step=0, exp_avg=torch.zeros_like(view), exp_avg_sq=torch.zeros_like(view))
         st["step"] += 1
-        t = st["step"]
-        if wd and param.ndim == 2:  # never decay 1-D scalars (gains, per-layer mixing weights)
-            p.mul_(1 - lr * wd)
-        st["exp_avg"].lerp_(g, 1 - beta1)
-        st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (st["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(eps)
-        p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - beta1**t))
-
-    def _gather_adam(self, s: _AdamSlot):
-        ws = self.world_size
-        if ws == 1:
-            return None, lambda: None
-        p = s.param
-        if not s.sharded:
-            return dist.broadcast(p.data, src=s.owner, async_op=True), lambda: None
-        mine = p.data[s.start : s.end].clone()  # the collective's input must not alias its output
-        if self.use_reduce_scatter:
-            return _all_gather(p.data, mine, async_op=True), lambda: None
-        return dist.all_gather(list(p.data.chunk(ws)), mine, async_op=True), lambda: None
-
-    # ------------------------------------------------------------------------------------------------- FSDP
-
-    def _step_fsdp(self) -> Tensor:
-        """step() under FSDP2: gradients are already averaged and sharded like their parameters (dim 0), so every
-        update below works on local rows (`.to_local()` views) and the only collectives are the norm's all-reduce
-        and Muon's all-gather of its update."""
-        muon: dict[tuple, list[Tensor]] = {}  # (group, shape) -> params, so one all-gather serves a whole bucket
-        adam: list[tuple[int, Tensor]] = []
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if group["kind"] == "muon":
-                    muon.setdefault((gi, tuple(p.shape)), []).append(p)
-                else:
-                    adam.append((gi, p))
-        params = [p for ps in muon.values() for p in ps] + [p for _, p in adam]
-        # a missing gradient steps as zero, as in the other paths
-        grads = {p: p.grad.to_local() if p.grad is not None else torch.zeros_like(p.to_local()) for p in params}
-
-        # global norm: shards are disjoint across ranks, so the squared local norms sum to the squared global norm
-        local = list(grads.values())
-        norms = torch._foreach_norm(local) if local else [torch.zeros(())]
-        sumsq = torch.stack([n.float() for n in norms]).square().sum()
-        dist.all_reduce(sumsq)
-        norm = sumsq.sqrt()
-        if self.max_grad_norm > 0:
-            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            grads = {p: g * coef.to(g.dtype) for p, g in grads.items()}
-
-        for (gi, _), ps in muon.items():
-            self._muon_update_fsdp(self.param_groups[gi], ps, [grads[p] for p in ps])
-        for gi, p in adam:
-            self._adamw(p, p.to_local(), grads[p], self.param_groups[gi])
-        return norm
-
-    def _muon_update_fsdp(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
-        """Muon on same-shape (R, C) matrices sharded by rows; grads are this rank's (r, C) rows of each.
-
-        Momentum is element-wise, so the buffer is kept for the local rows only. Newton–Schulz needs whole matrices:
-        the Nesterov update is all-gathered and every rank orthogonalises ALL of them, redundantly. That costs
-        world_size times the Muon FLOPs of the default path (where each rank orthogonalises only the matrices it
-        owns); acceptable for an opt-in mode whose point is memory, and it keeps this path free of a second
-        ownership scheme."""
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-
-        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-        mine = [p.to_local() for p in params]  # (r, C) views: in-place updates land in the sharded parameters
-        bufs = []
-        for p, m in zip(params, mine):
-            st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(m)
-            bufs.append(st["momentum_buffer"])
-        torch._foreach_lerp_(bufs, grads, 1 - mom)  # buf = mom*buf + (1-mom)*g
-        nesterov = torch.stack(torch._foreach_lerp(grads, bufs, mom))  # (k, r, C): look ahead, local rows
-        k, (R, C) = len(params), params[0].shape
-        mesh = params[0].device_mesh
-        # the stack is sharded like each parameter, on its row dim (1); the global shape and stride are given
-        # because the row split may be uneven (torch.chunk rule: the last ranks may hold fewer rows)
-        full = DTensor.from_local(nesterov, mesh, [Shard(1)], run_check=False, shape=(k, R, C),
-                                  stride=(R * C, C, 1)).full_tensor()  # (k, R, C) on every rank
-        O = newton_schulz(full)  # (k, R, C), identical on every rank
-        # Replicate -> Shard(1) is a local slice, no communication: this rank's rows, split exactly as FSDP splits
-        O = DTensor.from_local(O, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
-        if wd:
-            torch._foreach_mul_(mine, 1 - lr * wd)
-        torch._foreach_add_(mine, list(O.to(mine[0].dtype).unbind(0)), alpha=-lr * _muon_scale((R, C)))
+        adamw_step(view, g, st["exp_avg"], st["exp_avg_sq"], st["step"], lr=group["lr"], betas=group["betas"],
+                   eps=group["eps"],
+                   weight_decay=group["weight_decay"] if p.ndim == 2 else 0.0)  # never decay 1-D gains
 
     # ------------------------------------------------------------------------------------------------- checkpoints
 
@@ -434,7 +467,10 @@ class MuonAdamW(torch.optim.Optimizer):
         sd["shard"] = {"rank": self.rank, "world_size": self.world_size, "fsdp": self.fsdp}
         return sd
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict) -> list[tuple[str, object, object]]:
+        """Restore this rank's shard of the state (moments, step counts, momentum buffers), but keep this run's
+        hyperparameters: a resumed run whose flags changed trains with the new values. Prints one line per changed
+        flag and returns them as (flag, checkpoint's value, this run's value)."""
         shard = state_dict.get("shard", {"rank": 0, "world_size": 1})
         if shard.get("fsdp", False) != self.fsdp:  # the two modes split the state differently across ranks
             raise UserError(
@@ -445,19 +481,42 @@ class MuonAdamW(torch.optim.Optimizer):
                 f"optimizer state was saved by rank {shard['rank']} of {shard['world_size']} but is being loaded by "
                 f"rank {self.rank} of {self.world_size}: resume with the same number of processes "
                 f"(or start the optimizer fresh)")
+        # this run's settings win over the saved ones, except the schedule's per-step outputs
+        ours = [{k: v for k, v in g.items() if k not in ("params", "lr", "momentum")} for g in self.param_groups]
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "shard"})
-        self._plan = None  # the group dicts were replaced
+        changes: list[tuple[str, object, object]] = []
+        for group, values in zip(self.param_groups, ours):
+            if group.get("initial_lr"):  # the same point of the schedule, on the new base rate
+                group["lr"] *= values["initial_lr"] / group["initial_lr"]
+            if "initial_momentum" in values:  # the loop's warm-up sets it again each step
+                group["momentum"] = values["initial_momentum"]
+            for key in [k for k in _FROM_FLAGS if k in values]:
+                change = _change(group, key, group.get(key), values[key])
+                if change is not None and change not in changes:
+                    changes.append(change)
+            group.update(values)
+        for flag, old, new in changes:
+            print0(f"resume: {flag} {_fmt(old)} -> {_fmt(new)} (this run's value applies)")
+        return changes
 
 
-def _grad_or_zero(p: Tensor) -> Tensor:
-    return p.grad if p.grad is not None else torch.zeros_like(p)
+def _change(group: dict, key: str, old, new) -> tuple[str, object, object] | None:
+    """(flag, old, new) in the flag's own terms, or None when equal or not saved (older checkpoints)."""
+    if old is None:
+        return None
+    if key == "betas":
+        old, new = tuple(old), tuple(new)
+    if old == new:
+        return None
+    if key == "initial_lr":  # the AdamW rates are stored width-scaled: report the flag's value
+        scale = group.get("lr_scale", 1.0)
+        name = f"{group['name']}_lr" if "name" in group else f"{group['kind']} group initial_lr"
+        return name, old / scale, new / scale
+    return _FROM_FLAGS[key], old, new
 
 
-def _muon_scale(shape) -> float:
-    """An orthogonal (R, C) matrix has RMS entry 1/sqrt(max(R, C)); the sqrt(R/C) factor for tall matrices gives
-    their updates the same per-input-dimension size as square ones (Keller Jordan's Muon uses this scale)."""
-    rows, cols = shape
-    return max(1.0, rows / cols) ** 0.5
+def _fmt(v) -> str:
+    return f"({', '.join(f'{x:g}' for x in v)})" if isinstance(v, tuple) else f"{v:g}"
 
 
 def _is_dim0_sharded(p: Tensor) -> bool:
@@ -479,11 +538,31 @@ def _all_gather(out: Tensor, inp: Tensor, async_op: bool):
     return fn(out, inp, async_op=async_op)
 
 
+def check_param_kinds(param_kinds: dict[str, list], named_params: Iterable[tuple[str, Tensor]] | None = None) -> None:
+    """Every parameter in exactly one kind: one listed twice would be stepped twice, one listed nowhere would never
+    train and nothing would say so. `named_params` (e.g. model.named_parameters()) is what must be covered (frozen
+    parameters excepted) and names the culprit in the error; without it only duplicates can be caught."""
+    names = {id(p): n for n, p in named_params if p.requires_grad} if named_params is not None else {}
+    seen: dict[int, str] = {}
+    for kind, params in param_kinds.items():
+        for p in params:
+            if id(p) in seen:
+                what = repr(names[id(p)]) if id(p) in names else f"a parameter of shape {tuple(p.shape)}"
+                raise ValueError(f"{what} is in both {seen[id(p)]!r} and {kind!r} of param_kinds(): list it once")
+            seen[id(p)] = kind
+    missing = [repr(n) for i, n in names.items() if i not in seen]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} in no optimizer group: list "
+                         f"{'it' if len(missing) == 1 else 'them'} in the model's param_kinds() (one of "
+                         f"{', '.join(PARAM_KINDS)}), or {'it' if len(missing) == 1 else 'they'} will never train")
+
+
 def build_optimizer(param_kinds: dict[str, list], *, n_embd: int, matrix_lr: float = 0.02,
                     embedding_lr: float = 0.2, unembedding_lr: float = 0.004, scalar_lr: float = 0.5,
                     weight_decay: float = 0.0, adam_betas: tuple[float, float] = (0.8, 0.95),
                     muon_momentum: float = 0.95, max_grad_norm: float = 1.0,
-                    distributed: bool = False, fsdp: bool = False) -> MuonAdamW:
+                    distributed: bool = False, fsdp: bool = False,
+                    named_params: Iterable[tuple[str, Tensor]] | None = None) -> MuonAdamW:
     """One MuonAdamW from `model.param_kinds()`: Muon for "matrix", AdamW for "embedding", "unembedding", "scalar".
 
     The AdamW rates are given for a 768-wide model and scaled by (n_embd / 768) ** -0.5. Why: Adam moves every
@@ -494,26 +573,29 @@ def build_optimizer(param_kinds: dict[str, list], *, n_embd: int, matrix_lr: flo
 
     `distributed=True`: plain model under torchrun, the optimizer averages gradients (ZeRO-1 style state);
     `fsdp=True`: a model wrapped with FSDP2 `fully_shard` (see MuonAdamW). At most one of them.
+    `named_params` (model.named_parameters()): every one of them must be in exactly one kind (`check_param_kinds`).
     """
     unknown = set(param_kinds) - set(PARAM_KINDS)
     if unknown:
         raise ValueError(f"unknown parameter kinds {sorted(unknown)}; expected some of {PARAM_KINDS}")
     if n_embd <= 0:
         raise ValueError(f"n_embd must be positive, got {n_embd}")
+    check_param_kinds(param_kinds, named_params)
     width_scale = (n_embd / REFERENCE_WIDTH) ** -0.5
     specs = [
-        ("matrix", "muon", matrix_lr),
-        ("embedding", "adamw", embedding_lr * width_scale),
-        ("unembedding", "adamw", unembedding_lr * width_scale),
-        ("scalar", "adamw", scalar_lr * width_scale),
+        ("matrix", "muon", matrix_lr, 1.0),
+        ("embedding", "adamw", embedding_lr, width_scale),
+        ("unembedding", "adamw", unembedding_lr, width_scale),
+        ("scalar", "adamw", scalar_lr, width_scale),
     ]
     groups = []
-    for name, kind, lr in specs:
+    for name, kind, lr, scale in specs:
         params = list(param_kinds.get(name, []))
         if not params:
             continue
-        group = {"name": name, "kind": kind, "params": params, "lr": lr, "initial_lr": lr,
-                 "weight_decay": weight_decay}
+        # lr_scale: so a resume can report a changed rate as the flag's value (see MuonAdamW.load_state_dict)
+        group = {"name": name, "kind": kind, "params": params, "lr": lr * scale, "initial_lr": lr * scale,
+                 "lr_scale": scale, "weight_decay": weight_decay}
         if kind == "muon":
             group["momentum"] = muon_momentum
         else:

@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import spawn_gloo
+from conftest import make_tiny_model, spawn_gloo
 from picochat.common import UserError, teardown_runtime
-from picochat.optim import MuonAdamW, build_optimizer, newton_schulz
+from picochat.model import GPT
+from picochat.optim import MuonAdamW, build_optimizer, check_param_kinds, newton_schulz
 
 N_EMBD = 64
 VOCAB = 50
@@ -82,13 +83,18 @@ class RefOptimizer:
                       for _, p, _ in self.items}
 
     @torch.no_grad()
-    def step(self) -> None:
-        for kind, p, lr in self.items:
-            s, g = self.state[id(p)], p.grad
+    def step(self, lr_factor: float = 1.0, momentum: float | None = None, max_norm: float = 0.0) -> float:
+        """One step with every LR times lr_factor, Muon momentum `momentum` (as the loop's schedule sets them), the
+        gradient clipped to global norm max_norm (0: off); a missing .grad counts as zero. Returns the norm."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p, _ in self.items]
+        norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+        coef = min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+        for (kind, p, lr), g in zip(self.items, grads):
+            s, g, lr = self.state[id(p)], g * coef, lr * lr_factor
             if p.ndim == 2:
                 p.mul_(1 - lr * self.wd)
             if kind == "matrix":
-                mu = self.momentum
+                mu = self.momentum if momentum is None else momentum
                 s["buf"] = mu * s["buf"] + (1 - mu) * g
                 update = (1 - mu) * g + mu * s["buf"]
                 rows, cols = p.shape
@@ -101,6 +107,7 @@ class RefOptimizer:
                 m_hat = s["m"] / (1 - b1 ** s["t"])
                 v_hat = s["v"] / (1 - b2 ** s["t"])
                 p.sub_(lr * m_hat / (v_hat.sqrt() + self.eps))
+        return norm
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -121,6 +128,88 @@ def test_matches_reference_for_three_steps():
     for p, q, p0 in zip(flat(kinds), flat(ref_kinds), start):
         assert (p - p0).abs().max() > 1e-3  # every parameter moved...
         torch.testing.assert_close(p, q, atol=1e-5, rtol=0)  # ...exactly as the reference moved it
+
+
+def test_step_matches_reference_with_clipping_schedule_and_missing_grads():
+    """The whole step (reduce, clip, update what is owned) against the plain-loop reference over 4 steps, with
+    clipping active, the LR and Muon momentum changed every step as the loop changes them, and one parameter of each
+    kind without a gradient on one step (stepped as a zero gradient)."""
+    kinds, ref_kinds = make_params(), make_params()
+    opt = build_optimizer(kinds, n_embd=N_EMBD, weight_decay=0.1, max_grad_norm=1.0)
+    ref = RefOptimizer(ref_kinds, N_EMBD, wd=0.1)
+    start = [p.detach().clone() for p in flat(kinds)]
+    for step in range(4):
+        lrf, mom = 1.0 - 0.2 * step, 0.85 + 0.03 * step
+        for ks in (kinds, ref_kinds):
+            set_grads(ks, make_grads(step, 0))
+            if step == 1:
+                for kind in SHAPES:
+                    ks[kind][0].grad = None
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * lrf
+            if g["kind"] == "muon":
+                g["momentum"] = mom
+        norm = float(opt.step())
+        want = ref.step(lr_factor=lrf, momentum=mom, max_norm=1.0)
+        assert want > 10  # the gradients' norm is ~100: clipping is in play on every step
+        assert norm == pytest.approx(want, rel=1e-6)
+    for i, (p, q, p0) in enumerate(zip(flat(kinds), flat(ref_kinds), start)):
+        assert (p - p0).abs().max() > 1e-4, i
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=f"param {i}")
+
+
+def test_overfits_one_batch_with_our_optimizer():
+    """MuonAdamW at build_optimizer's defaults (the LRs `picochat pretrain` uses) learns one repeated batch of
+    random tokens by heart: the loss falls from ~ln(64) = 4.2 to under 0.1."""
+    torch.manual_seed(0)
+    model = make_tiny_model(vocab_size=64, depth=2, n_embd=64, head_dim=16, sequence_len=32)
+    x, y = torch.randint(0, 64, (4, 32)), torch.randint(0, 64, (4, 32))
+    opt = build_optimizer(model.param_kinds(), n_embd=64, named_params=model.named_parameters())
+    losses = []
+    for _ in range(OVERFIT_STEPS):
+        loss = model(x, targets=y)
+        loss.backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if losses[-1] < 0.1:
+            break
+    assert losses[0] > 3.5 and losses[-1] < 0.1, (len(losses), losses[0], losses[-1])
+
+
+OVERFIT_STEPS = 300
+
+
+class GatedGPT(GPT):
+    """A model that gained a parameter its param_kinds() does not list: it would silently never train."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.gate = torch.nn.Parameter(torch.ones(config.n_embd))
+
+
+def test_param_kinds_covers_every_parameter_exactly_once():
+    for kw in ({}, {"value_embeds": True, "resid_scalars": True}):
+        model = make_tiny_model(64, depth=3, **kw)
+        kinds = model.param_kinds()
+        check_param_kinds(kinds, model.named_parameters())  # passes...
+        listed = [id(p) for ps in kinds.values() for p in ps]
+        assert sorted(listed) == sorted(id(p) for p in model.parameters()), kw  # ...because each is there once
+        assert len(listed) == len(list(model.parameters())) > 10
+
+    gated = GatedGPT(make_tiny_model(64).config)
+    with pytest.raises(ValueError, match=r"'gate' .*in no optimizer group.*param_kinds\(\)"):
+        build_optimizer(gated.param_kinds(), n_embd=64, named_params=gated.named_parameters())
+
+    model = make_tiny_model(64)
+    kinds = model.param_kinds()
+    kinds["scalar"] = [model.lm_head.weight]  # listed as "unembedding" already
+    with pytest.raises(ValueError, match=r"'lm_head.weight' .*both 'unembedding' and 'scalar'"):
+        build_optimizer(kinds, n_embd=64, named_params=model.named_parameters())
+    kinds = model.param_kinds()
+    kinds["matrix"].append(kinds["matrix"][0])  # twice in one kind is caught without names too
+    with pytest.raises(ValueError, match=r"parameter of shape \(\d+, \d+\) .*both 'matrix' and 'matrix'"):
+        build_optimizer(kinds, n_embd=64)
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64), (3, 64, 128)])
@@ -266,6 +355,71 @@ def test_state_dict_round_trip_equals_uninterrupted_run():
     set_grads(resumed, make_grads(3, 0))
     opt_b.step()
     assert all(torch.equal(p, q) for p, q in zip(flat(resumed), before))
+
+
+def _saved_state(**kw) -> tuple[dict, dict]:
+    """(params after one step, the optimizer's state_dict after a save/load round trip through bytes)."""
+    kinds = make_params()
+    opt = build_optimizer(kinds, n_embd=N_EMBD, **kw)
+    set_grads(kinds, make_grads(0, 0))
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    return clone_kinds(kinds), torch.load(buf, weights_only=True)
+
+
+def test_resume_applies_changed_hyperparameters_and_says_what_changed(capsys):
+    kinds, sd = _saved_state(matrix_lr=0.02, embedding_lr=0.2, weight_decay=0.0)
+    capsys.readouterr()
+    opt = build_optimizer(kinds, n_embd=N_EMBD, matrix_lr=0.01, embedding_lr=0.3, weight_decay=0.1,
+                          adam_betas=(0.9, 0.99))
+    changes = opt.load_state_dict(sd)
+    out = capsys.readouterr().out
+    got = {name: (old, new) for name, old, new in changes}
+    assert got.keys() == {"matrix_lr", "embedding_lr", "weight_decay", "adam_betas"}, changes
+    assert got["matrix_lr"] == pytest.approx((0.02, 0.01)) and got["embedding_lr"] == pytest.approx((0.2, 0.3))
+    assert got["weight_decay"] == (0.0, 0.1) and got["adam_betas"] == ((0.8, 0.95), (0.9, 0.99))
+    for line in ("resume: matrix_lr 0.02 -> 0.01 (this run's value applies)",
+                 "resume: embedding_lr 0.2 -> 0.3 (this run's value applies)",
+                 "resume: weight_decay 0 -> 0.1 (this run's value applies)",
+                 "resume: adam_betas (0.8, 0.95) -> (0.9, 0.99) (this run's value applies)"):
+        assert line in out.splitlines(), out
+    assert out.count("resume:") == 4  # one line per changed flag, not one per group
+
+    # the new values are the ones in force...
+    groups = {g["name"]: g for g in opt.param_groups}
+    width = (N_EMBD / 768) ** -0.5
+    assert groups["matrix"]["initial_lr"] == 0.01
+    assert groups["embedding"]["initial_lr"] == pytest.approx(0.3 * width)
+    assert groups["unembedding"]["initial_lr"] == pytest.approx(0.004 * width)  # unchanged flag, unchanged value
+    assert all(g["weight_decay"] == 0.1 for g in opt.param_groups)
+    assert all(tuple(g["betas"]) == (0.9, 0.99) for g in opt.param_groups if g["kind"] == "adamw")
+    # ...while the checkpoint's moments and step counts are kept
+    assert len(opt.state) == len(sd["state"]) == len(flat(kinds))
+    for i, p in enumerate(flat(kinds)):  # the state dict numbers parameters in group order, which flat() follows
+        st, want = opt.state[p], sd["state"][i]
+        assert st.keys() == want.keys() and all(torch.equal(st[k], want[k]) if torch.is_tensor(want[k])
+                                                else st[k] == want[k] for k in want), i
+    # and they act: with a zero gradient a Muon matrix moves only by the new decay, p *= 1 - lr * 0.1
+    matrix = kinds["matrix"][0]
+    before = matrix.detach().clone()
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"]
+        if g["kind"] == "muon":
+            g["momentum"] = 0.0  # so the old momentum buffer adds nothing either
+            opt.state[matrix]["momentum_buffer"].zero_()
+    set_grads(kinds, [torch.zeros_like(p) for p in flat(kinds)])
+    opt.step()
+    torch.testing.assert_close(matrix, before * (1 - 0.01 * 0.1), atol=1e-7, rtol=0)
+
+
+def test_resume_with_the_same_flags_reports_nothing(capsys):
+    kinds, sd = _saved_state(weight_decay=0.05)
+    capsys.readouterr()
+    opt = build_optimizer(kinds, n_embd=N_EMBD, weight_decay=0.05)
+    assert opt.load_state_dict(sd) == []
+    assert "resume:" not in capsys.readouterr().out
 
 
 def test_loading_another_ranks_shard_is_refused():
