@@ -1,42 +1,51 @@
 """Run untrusted Python (model tool calls, HumanEval completions) in a limited child process.
 
     from picochat.sandbox import run_python
-    r = run_python("print(6*7)", timeout_s=2)      # ExecResult(stdout='42\\n', status='ok', ...)
+    r = run_python("print(6*7)", timeout_s=2)      # ExecResult(stdout='42\\n', status='ok', layers=(...), ...)
 
-This file is also the child's entry point: `run_python` starts `python -I -S -B -u -X utf8 picochat/sandbox.py CONFIG`,
-which sets up the limits below, then executes the user's code as `__main__`. Do not run it by hand.
+The child is `python -I -S -B -u -X utf8 picochat/sandbox_child.py CONFIG` (the base interpreter, stdlib only), started
+inside bubblewrap where that works; sandbox_child.py limits the process and then runs the user's code as `__main__`.
+PICOCHAT_SANDBOX=auto (default) | bwrap (required: error if it cannot be used) | fallback (never use bubblewrap).
 
-What contains the child (the parts meant to hold against code written to escape, kernel bugs aside):
-  * a fresh temporary working directory, deleted afterwards, and a scrubbed environment (PATH, HOME=TMPDIR=workdir,
-    LANG; no proxies, tokens or PYTHONPATH; `-I -S` ignores PYTHON* variables and site-packages: stdlib only);
-  * its own session/process group, SIGKILLed as a whole on timeout, on too much output, and when the child exits
-    (so forked helpers die with it); a wall-clock timeout plus RLIMIT_CPU;
-  * rlimits set before the user's code runs, soft = hard so it cannot raise them again (CPU: hard = soft + 1 s):
-    RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE (16 MiB files), RLIMIT_NPROC = 0 (no new processes or threads;
-    NOTE the kernel does not enforce RLIMIT_NPROC for uid 0, so when picochat runs as root only the guards and the
-    group kill stop forks), RLIMIT_NOFILE, RLIMIT_CORE = 0;
-  * on Linux, where the kernel allows it without root: a new user + network namespace (only a down loopback, so no
-    connection anywhere, 127.0.0.1 included; the user namespace also drops root's host capabilities), and Landlock
-    (kernel >= 5.13): no file creation/writing/removal outside the working directory (plus /dev/null), no execve,
-    no TCP bind/connect (ABI >= 4), no signals to processes outside the sandbox (ABI >= 6). Without Landlock only
-    the guards below keep the code from writing wherever the account running picochat may write.
-  ExecResult.layers lists which of "rlimits", "netns", "landlock" took effect, so callers can log it.
+What contains the child (meant to hold against code written to escape, kernel bugs aside); ExecResult.layers names
+the ones that took effect on this run:
+  * "bwrap": Debian's bubblewrap (`apt-get install bubblewrap`), probed once per process, gives "userns" (uid 65534,
+    no capabilities; without it where a root container forbids user namespaces), "pidns" (every process of the run
+    dies with it: the parent waits for the namespace's init to be gone), "netns" (only a down loopback), "mountns":
+    a read-only root holding only the interpreter, its stdlib and shared libraries, /dev/null, /dev/zero,
+    /dev/urandom, the namespace's /proc, a 1 MiB private /tmp and the work dir as a tmpfs of `disk_mb` (the disk
+    quota). Without bubblewrap the child makes its own "userns", "netns" and "mountns" (private /tmp, work dir tmpfs)
+    where the kernel allows, but no PID namespace and the host's file tree stays mounted.
+  * "seccomp": no new processes (fork, or clone without CLONE_THREAD: as root RLIMIT_NPROC is not enforced), no
+    execve, no socket() of any family (AF_UNIX by path would reach host services such as docker.sock), no ptrace,
+    mount, unshare, setns, io_uring, bpf.
+  * "landlock" (Linux >= 5.13): reads only from the interpreter's files above, the work dir and those devices;
+    writes only in the work dir; no execve; no TCP (ABI >= 4); no signals out of the sandbox (ABI >= 6).
+  * "rlimits", soft = hard so the code cannot raise them (CPU: hard = soft + 1 s): RLIMIT_AS (memory), RLIMIT_CPU,
+    RLIMIT_FSIZE (16 MiB files), RLIMIT_NPROC = 0, RLIMIT_NOFILE, RLIMIT_CORE = 0; plus a wall-clock timeout after
+    which everything is SIGKILLed, a scrubbed environment (PATH, HOME=TMPDIR=work dir, LANG) and a temp work dir
+    removed afterwards without ever following a symlink.
+  * Python-level guards (os.system/fork/exec*/kill, subprocess, sockets, writes outside the work dir raise
+    PermissionError): they make ordinary model mistakes fail clearly; code that means to escape can undo them.
 
-Defence in depth only, NOT a security boundary: the child replaces os.system/fork/exec*/kill, subprocess.Popen,
-socket creation and file writes outside the working directory with functions that raise PermissionError. Code that
-means to escape can undo these (e.g. by re-importing a builtin module). They exist so that ordinary model mistakes
-fail with a clear message, and so that hosts without namespaces or Landlock (macOS, old kernels) still get something.
-Do not run code from an adversary on a machine or account you are not prepared to lose.
+What stays exposed: CPU time up to the limit and memory up to memory_mb (+ disk_mb of tmpfs, which is RAM) per run;
+the kernel's system-call surface that the filter allows (a kernel bug is an escape); with bubblewrap the /proc of the
+run's own namespace (readable only where Landlock is missing); in the fallback without Landlock, reads of every
+file the account may read; where neither seccomp nor namespaces work (macOS, old kernels), only the rlimits, the
+process group kill and the guards, which root or a determined attacker gets past. Do not run code from an adversary on
+a machine or account you are not prepared to lose.
 
-Cost: ~0.12-0.2 s per call on a shared 2-core machine (interpreter start plus the setup above), measured here.
+Cost: ~0.12-0.2 s per call on a shared 2-core machine (interpreter start plus the setup above), measured before
+bubblewrap; see the README for the figures with it.
 
 Why no `preexec_fn`: the Python docs warn it is unsafe in a process with threads (the web server and torch both have
 them), and without it Popen can use vfork, which keeps spawning cheap from a parent holding GBs of model weights.
-Everything is therefore set up by the child itself before the user's code runs.
+Everything is therefore set up by bubblewrap and the child itself.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import selectors
@@ -44,18 +53,23 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
 
-# The child exits with this code when the user's code died of MemoryError (RLIMIT_AS), so the parent can report
-# "memory" even when stderr was truncated. 3 is not used by the interpreter itself (it uses 1, 2 and 120).
-_MEMORY_EXIT = 3
-_MAX_FILE_BYTES = 16 * 1024 * 1024
-_MAX_OPEN_FILES = 256
-_LAYERS_FILE = ".picochat_sandbox_layers.json"
-# After the child exits, how long to keep reading pipes that a setsid()-escaped grandchild might still hold open.
+from picochat.common import UserError
+
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+_MEMORY_EXIT = 3  # sandbox_child.MEMORY_EXIT (not imported: the child module is read by path)
+# After the child exits, how long to keep reading pipes that an escaped helper might still hold open.
 _DRAIN_GRACE_S = 0.5
+# How long to wait for a killed PID namespace to be empty (the kernel kills and reaps it in milliseconds).
+_NAMESPACE_GONE_S = 5.0
+_NOBODY = 65534
+SANDBOX_SUMMARY = ("python runs in a child process with no network, no new processes and no sockets, reading only "
+                   "the stdlib and its own temp dir (bubblewrap namespaces, seccomp, Landlock where available), "
+                   "with CPU, memory, disk and time limits")
 
 
 @dataclass
@@ -66,10 +80,12 @@ class ExecResult:
     "error"         non-zero exit: an exception (traceback in stderr), sys.exit(n), or a signal other than below
     "timeout"       killed after timeout_s of wall-clock time, or by RLIMIT_CPU (SIGXCPU)
     "memory"        MemoryError under RLIMIT_AS, or SIGKILLed by the kernel's OOM killer
-    "output_limit"  stdout or stderr passed max_output_bytes: the group was killed and the output cut there
+    "output_limit"  stdout or stderr passed max_output_bytes: the run was killed and the output cut there
 
     stdout/stderr are decoded as UTF-8 (bad bytes replaced); `truncated` says they were cut at max_output_bytes.
     returncode is the child's exit status (negative = killed by that signal), None if it could not be collected.
+    layers: the isolation layers that took effect (see the module docstring), as the child reported them before
+    running the code, plus the namespaces bubblewrap made; empty if the child did not get that far.
     """
 
     stdout: str
@@ -92,11 +108,13 @@ def run_python(
     memory_mb: int = 256,
     max_output_bytes: int = 16_384,
     stdin: str | None = None,
+    disk_mb: int = 32,
 ) -> ExecResult:
     """Run `code` as a Python script in a fresh sandboxed child; never raises because of what `code` does.
 
-    max_output_bytes applies to stdout and stderr separately. Raises TypeError/ValueError for bad arguments (caller
-    bugs) and OSError only if the interpreter itself cannot be started.
+    max_output_bytes applies to stdout and stderr separately; disk_mb bounds all files the code writes together
+    (where a mount namespace is available). Raises TypeError/ValueError for bad arguments (caller bugs), UserError
+    for a bad PICOCHAT_SANDBOX, and OSError only if the interpreter itself cannot be started.
     """
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
@@ -108,9 +126,16 @@ def run_python(
         raise ValueError(f"memory_mb must be >= 64, got {memory_mb}")
     if max_output_bytes < 1:
         raise ValueError(f"max_output_bytes must be >= 1, got {max_output_bytes}")
+    if disk_mb < 1:
+        raise ValueError(f"disk_mb must be >= 1, got {disk_mb}")
     if os.name != "posix":
         raise RuntimeError("picochat's sandbox needs a POSIX system (Linux or macOS) for rlimits and sessions")
+    return _run(code, _choose_bwrap(), timeout_s, memory_mb, max_output_bytes, stdin, disk_mb)
 
+
+def _run(code: str, bwrap: tuple[str, bool] | None, timeout_s: float, memory_mb: int, max_output_bytes: int,
+         stdin: str | None, disk_mb: int) -> ExecResult:
+    """One run, inside bubblewrap when `bwrap` is (path, use a user namespace), else with the fallback layers."""
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="picochat_sandbox_"))
     try:
         with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
@@ -120,10 +145,128 @@ def run_python(
             "memory_bytes": memory_mb * 1024 * 1024,
             # a backstop only: the parent enforces the wall clock itself, which a sleeping child does not burn
             "cpu_s": int(timeout_s) + 2,
+            "disk_bytes": disk_mb * 1024 * 1024,
+            "readable": list(_interpreter_files()),
+            "in_bwrap": bwrap is not None,
         }
-        return _spawn_and_collect(workdir, config, timeout_s, max_output_bytes, stdin)
+        return _spawn_and_collect(workdir, config, bwrap, timeout_s, max_output_bytes, stdin)
     finally:
         _remove_tree(workdir)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# which isolation: bubblewrap if it works here, probed once per process
+
+
+def _choose_bwrap() -> tuple[str, bool] | None:
+    choice = os.environ.get("PICOCHAT_SANDBOX", "auto")
+    if choice not in ("auto", "bwrap", "fallback"):
+        raise UserError(f"PICOCHAT_SANDBOX={choice!r} is not one of auto, bwrap, fallback")
+    if choice == "fallback":
+        return None
+    found = _probe_bwrap(shutil.which("bwrap") or "")
+    if found is None and choice == "bwrap":
+        raise UserError("PICOCHAT_SANDBOX=bwrap, but bubblewrap is not installed or cannot create namespaces here: "
+                        "install it (apt-get install bubblewrap) or unset PICOCHAT_SANDBOX")
+    return found
+
+
+@functools.cache
+def _probe_bwrap(path: str) -> tuple[str, bool] | None:
+    """(path, userns) for the first way bubblewrap runs a trivial program here: with a user namespace, else (root
+    in a container that forbids them) without. None if neither works (not installed, namespaces refused)."""
+    if not path or not sys.platform.startswith("linux"):
+        return None
+    for userns in (True, False):
+        if userns is False and os.geteuid() != 0:
+            break  # without a user namespace bubblewrap needs root to create the others
+        r = _run("print('ok')", (path, userns), 10.0, 256, 1024, None, 1)
+        if (r.status, r.stdout) == ("ok", "ok\n"):
+            return path, userns
+    return None
+
+
+@functools.cache
+def _interpreter_files() -> tuple[str, ...]:
+    """What the child may read besides its work dir: the base interpreter, its stdlib (lib-dynload included), its
+    shared libraries, the dynamic loader's cache and sandbox_child.py. Real paths, deduplicated."""
+    exe = os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable)
+    paths = [exe, os.path.dirname(os.path.realpath(os.__file__)), _CHILD]
+    dynload = sysconfig.get_config_var("DESTSHARED")
+    if dynload and os.path.isdir(dynload):
+        paths.append(dynload)
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        lib = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("INSTSONAME") or "")
+        if os.path.isfile(lib):
+            paths.append(lib)
+    # The extension modules link against system libraries (libssl, libsqlite3, libffi, ...) from libc's directory.
+    libc_dir = _libc_dir()
+    if libc_dir:
+        paths.append(libc_dir)
+    if os.path.isfile("/etc/ld.so.cache"):
+        paths.append("/etc/ld.so.cache")
+    real = [os.path.realpath(p) for p in paths]
+    return tuple(p for i, p in enumerate(real) if p not in real[:i] and not any(
+        p.startswith(q + os.sep) for q in real if os.path.isdir(q) and q != p))
+
+
+def _libc_dir() -> str | None:
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+                path = fields[5].strip() if len(fields) == 6 else ""
+                if os.path.basename(path).startswith(("libc.so", "libc-", "libc.musl")):
+                    return os.path.dirname(os.path.realpath(path))
+    except OSError:
+        pass
+    return None
+
+
+def _elf_interpreter(exe: str) -> str | None:
+    """The dynamic loader named in the executable's PT_INTERP (e.g. /lib64/ld-linux-x86-64.so.2), or None."""
+    import struct
+
+    try:
+        with open(exe, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:  # 64-bit little-endian only
+                return None
+            phoff, = struct.unpack_from("<Q", head, 32)
+            phentsize, phnum = struct.unpack_from("<HH", head, 54)
+            for i in range(phnum):
+                f.seek(phoff + i * phentsize)
+                p_type, _, p_offset, _, _, p_filesz = struct.unpack("<IIQQQQ", f.read(40))
+                if p_type == 3:  # PT_INTERP
+                    f.seek(p_offset)
+                    return f.read(p_filesz).rstrip(b"\0").decode()
+    except (OSError, struct.error, UnicodeDecodeError):
+        pass
+    return None
+
+
+def _bwrap_argv(path: str, userns: bool, workdir: str, disk_bytes: int, info_fd: int) -> list[str]:
+    """bubblewrap's arguments: new namespaces, and a file tree holding only what the child may read."""
+    argv = [path, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--info-fd", str(info_fd)]
+    if userns:
+        argv += ["--unshare-user", "--uid", str(_NOBODY), "--gid", str(_NOBODY)]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):  # merged-/usr systems: /lib -> usr/lib
+        if os.path.islink(f"/{name}"):
+            argv += ["--symlink", os.readlink(f"/{name}"), f"/{name}"]
+    for p in _interpreter_files():
+        argv += ["--ro-bind", p, p]
+    interp = _elf_interpreter(_interpreter_files()[0])
+    if interp:  # the loader at the path the executable names, its directory resolved through the links above
+        argv += ["--ro-bind", os.path.realpath(interp),
+                 os.path.join(os.path.realpath(os.path.dirname(interp)), os.path.basename(interp))]
+    for dev in ("/dev/null", "/dev/zero", "/dev/urandom"):
+        argv += ["--dev-bind", dev, dev]
+    argv += ["--proc", "/proc", "--size", str(1024 * 1024), "--tmpfs", "/tmp",
+             "--size", str(disk_bytes), "--tmpfs", workdir,
+             "--ro-bind", os.path.join(workdir, "main.py"), os.path.join(workdir, "main.py"),
+             "--remount-ro", "/", "--chdir", workdir]
+    return argv
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -138,10 +281,14 @@ def _child_env(workdir: str) -> dict[str, str]:
     return env
 
 
-def _spawn_and_collect(
-    workdir: str, config: dict, timeout_s: float, max_output_bytes: int, stdin: str | None
-) -> ExecResult:
-    argv = [sys.executable, "-I", "-S", "-B", "-u", "-X", "utf8", os.path.abspath(__file__), json.dumps(config)]
+def _spawn_and_collect(workdir: str, config: dict, bwrap: tuple[str, bool] | None, timeout_s: float,
+                       max_output_bytes: int, stdin: str | None) -> ExecResult:
+    layers_r, layers_w = os.pipe()  # the child writes the layers it set up here, then closes it
+    info_r, info_w = os.pipe() if bwrap else (-1, -1)  # bubblewrap writes {"child-pid": <its init>} here
+    config["layers_fd"] = layers_w
+    argv = [_interpreter_files()[0], "-I", "-S", "-B", "-u", "-X", "utf8", _CHILD, json.dumps(config)]
+    if bwrap:
+        argv = _bwrap_argv(bwrap[0], bwrap[1], workdir, config["disk_bytes"], info_w) + ["--"] + argv
     # stdin goes through an unlinked temp file, not a pipe: no writer thread, no deadlock if the child never reads
     stdin_file = tempfile.TemporaryFile() if stdin is not None else None
     if stdin_file is not None:
@@ -158,18 +305,34 @@ def _spawn_and_collect(
             env=_child_env(workdir),
             start_new_session=True,  # pgid == pid: one killpg reaches everything it forks
             close_fds=True,
+            pass_fds=[fd for fd in (layers_w, info_w) if fd >= 0],
         )
     finally:
         if stdin_file is not None:
             stdin_file.close()
+        for fd in (layers_w, info_w):
+            if fd >= 0:
+                os.close(fd)
+    ns_init = _namespace_init(info_r, t0 + timeout_s) if bwrap else None
     try:
         out, err, reason = _collect(proc, t0 + timeout_s, max_output_bytes)
     finally:
-        _kill_group(proc.pid)  # no-op when already gone; pid cannot be reused before proc.wait() below reaps it
+        _stop(proc, ns_init)
         proc.stdout.close()
         proc.stderr.close()
         returncode = proc.wait()
+        if ns_init is not None:
+            _wait_readable(ns_init, _NAMESPACE_GONE_S)  # init exits only once every process in it is gone
+            os.close(ns_init)
+        layers = _read_layers(layers_r)
+        for fd in (layers_r, info_r):
+            if fd >= 0:
+                os.close(fd)
     duration = time.monotonic() - t0
+    if bwrap:
+        layers = ("bwrap", *(("userns",) if bwrap[1] else ()), "pidns", "netns", "mountns", *layers) if layers else ()
+        if returncode is not None and 128 < returncode < 128 + 65:
+            returncode = 128 - returncode  # bubblewrap reports a child killed by signal n as exit 128 + n
 
     truncated = reason == "output_limit"
     if reason is not None:
@@ -189,8 +352,67 @@ def _spawn_and_collect(
         returncode=returncode,
         duration_s=duration,
         truncated=truncated,
-        layers=_read_layers(workdir),
+        layers=layers,
     )
+
+
+def _namespace_init(info_r: int, deadline: float) -> int | None:
+    """A pidfd of the PID namespace's init (bubblewrap's), read from its info fd at start, while the init surely
+    runs (it waits for the child). None where pidfds are missing or bubblewrap failed before writing."""
+    buf = b""
+    sel = selectors.DefaultSelector()
+    sel.register(info_r, selectors.EVENT_READ)
+    try:
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                break
+            chunk = os.read(info_r, 4096)
+            buf += chunk
+            try:
+                pid = json.loads(buf)["child-pid"]
+                break
+            except (ValueError, KeyError):
+                if not chunk:
+                    return None
+        else:
+            return None
+    finally:
+        sel.close()
+    if not hasattr(os, "pidfd_open") or not isinstance(pid, int):
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
+def _stop(proc: subprocess.Popen, ns_init: int | None) -> None:
+    """Kill everything of the run: the PID namespace through its init, and the child's process group."""
+    if ns_init is not None:
+        try:
+            signal.pidfd_send_signal(ns_init, signal.SIGKILL)
+        except ProcessLookupError:  # already gone
+            pass
+    _kill_group(proc.pid)  # no-op when already gone; pid cannot be reused before proc.wait() reaps it
+
+
+def _wait_readable(fd: int, timeout_s: float) -> None:
+    sel = selectors.DefaultSelector()
+    sel.register(fd, selectors.EVENT_READ)
+    try:
+        sel.select(timeout=timeout_s)
+    finally:
+        sel.close()
+
+
+def _read_layers(fd: int) -> tuple[str, ...]:
+    """Which layers the child reported before running the user's code (it closed the pipe then)."""
+    os.set_blocking(fd, False)
+    try:
+        layers = json.loads(os.read(fd, 65536) or b"[]")
+    except (OSError, ValueError):
+        return ()
+    return tuple(x for x in layers if isinstance(x, str)) if isinstance(layers, list) else ()
 
 
 def _collect(proc: subprocess.Popen, deadline: float, max_output_bytes: int) -> tuple[bytes, bytes, str | None]:
@@ -272,256 +494,37 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _read_layers(workdir: str) -> tuple[str, ...]:
-    """Which isolation layers the child reported before running the user's code (informational: the code could
-    have rewritten the file)."""
-    try:
-        with open(os.path.join(workdir, _LAYERS_FILE), encoding="utf-8") as f:
-            layers = json.load(f)
-    except (OSError, ValueError):
-        return ()
-    return tuple(x for x in layers if isinstance(x, str)) if isinstance(layers, list) else ()
-
-
 def _remove_tree(path: str) -> None:
-    """Delete the working directory even if the code chmod-ed parts of it read-only."""
+    """Delete the work dir even if the code made parts of it read-only, without ever following a symlink.
 
-    def fix_and_retry(func, p, _exc):
-        # The usual cause is a directory without write/search permission. Never chmod through a symlink: its
-        # target may be outside the working directory.
-        for q in (os.path.dirname(p), p):
-            if os.path.isdir(q) and not os.path.islink(q):
-                os.chmod(q, 0o700)
-        func(p)
-
+    Every step is relative to an open directory fd, and a directory is made writable through an O_PATH fd of that
+    very directory: a chmod of a checked *path* could land on a symlink that a process still running in the
+    sandbox swapped in between the check and the chmod (it did: tests/test_sandbox.py, the clean-up probe).
+    """
     try:
-        shutil.rmtree(path, onerror=fix_and_retry)
-    except OSError as e:
+        if hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd"):
+            _clear_dir(path, None)
+            os.rmdir(path)
+        else:  # macOS: no O_PATH; shutil's fd-based walk still never follows a symlink
+            shutil.rmtree(path)
+    except (OSError, RecursionError) as e:
         print(f"picochat.sandbox: warning: could not remove temporary directory {path}: {e}", file=sys.stderr)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# child side: runs in the sandboxed interpreter, stdlib only, before any user code
-
-
-def _child_main(argv: list[str]) -> None:
-    import builtins
-    import traceback
-    import types
-
-    config = json.loads(argv[0])
-    workdir = config["workdir"]
-    layers = []
-    if _child_rlimits(config):
-        layers.append("rlimits")
-    if sys.platform.startswith("linux"):
-        # Both use ctypes, which the guards then hide from the user's code.
-        if _child_unshare_network():
-            layers.append("netns")
-        if _child_landlock(workdir):
-            layers.append("landlock")
-    with open(os.path.join(workdir, _LAYERS_FILE), "w", encoding="utf-8") as f:
-        json.dump(layers, f)
-    _child_guards(workdir)
-
-    main_path = os.path.join(workdir, "main.py")
-    with open(main_path, encoding="utf-8") as f:
-        source = f.read()
-    module = types.ModuleType("__main__")
-    module.__file__ = main_path
-    module.__builtins__ = builtins
-    sys.modules["__main__"] = module
-    sys.argv = ["main.py"]
+def _clear_dir(name: str, parent_fd: int | None) -> None:
+    nofollow = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    handle = os.open(name, os.O_PATH | nofollow, dir_fd=parent_fd)  # fails on a symlink; needs no permission
     try:
-        exec(compile(source, "main.py", "exec"), module.__dict__)
-    except SystemExit:
-        raise
-    except BaseException as e:  # noqa: BLE001 - report every failure of the user's code as Python would, then exit
-        tb = e.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-            tb = tb.tb_next  # hide the sandbox's own frames: the traceback should start in main.py
-        traceback.print_exception(type(e), e, tb)
-        sys.exit(_MEMORY_EXIT if isinstance(e, MemoryError) else 1)
-
-
-def _child_rlimits(config: dict) -> bool:
-    import resource
-
-    # (soft, hard). soft == hard so the user's code cannot raise a limit back, except CPU: at the soft limit the
-    # kernel sends SIGXCPU (reported as "timeout"), at the hard one SIGKILL (which would read as the OOM killer).
-    wanted = {
-        "RLIMIT_AS": (config["memory_bytes"], config["memory_bytes"]),
-        "RLIMIT_CPU": (config["cpu_s"], config["cpu_s"] + 1),
-        "RLIMIT_FSIZE": (_MAX_FILE_BYTES, _MAX_FILE_BYTES),
-        "RLIMIT_NPROC": (0, 0),
-        "RLIMIT_NOFILE": (_MAX_OPEN_FILES, _MAX_OPEN_FILES),
-        "RLIMIT_CORE": (0, 0),
-    }
-    for name, (soft, hard) in wanted.items():
-        which = getattr(resource, name, None)
-        if which is None:
-            continue
-        _, host_hard = resource.getrlimit(which)
-        if host_hard != resource.RLIM_INFINITY:  # never try to raise a limit the host already set lower
-            soft, hard = min(soft, host_hard), min(hard, host_hard)
-        resource.setrlimit(which, (soft, hard))
-    return True
-
-
-def _child_unshare_network() -> bool:
-    """Enter new user + network namespaces (only a down loopback inside). False where the kernel refuses."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    clone_newuser, clone_newnet = 0x10000000, 0x40000000
-    if libc.unshare(clone_newuser | clone_newnet) == 0:
-        return True
-    return libc.unshare(clone_newnet) == 0  # root inside a container that forbids user namespaces
-
-
-# Landlock constants from <linux/landlock.h>; the syscall numbers are the same on every architecture.
-_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
-_LL_EXECUTE, _LL_WRITE_FILE = 1 << 0, 1 << 1
-# REMOVE_DIR, REMOVE_FILE, MAKE_CHAR, MAKE_DIR, MAKE_REG, MAKE_SOCK, MAKE_FIFO, MAKE_BLOCK, MAKE_SYM
-_LL_MODIFY = sum(1 << i for i in range(4, 13))
-_LL_REFER, _LL_TRUNCATE = 1 << 13, 1 << 14  # ABI 2, ABI 3
-_LL_NET_BIND_TCP, _LL_NET_CONNECT_TCP = 1, 2  # ABI 4
-_LL_SCOPE_ABSTRACT_UNIX, _LL_SCOPE_SIGNAL = 1, 2  # ABI 6
-
-
-def _child_landlock(workdir: str) -> bool:
-    """Forbid writes outside `workdir` (and /dev/null), all execve, TCP, and signals out of the sandbox.
-
-    Reading stays allowed everywhere: the interpreter imports the stdlib from wherever it is installed.
-    Returns False where Landlock is missing (old kernel, disabled LSM, seccomp filter).
-    """
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    abi = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
-    if abi < 1:
-        return False
-
-    class RulesetAttr(ctypes.Structure):
-        _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
-
-    class PathBeneath(ctypes.Structure):
-        _pack_ = 1
-        _fields_ = [("allowed", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-    fs = _LL_EXECUTE | _LL_WRITE_FILE | _LL_MODIFY | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)
-    attr = RulesetAttr(fs, 0, 0)
-    size = 8  # the kernel rejects a struct larger than its ABI knows, so pass only the fields this ABI has
-    if abi >= 4:
-        attr.net, size = _LL_NET_BIND_TCP | _LL_NET_CONNECT_TCP, 16  # no net rule added: all TCP is denied
-    if abi >= 6:
-        attr.scoped, size = _LL_SCOPE_ABSTRACT_UNIX | _LL_SCOPE_SIGNAL, 24
-    ruleset = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
-    if ruleset < 0:
-        return False
-    try:
-        rules = [(workdir, fs & ~_LL_EXECUTE), ("/dev/null", _LL_WRITE_FILE | (_LL_TRUNCATE if abi >= 3 else 0))]
-        for path, allowed in rules:
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            try:
-                rule = PathBeneath(allowed, fd)
-                if libc.syscall(_SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(1), ctypes.byref(rule), 0):
-                    return False
-            finally:
-                os.close(fd)
-        pr_set_no_new_privs = 38  # required by landlock_restrict_self for a process without CAP_SYS_ADMIN
-        if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
-            return False
-        return libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) == 0
+        os.chmod(f"/proc/self/fd/{handle}", 0o700)  # through the fd's link: exactly this inode
+        fd = os.open(".", os.O_RDONLY | nofollow, dir_fd=handle)
     finally:
-        os.close(ruleset)
-
-
-def _child_guards(workdir: str) -> None:
-    """Python-level guards (see the module docstring: convenience and defence in depth, not a boundary)."""
-    import builtins
-    import io
-    import posix
-    import socket
-
-    def blocked(name: str):
-        def refuse(*_args, **_kwargs):
-            raise PermissionError(f"{name} is disabled in the picochat sandbox")
-
-        return refuse
-
-    def inside(path, dir_fd=None) -> bool:
-        if isinstance(path, int):
-            return True  # an already-open file descriptor: opening it was checked
-        p = os.fsdecode(path)
-        base = os.getcwd()
-        if dir_fd is not None and not os.path.isabs(p):
-            base = os.readlink(f"/proc/self/fd/{dir_fd}")  # shutil.rmtree works relative to directory fds
-        real = os.path.realpath(os.path.join(base, p))
-        return real == workdir or real.startswith(workdir + os.sep) or real == os.devnull
-
-    def guard_path(name: str, fn, n_paths: int = 1):
-        def checked(*args, **kwargs):
-            dir_fds = [kwargs.get("dir_fd")] if n_paths == 1 else [kwargs.get("src_dir_fd"), kwargs.get("dst_dir_fd")]
-            for p, dir_fd in zip(args[:n_paths], dir_fds):
-                if not inside(p, dir_fd):
-                    raise PermissionError(f"{name}({p!r}): only the sandbox's working directory may be changed")
-            return fn(*args, **kwargs)
-
-        return checked
-
-    real_open, real_os_open = builtins.open, os.open
-
-    def open_(file, mode="r", *args, **kwargs):
-        if any(c in mode for c in "wax+") and not inside(file):
-            raise PermissionError(f"open({file!r}, {mode!r}): only the sandbox's working directory is writable")
-        return real_open(file, mode, *args, **kwargs)
-
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-    def os_open_(path, flags, *args, **kwargs):
-        if flags & write_flags and not inside(path, kwargs.get("dir_fd")):
-            raise PermissionError(f"os.open({path!r}): only the sandbox's working directory is writable")
-        return real_os_open(path, flags, *args, **kwargs)
-
-    builtins.open = io.open = open_
-    replacements = {"open": os_open_}
-    for name in ("remove", "unlink", "rmdir", "mkdir", "truncate", "chmod", "chown", "lchown", "utime", "mkfifo",
-                 "mknod"):
-        if hasattr(os, name):
-            replacements[name] = guard_path(f"os.{name}", getattr(os, name))
-    for name in ("rename", "replace", "link", "symlink"):
-        replacements[name] = guard_path(f"os.{name}", getattr(os, name), n_paths=2)
-    for name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "posix_spawn", "posix_spawnp", "execv",
-                 "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnv", "spawnve", "spawnvp",
-                 "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "setuid", "setgid"):
-        if hasattr(os, name):
-            replacements[name] = blocked(f"os.{name}")
-    for name, fn in replacements.items():
-        setattr(os, name, fn)
-        if hasattr(posix, name):
-            setattr(posix, name, fn)
-
-    subprocess.Popen = blocked("subprocess.Popen")  # run/call/check_output all go through Popen
-    subprocess._fork_exec = blocked("subprocess")  # 3.12+ keeps its own reference to fork_exec
-    if "_posixsubprocess" in sys.modules:
-        sys.modules["_posixsubprocess"].fork_exec = blocked("subprocess")
-    real_socket_init = socket.socket.__init__
-
-    def socket_init(self, family=-1, type=-1, proto=-1, fileno=None):
-        # Wrapping an existing fd stays allowed: socketpair() does that, and asyncio's event loop needs it.
-        if fileno is None:
-            raise PermissionError("creating sockets is disabled in the picochat sandbox")
-        real_socket_init(self, family, type, proto, fileno)
-
-    socket.socket.__init__ = socket_init  # patch __init__, not the class: ssl subclasses socket.socket at import
-    for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex", "create_connection", "create_server"):
-        setattr(socket, name, blocked(f"socket.{name}"))
-    # ctypes could call libc directly; drop it (the setup above is done with it) and refuse re-imports.
-    for name in ("ctypes", "_ctypes", "_posixsubprocess", "multiprocessing"):
-        sys.modules[name] = None
-
-
-if __name__ == "__main__":
-    _child_main(sys.argv[1:])
+        os.close(handle)
+    try:
+        for entry in os.scandir(fd):
+            if entry.is_dir(follow_symlinks=False):
+                _clear_dir(entry.name, fd)
+                os.rmdir(entry.name, dir_fd=fd)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    finally:
+        os.close(fd)

@@ -201,7 +201,8 @@ def test_signals_to_outside_processes_are_denied():
     if "landlock" not in r.layers:
         pytest.skip("Landlock signal scoping (ABI 6, Linux 6.12) is not available here")
     assert r.status == "error" and "reached" not in r.stdout
-    assert "PermissionError" in r.stderr
+    # Landlock refuses it (EPERM); in a PID namespace the outside pid does not even exist (ESRCH)
+    assert r.stderr.strip().splitlines()[-1].split(":")[0] in ("PermissionError", "ProcessLookupError")
 
 
 def test_caller_errors_raise():
@@ -271,10 +272,10 @@ def test_files_under_home_are_unreadable(mode):
 def test_another_runs_code_is_unreadable(mode):
     marker = f"picochat-marker-{uuid.uuid4().hex}"
     other = threading.Thread(target=run_python, args=(f"# {marker}\nimport time\ntime.sleep(30)",),
-                             kwargs={"timeout_s": 3})
+                             kwargs={"timeout_s": 1.5})
     other.start()
     try:
-        deadline, found = time.monotonic() + 2.5, None
+        deadline, found = time.monotonic() + 1.2, None
         while found is None and time.monotonic() < deadline:
             for p in glob.glob(os.path.join(tempfile.gettempdir(), "picochat_sandbox_*", "main.py")):
                 try:
