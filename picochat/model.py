@@ -99,56 +99,93 @@ class Block(nn.Module):
 # the head and the training loss, fused and chunked
 
 
-class ChunkedHeadLoss(torch.autograd.Function):
-    """Summed cross-entropy of softcapped logits, computed `chunk` rows at a time with the gradients taken in the same
-    pass, so the (N, V) logits never exist whole (N·V·4 bytes: 512 MB for 16k tokens at vocab 8k on CPU, 17 GB per
-    GPU for 64k tokens at vocab 65k).
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in here: autocast's when it is on for x's device, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
-    forward(x (N, C), w (Vp, C), targets (N,) with -1 = ignored, vocab V <= Vp, cap) -> scalar sum over targets.
-    Per chunk: z = cap·tanh(x wᵀ / cap) (fp32), loss = logsumexp(z) - z[target], and since the loss is a scalar,
-    dloss/dz = softmax(z) - onehot(target) is known now; chained through tanh (1 - (z/cap)²) it gives the chunk's
-    dx and its share of dw. backward() only scales them by the incoming gradient.
-    Why: on a 2-core CPU the unfused head spent ~10% of a step in passes over the logits that no longer fit in cache
-    (tanh, log-softmax, their backward); chunks of a few MB stay in L2/L3 (see README, Measured).
+
+def _softcap_ce(zs: torch.Tensor, targets: torch.Tensor, cap: float, grads: bool) -> torch.Tensor:
+    """Losses (m,) fp32 of one chunk of logits zs (m, V) in the compute dtype; with `grads`, zs is overwritten in
+    place with d(sum of losses)/d(logits). Targets -1 are ignored (loss 0, gradient 0). Since the loss is a scalar,
+    dloss/dz = softmax(z) - onehot(target), chained through the cap's tanh: (1 - tanh²)."""
+    z = zs.float()  # (m, V) fp32 (zs itself when the compute dtype is fp32)
+    if cap > 0:
+        th = torch.tanh(z / cap)
+        z = th * cap
+    lse = torch.logsumexp(z, dim=-1)  # (m,)
+    valid = targets >= 0
+    tgt = targets.clamp(min=0)[:, None]  # (m, 1)
+    losses = (lse - z.gather(1, tgt).squeeze(1)) * valid
+    if grads:
+        g = z.sub_(lse[:, None]).exp_()  # softmax, in place
+        g.scatter_add_(1, tgt, torch.full(tgt.shape, -1.0, device=g.device))  # - onehot(target)
+        if cap > 0:
+            g.mul_(th.square_().neg_().add_(1))  # d tanh
+        g.mul_(valid[:, None])
+        zs.copy_(g)  # a no-op when g is zs (fp32, no cap)
+    return losses
+
+
+def head_losses(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float, group: int,
+                chunk: int, grads: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-row cross-entropy of the softcapped logits x (N, C) @ w[:vocab]ᵀ, `group` rows at a time; with `grads` also
+    d(sum)/dx (N, C) in x's dtype and d(sum)/dw (Vp, C) fp32. Returns (losses (N,) fp32, gx, gw).
+
+    Per group: one matmul gives its logits (n, V) in the compute dtype (as the plain path rounds them), the
+    element-wise work runs `chunk` rows at a time in fp32 (a chunk that stays in cache on CPU) and leaves the logits'
+    gradient in the same buffer, then two matmuls give the group's dx and its share of dw. So dw is accumulated once
+    per group, not per chunk, and the weight is cast once per call (inside an autograd.Function autocast's weight cache
+    does not apply: the old per-chunk head cast it twice per chunk)."""
+    cd = compute_dtype(x)
+    N = x.size(0)
+    losses = torch.empty(N, dtype=torch.float32, device=x.device)
+    gx = torch.empty_like(x) if grads else None
+    gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grads else None
+    with torch.autocast(x.device.type, enabled=False):  # every dtype below is chosen here, not by autocast
+        wc = w[:vocab].to(cd)  # (V, C)
+        xc = x.to(cd)
+        for g0 in range(0, N, group):
+            xg = xc[g0 : g0 + group]
+            zg = xg @ wc.t()  # (n, V) logits, then their gradient
+            for s in range(0, zg.size(0), chunk):
+                zs = zg[s : s + chunk]
+                r = g0 + s
+                losses[r : r + zs.size(0)] = _softcap_ce(zs, targets[r : r + zs.size(0)], cap, grads)
+            if grads:
+                gx[g0 : g0 + group] = zg @ wc
+                gw[:vocab] += zg.t() @ xg
+    return losses, gx, gw
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of softcapped logits with the gradients taken in the forward pass (`head_losses`), so the
+    (N, V) fp32 logits never exist whole (N·V·4 bytes: 512 MB for 16k tokens at vocab 8k on CPU, 17 GB per GPU for
+    64k tokens at vocab 65k); backward() only scales the saved gradients by the incoming one.
+    forward(x (N, C), w (Vp, C), targets (N,) with -1 = ignored, vocab V <= Vp, cap, group, chunk) -> scalar.
     """
 
     @staticmethod
-    def forward(ctx, x, w, targets, vocab: int, cap: float, chunk: int):
-        gx = torch.empty_like(x)
-        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        wv = w[:vocab]
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        for s in range(0, x.size(0), chunk):
-            xs, ts = x[s : s + chunk], targets[s : s + chunk]
-            z = (xs @ wv.t()).float()  # (n, V)
-            if cap > 0:
-                z = cap * torch.tanh(z / cap)
-            lse = torch.logsumexp(z, dim=-1)  # (n,)
-            valid = ts >= 0
-            tgt = ts.clamp(min=0)[:, None]  # (n, 1)
-            total += ((lse - z.gather(1, tgt).squeeze(1)) * valid).sum()
-            g = torch.exp(z - lse[:, None])  # softmax (n, V)
-            g.scatter_add_(1, tgt, torch.full(tgt.shape, -1.0, device=g.device))  # - onehot(target)
-            if cap > 0:
-                g.mul_(1 - (z / cap) ** 2)  # d tanh
-            g.mul_(valid[:, None])
-            g = g.to(xs.dtype)
-            gx[s : s + chunk] = g @ wv
-            gw[:vocab] += (g.t() @ xs).float()
+    def forward(ctx, x, w, targets, vocab: int, cap: float, group: int, chunk: int):
+        losses, gx, gw = head_losses(x, w, targets, vocab, cap, group, chunk, grads=True)
         ctx.save_for_backward(gx, gw.to(w.dtype))
-        return total
+        return losses.sum()
 
     @staticmethod
     def backward(ctx, grad_out):
         gx, gw = ctx.saved_tensors
-        return gx * grad_out, gw * grad_out, None, None, None, None
+        return gx * grad_out, gw * grad_out, None, None, None, None, None
 
 
 @torch.compiler.disable
-def head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float, chunk: int):
-    """ChunkedHeadLoss outside torch.compile: traced, its chunk loop is unrolled (128 chunks at the reference CPU
-    setting took minutes to compile), and run eagerly its chunks already stay in cache, which is the point."""
-    return ChunkedHeadLoss.apply(x, w, targets, vocab, cap, chunk)
+def head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float, group: int,
+              chunk: int, grads: bool) -> torch.Tensor:
+    """Training's summed loss (`grads`, through ChunkedHeadLoss) or evaluation's per-row losses (N,), outside
+    torch.compile: traced, the chunk loop is unrolled (128 chunks at the reference CPU setting took minutes to
+    compile), and run eagerly its chunks already stay in cache, which is the point."""
+    if grads:
+        return ChunkedHeadLoss.apply(x, w, targets, vocab, cap, group, chunk)
+    return head_losses(x, w, targets, vocab, cap, group, chunk, grads=False)[0]
 
 
 class GPT(nn.Module):
@@ -174,12 +211,25 @@ class GPT(nn.Module):
         if cfg.resid_scalars:
             self.resid_lambdas = nn.Parameter(torch.ones(cfg.depth))  # scales the residual stream entering block i
             self.x0_lambdas = nn.Parameter(torch.zeros(cfg.depth))  # mixes the first embedding back in
-        # rows per chunk of the fused head+loss = this many logits / vocab: 1M fp32 logits = 4 MB stays in cache; on
-        # the 2-core Zen 5, 1M-2M logits per chunk ran 1.3-1.5x faster than 8M (a GPU may want larger chunks)
+        # the fused head + loss (see head_rows): logits bytes per group, and fp32 logits per element-wise chunk on CPU
+        self.head_group_bytes = 256 << 20
         self.head_chunk_elems = 1 << 20
         cos, sin = self._rotary(cfg.sequence_len)
         self.register_buffer("cos", cos, persistent=False)  # (T, D/2)
         self.register_buffer("sin", sin, persistent=False)
+
+    def head_rows(self, x: torch.Tensor) -> tuple[int, int]:
+        """(group, chunk): rows per group and per element-wise chunk of the fused head for x (N, C).
+        A group's logits (rows x vocab in the compute dtype) fill `head_group_bytes`: 256 MB is 2,048 rows at vocab
+        65,536 in bf16 (32 groups for a 32 x 2,048 micro-batch, so dw's fp32 read-modify-write is ~32 x V x C, not
+        1,024 x; rows enough for the matmuls to run at speed) and 16,384 at 8,192; measured on CPU in README.
+        A chunk on CPU is 1M fp32 logits (4 MB per temporary stays in cache; 1M-2M ran 1.3-1.5x faster than 8M on the
+        2-core Zen 5); on a GPU it is the whole group (element-wise kernels stream memory anyway, and 16-row chunks at
+        vocab 65k would be ~10 kernel launches per 16 rows)."""
+        V = self.config.vocab_size
+        group = max(1, self.head_group_bytes // (V * torch.finfo(compute_dtype(x)).bits // 8))
+        chunk = group if x.is_cuda else max(1, self.head_chunk_elems // V)
+        return group, min(chunk, group)
 
     def has_ve(self, layer: int) -> bool:
         """Value embeddings on every other layer, always including the last (as in recent speedrun records)."""
@@ -285,12 +335,17 @@ class GPT(nn.Module):
             x = x[:, -1:]  # (B, T, C) -> (B, 1, C)
         x = norm(x)
         cap = self.config.logit_softcap
-        if targets is not None and loss_reduction in ("sum", "mean") and torch.is_grad_enabled():
-            # training: fused head + loss; the logits are never materialised whole
+        w = self.lm_head.weight
+        grads = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+        if targets is not None and (loss_reduction in ("sum", "mean") or not grads):
+            # the fused head + loss, for training (gradients taken in the same pass) and for evaluation (losses
+            # without gradients): the (B, T, V) fp32 logits never exist whole
             x2 = x.reshape(B * T, -1)  # (B, T, C) -> (B*T, C)
             t2 = targets.reshape(B * T)
-            chunk = max(64, self.head_chunk_elems // self.padded_vocab)
-            loss = head_loss(x2, self.lm_head.weight, t2, self.config.vocab_size, cap, chunk)
+            loss = head_loss(x2, w, t2, self.config.vocab_size, cap, *self.head_rows(x2), grads)
+            if loss_reduction == "none":
+                return loss.view(B, T)  # (B*T,) -> (B, T)
+            loss = loss if grads else loss.sum()
             return loss if loss_reduction == "sum" else loss / (t2 >= 0).sum().clamp(min=1)
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()  # (B, T, V) in fp32 for the softcap
         if cap > 0:

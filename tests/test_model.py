@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_tiny_model, randomize_outputs
 from picochat.config import ModelConfig, derive_model_config
@@ -33,10 +35,9 @@ def test_fused_chunked_head_loss_matches_plain_cross_entropy(cap):
     """Training's fused head+loss (chunks of rows, gradients taken in the forward pass) equals the textbook path:
     full logits -> softcap -> F.cross_entropy, in value and in every parameter's gradient, with ignored targets and
     a chunk size that does not divide the row count."""
-    import torch.nn.functional as F
-
     model = randomize_outputs(make_tiny_model(vocab_size=300, logit_softcap=cap), seed=1)
-    model.head_chunk_elems = 7 * model.padded_vocab  # 7 rows per chunk; 3*40 rows -> a ragged last chunk
+    model.head_group_bytes = 13 * 300 * 4  # 13 fp32 rows per group: 3*40 rows -> a ragged last group
+    model.head_chunk_elems = 5 * 300  # 5 rows per element-wise chunk: 5, 5, 3 in a group
     x, y = torch.randint(0, 300, (3, 40)), torch.randint(0, 300, (3, 40))
     y[0, :5] = -1
     y[2, :] = -1  # a whole row of prompt tokens
@@ -52,6 +53,78 @@ def test_fused_chunked_head_loss_matches_plain_cross_entropy(cap):
         assert torch.allclose(fused, ref, rtol=1e-6, atol=1e-4), (red, fused.item(), ref.item())
         for a, b in zip(g_fused, g_ref):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+class OpLog(TorchDispatchMode):
+    """Every aten op run inside the block: (name, [(shape, dtype) of tensor inputs], [(shape, dtype) of outputs],
+    whether the outputs are new memory (not views))."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sig = lambda ts: [(tuple(t.shape), t.dtype) for t in ts if isinstance(t, torch.Tensor)]  # noqa: E731
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        base = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor)}
+        new = not any(t.untyped_storage().data_ptr() in base for t in outs if isinstance(t, torch.Tensor))
+        self.ops.append((func.__name__, sig(args), sig(outs), new))
+        return out
+
+    def count(self, name, pred=lambda ins, outs: True):
+        return sum(1 for n, ins, outs, _ in self.ops if n == name and pred(ins, outs))
+
+    def largest(self, dtype=None):
+        """The most elements of any tensor an op allocated (of `dtype` if given)."""
+        return max((math.prod(s) for _, _, outs, new in self.ops if new for s, d in outs if dtype in (None, d)),
+                   default=0)
+
+
+def _vocab_65k_model():
+    # the vocabulary of d20 (65,536) at a tiny width: 256 rows of fp32 logits are 64 MB
+    return randomize_outputs(make_tiny_model(vocab_size=65536, depth=1, n_embd=64, head_dim=16, sequence_len=64))
+
+
+def test_fused_head_at_65k_vocab_casts_the_weight_once_and_accumulates_dw_once():
+    """Issue 12 item 6: at vocab 65,536 the old head took 64-row chunks, each casting the weight twice and adding a
+    V x C fp32 partial into dw. Under bf16 autocast a 4 x 64-row micro-batch is now one group: the weight is cast
+    to bf16 once and dw comes from one matmul; loss and gradients still match the plain path."""
+    model = _vocab_65k_model()
+    V, C = 65536, 64
+    x, y = torch.randint(0, V, (4, 64)), torch.randint(0, V, (4, 64))
+    y[1, :7] = -1
+    log = OpLog()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with log:
+            model(x, targets=y, loss_reduction="sum").backward()
+        g = model.lm_head.weight.grad.clone()
+        model.zero_grad()
+        F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1), ignore_index=-1, reduction="sum").backward()
+    weight_casts = log.count("_to_copy.default", lambda ins, outs: ins[0] == ((V, C), torch.float32))
+    dw_matmuls = log.count("mm.default", lambda ins, outs: outs[0][0] == (V, C))
+    assert (weight_casts, dw_matmuls) == (1, 1)
+    assert (g - model.lm_head.weight.grad).norm() < 1e-2 * g.norm()
+
+
+def test_eval_losses_go_through_the_chunked_head():
+    """Issue 12 item 6: evaluation (`loss_reduction='none'`, no grad) built the full (N, V) fp32 logits (17 GB at d20
+    shapes). Now no tensor exceeds a group's logits and, under bf16 autocast, no fp32 one exceeds an element-wise
+    chunk (16 rows at this vocab), the losses unchanged."""
+    model = _vocab_65k_model()
+    V = 65536
+    model.head_group_bytes = 64 * V * 4  # 64 fp32 or 128 bf16 rows per group: 4 or 2 groups for 256 rows
+    x, y = torch.randint(0, V, (4, 64)), torch.randint(0, V, (4, 64))
+    y[2, 10:] = -1
+    for dtype, group, fp32_rows in ((torch.float32, 64, 64), (torch.bfloat16, 128, 16)):
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            ref = F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1), ignore_index=-1, reduction="none")
+            with OpLog() as log:
+                per_tok = model(x, targets=y, loss_reduction="none")
+            mean = model(x, targets=y)
+        assert log.largest(torch.float32) <= fp32_rows * V and log.largest() <= group * V
+        assert (per_tok.reshape(-1) - ref).abs().max() < 1e-4
+        assert torch.allclose(mean, ref.sum() / (y >= 0).sum(), rtol=1e-5)
 
 
 def test_loss_reduction_and_ignore_index():
