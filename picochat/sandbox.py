@@ -67,9 +67,9 @@ _DRAIN_GRACE_S = 0.5
 # How long to wait for a killed PID namespace to be empty (the kernel kills and reaps it in milliseconds).
 _NAMESPACE_GONE_S = 5.0
 _NOBODY = 65534
-SANDBOX_SUMMARY = ("python runs in a child process with no network, no new processes and no sockets, reading only "
-                   "the stdlib and its own temp dir (bubblewrap namespaces, seccomp, Landlock where available), "
-                   "with CPU, memory, disk and time limits")
+# One line for help texts (picochat.tools.TOOL_HELP); ExecResult.layers says which of these held on a run.
+SANDBOX_SUMMARY = ("no network, sockets or new processes; reads only the stdlib and its own temp dir; CPU, memory, "
+                   "disk and time limits; bubblewrap, seccomp and Landlock where available")
 
 
 @dataclass
@@ -187,11 +187,16 @@ def _probe_bwrap(path: str) -> tuple[str, bool] | None:
 
 
 @functools.cache
+def _base_python() -> str:
+    """The interpreter itself, not a venv's link to it: with -I -S the child needs nothing from the venv."""
+    return os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable)
+
+
+@functools.cache
 def _interpreter_files() -> tuple[str, ...]:
     """What the child may read besides its work dir: the base interpreter, its stdlib (lib-dynload included), its
-    shared libraries, the dynamic loader's cache and sandbox_child.py. Real paths, deduplicated."""
-    exe = os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable)
-    paths = [exe, os.path.dirname(os.path.realpath(os.__file__)), _CHILD]
+    shared libraries, the dynamic loader's cache and sandbox_child.py. Real paths, none inside another."""
+    paths = [_base_python(), os.path.dirname(os.path.realpath(os.__file__)), _CHILD]
     dynload = sysconfig.get_config_var("DESTSHARED")
     if dynload and os.path.isdir(dynload):
         paths.append(dynload)
@@ -256,7 +261,7 @@ def _bwrap_argv(path: str, userns: bool, workdir: str, disk_bytes: int, info_fd:
             argv += ["--symlink", os.readlink(f"/{name}"), f"/{name}"]
     for p in _interpreter_files():
         argv += ["--ro-bind", p, p]
-    interp = _elf_interpreter(_interpreter_files()[0])
+    interp = _elf_interpreter(_base_python())
     if interp:  # the loader at the path the executable names, its directory resolved through the links above
         argv += ["--ro-bind", os.path.realpath(interp),
                  os.path.join(os.path.realpath(os.path.dirname(interp)), os.path.basename(interp))]
@@ -286,7 +291,7 @@ def _spawn_and_collect(workdir: str, config: dict, bwrap: tuple[str, bool] | Non
     layers_r, layers_w = os.pipe()  # the child writes the layers it set up here, then closes it
     info_r, info_w = os.pipe() if bwrap else (-1, -1)  # bubblewrap writes {"child-pid": <its init>} here
     config["layers_fd"] = layers_w
-    argv = [_interpreter_files()[0], "-I", "-S", "-B", "-u", "-X", "utf8", _CHILD, json.dumps(config)]
+    argv = [_base_python(), "-I", "-S", "-B", "-u", "-X", "utf8", _CHILD, json.dumps(config)]
     if bwrap:
         argv = _bwrap_argv(bwrap[0], bwrap[1], workdir, config["disk_bytes"], info_w) + ["--"] + argv
     # stdin goes through an unlinked temp file, not a pipe: no writer thread, no deadlock if the child never reads

@@ -212,10 +212,9 @@ def _seccomp() -> bool:
     clone3 answers ENOSYS, because its flags sit behind a pointer a filter cannot read, and glibc then falls back
     to clone()."""
     import ctypes
-    import platform
     import struct
 
-    arch = _SECCOMP_ARCH.get(platform.machine())
+    arch = _SECCOMP_ARCH.get(os.uname().machine)
     if arch is None:
         return False
     audit_arch, nr_clone, denied = arch

@@ -22,10 +22,14 @@ import math
 from collections.abc import Callable
 
 from picochat.common import UserError
-from picochat.sandbox import run_python
+from picochat.sandbox import SANDBOX_SUMMARY, run_python
 
 TOOL_OUTPUT_MAX_CHARS = 1000
 TOOL_KINDS = ("calculator", "python", "none")
+# The --tool help of `picochat chat` and `picochat serve`: one line on what each kind does
+TOOL_HELP = (f"tool the model may call: calculator, python (sandboxed: {SANDBOX_SUMMARY}) or none (calls are "
+             "answered 'disabled')")
+_SANDBOX_OPTIONS = {"timeout_s", "memory_mb", "max_output_bytes", "disk_mb"}
 
 _MAX_EXPR_CHARS = 500
 _MAX_INT_BITS = 1024  # ~308 decimal digits: more than any arithmetic word problem needs, small enough to print
@@ -184,7 +188,7 @@ def make_tool(kind: str = "calculator", **sandbox_kw) -> Callable[[str], str]:
     """A callable mapping the model's tool-call text to the text forced back into the sequence.
 
     kind: "calculator" (no keyword arguments), "python" (keyword arguments go to run_python: timeout_s, memory_mb,
-    max_output_bytes), or "none" (every call answers that tools are disabled).
+    max_output_bytes, disk_mb), or "none" (every call answers that tools are disabled).
     """
     if kind not in TOOL_KINDS:
         raise UserError(f"tool '{kind}' is not one of {', '.join(TOOL_KINDS)}")
@@ -194,7 +198,7 @@ def make_tool(kind: str = "calculator", **sandbox_kw) -> Callable[[str], str]:
         return _calculator_tool
     if kind == "none":
         return _disabled_tool
-    unknown = set(sandbox_kw) - {"timeout_s", "memory_mb", "max_output_bytes"}
+    unknown = set(sandbox_kw) - _SANDBOX_OPTIONS
     if unknown:
         raise TypeError(f"make_tool('python') got unknown options {sorted(unknown)}")
 

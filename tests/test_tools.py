@@ -8,7 +8,7 @@ import time
 import pytest
 
 from picochat.common import UserError
-from picochat.tools import TOOL_OUTPUT_MAX_CHARS, calculator, evaluate, CalcError, make_tool
+from picochat.tools import TOOL_HELP, TOOL_OUTPUT_MAX_CHARS, calculator, evaluate, CalcError, make_tool
 
 
 @pytest.mark.parametrize(
@@ -136,3 +136,14 @@ def test_make_tool_kinds():
         make_tool("calculator", timeout_s=1)
     with pytest.raises(TypeError):
         make_tool("python", timeout=1)
+
+
+def test_python_tool_passes_the_disk_quota():
+    tool = make_tool("python", timeout_s=2, disk_mb=1)
+    assert tool("open('f', 'wb').write(b'x' * 2_000_000)") == "Error: OSError: [Errno 28] No space left on device"
+    assert tool("print(open('f', 'wb').write(b'x' * 500_000))") == "500000"
+
+
+def test_tool_help_says_what_the_sandbox_does():
+    assert TOOL_HELP.startswith("tool the model may call: calculator, python (")
+    assert all(word in TOOL_HELP for word in ("no network", "new processes", "stdlib", "memory", "disk"))
