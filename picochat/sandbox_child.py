@@ -189,35 +189,33 @@ def _landlock(workdir: str, readable: list[str]) -> bool:
 # Processes (RLIMIT_NPROC does not bind uid 0), execve, socket() (AF_UNIX by path reaches host services that a network
 # namespace does not cover; socketpair stays allowed: asyncio needs it), and the calls that could undo the namespaces
 # or reach other processes: ptrace, process_vm_*, mount/unshare/setns, io_uring (it can open sockets past this filter),
-# bpf, perf_event_open, userfaultfd, keyrings.
+# bpf, perf_event_open, userfaultfd, keyrings, pidfds.
 _SECCOMP_ARCH = {
-    "x86_64": (0xC000003E, 56, {
-        "fork": 57, "vfork": 58, "execve": 59, "execveat": 322, "socket": 41, "ptrace": 101,
-        "process_vm_readv": 310, "process_vm_writev": 311, "mount": 165, "umount2": 166, "pivot_root": 155,
-        "chroot": 161, "unshare": 272, "setns": 308, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
-        "keyctl": 250, "add_key": 248, "request_key": 249}),
-    "aarch64": (0xC00000B7, 220, {
-        "execve": 221, "execveat": 281, "socket": 198, "ptrace": 117, "process_vm_readv": 270,
-        "process_vm_writev": 271, "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "unshare": 97,
-        "setns": 268, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282, "keyctl": 219, "add_key": 217,
-        "request_key": 218}),
+    "x86_64": {"audit": 0xC000003E, "clone": 56, "self_only": (62, 200, 234, 129, 297), "denied": (
+        57, 58, 59, 322, 41, 101, 310, 311, 165, 166, 155, 161, 272, 308, 321, 298, 323, 250, 248, 249)},
+    # fork, vfork, execve, execveat, socket, ptrace, process_vm_readv/writev, mount, umount2, pivot_root, chroot,
+    # unshare, setns, bpf, perf_event_open, userfaultfd, keyctl, add_key, request_key; self_only: kill, tkill,
+    # tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo
+    "aarch64": {"audit": 0xC00000B7, "clone": 220, "self_only": (129, 130, 131, 138, 240), "denied": (
+        221, 281, 198, 117, 270, 271, 40, 39, 41, 51, 97, 268, 280, 241, 282, 219, 217, 218)},
 }
-# The same numbers on every architecture: open_tree .. fspick, io_uring_*, mount_setattr
-_SECCOMP_COMMON = (428, 429, 430, 431, 432, 433, 425, 426, 427, 442)
+# The same numbers on every architecture: open_tree .. fspick, io_uring_*, mount_setattr, pidfd_send_signal,
+# pidfd_open, pidfd_getfd
+_SECCOMP_COMMON = (428, 429, 430, 431, 432, 433, 425, 426, 427, 442, 424, 434, 438)
 _CLONE3 = 435
 
 
 def _seccomp() -> bool:
-    """Install the filter above. clone() is allowed only with CLONE_THREAD (threads share the memory limit);
-    clone3 answers ENOSYS, because its flags sit behind a pointer a filter cannot read, and glibc then falls back
-    to clone()."""
+    """Install the filter above. Signals may go only to this process (kill(-1) from a uid shared with the host
+    would reach every process of that uid). clone() is allowed only with CLONE_THREAD (threads share the memory
+    limit); clone3 answers ENOSYS, because its flags sit behind a pointer a filter cannot read, and glibc then falls
+    back to clone()."""
     import ctypes
     import struct
 
     arch = _SECCOMP_ARCH.get(os.uname().machine)
     if arch is None:
         return False
-    audit_arch, nr_clone, denied = arch
     ld_abs, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
     allow, eperm, enosys, clone_thread = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38, 0x00010000
 
@@ -225,13 +223,17 @@ def _seccomp() -> bool:
         return struct.pack("HBBI", code, jt, jf, k)  # struct sock_filter
 
     # seccomp_data: nr at offset 0, arch at 4, args[0] at 16 (low 32 bits first on little-endian)
-    prog = [op(ld_abs, 4), op(jeq, audit_arch, 1, 0), op(ret, eperm), op(ld_abs, 0)]
-    if audit_arch == 0xC000003E:
+    prog = [op(ld_abs, 4), op(jeq, arch["audit"], 1, 0), op(ret, eperm), op(ld_abs, 0)]
+    if arch["audit"] == 0xC000003E:
         prog += [op(jge, 0x40000000, 0, 1), op(ret, eperm)]  # the x32 ABI: same calls under other numbers
-    for nr in (*denied.values(), *_SECCOMP_COMMON):
+    for nr in (*arch["denied"], *_SECCOMP_COMMON):
         prog += [op(jeq, nr, 0, 1), op(ret, eperm)]
+    for nr in arch["self_only"]:  # allowed when the first argument is our pid (or 0, our own process group)
+        prog += [op(jeq, nr, 0, 5), op(ld_abs, 16), op(jeq, os.getpid(), 2, 0), op(jeq, 0, 1, 0), op(ret, eperm),
+                 op(ret, allow)]
     prog += [op(jeq, _CLONE3, 0, 1), op(ret, enosys)]
-    prog += [op(jeq, nr_clone, 0, 3), op(ld_abs, 16), op(jset, clone_thread, 1, 0), op(ret, eperm), op(ret, allow)]
+    prog += [op(jeq, arch["clone"], 0, 3), op(ld_abs, 16), op(jset, clone_thread, 1, 0), op(ret, eperm),
+             op(ret, allow)]
 
     class SockFprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]

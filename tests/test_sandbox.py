@@ -448,3 +448,21 @@ def test_clean_up_of_a_hostile_tree_stays_inside(tmp_path):
     assert not os.path.lexists(work)
     assert (outside / "keep.txt").read_text() == "x"
     assert stat.S_IMODE(os.stat(outside / "sub").st_mode) == 0o555
+
+
+def test_signals_reach_only_the_run_itself():
+    # kill(-1, sig) signals every process the sender may signal: from a uid shared with the host (the fallback's
+    # user namespace maps the caller's own uid) that would be every process of that uid.
+    code = UNGUARDED_POSIX + (
+        "import os, signal\n"
+        "got = []\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: got.append(1))\n"
+        "posix.kill(os.getpid(), signal.SIGUSR1)\n"
+        "signal.raise_signal(signal.SIGUSR1)\n"
+        "print(len(got))\n"
+        "posix.kill(-1, 0)\n"
+        "print('reached')\n"
+    )
+    r = run_python(code)
+    assert r.stdout == "2\n" and r.status == "error"
+    assert r.stderr.strip().splitlines()[-1].startswith("PermissionError")
