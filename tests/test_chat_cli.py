@@ -52,7 +52,8 @@ def run_cli(base: Path, args: list[str], stdin: str = "") -> subprocess.Complete
 def test_one_shot_prints_engine_greedy_reply(base_dir):
     proc = run_cli(base_dir, ["-p", "hello there", "--temperature", "0", "--max-tokens", str(MAX_TOKENS)])
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == greedy_reply(base_dir, [{"role": "user", "content": "hello there"}]) + "\n"
+    # shown with control characters escaped (this random model's reply has some)
+    assert proc.stdout == chat_cli.printable(greedy_reply(base_dir, [{"role": "user", "content": "hello there"}])) + "\n"
 
 
 def test_interactive_clear_and_exit(base_dir):
@@ -63,12 +64,13 @@ def test_interactive_clear_and_exit(base_dir):
     assert out.count("picochat> ") == 2  # "never read" after /exit got no reply
     assert "(conversation cleared)" in out
     first, second = [chunk.split("\n")[0] for chunk in out.split("picochat> ")[1:]]
-    assert first == greedy_reply(base_dir, [{"role": "user", "content": "hello there"}])
+    raw_first = greedy_reply(base_dir, [{"role": "user", "content": "hello there"}])
+    assert first == chat_cli.printable(raw_first)
     # after /clear the second turn is answered as a fresh conversation, not as a follow-up
-    assert second == greedy_reply(base_dir, [{"role": "user", "content": "hi"}])
-    assert second != greedy_reply(base_dir, [{"role": "user", "content": "hello there"},
-                                             {"role": "assistant", "content": first},
-                                             {"role": "user", "content": "hi"}])
+    assert second == chat_cli.printable(greedy_reply(base_dir, [{"role": "user", "content": "hi"}]))
+    assert second != chat_cli.printable(greedy_reply(base_dir, [{"role": "user", "content": "hello there"},
+                                                                {"role": "assistant", "content": raw_first},
+                                                                {"role": "user", "content": "hi"}]))
 
 
 def test_missing_checkpoint_is_one_line_error(tmp_path, monkeypatch, capsys):
@@ -104,3 +106,30 @@ def test_reply_printer_shows_tool_blocks():
     shown = tty.out.getvalue()
     assert "\033[36m[python] 'strawberry'.count('r')\033[0m" in shown and "[output] 3\033[0m" in shown
     assert "```" not in shown and tty.reply_parts() == plain.reply_parts()
+
+
+def test_control_characters_from_the_model_and_the_tool_are_escaped():
+    """Model text and tool output can hold terminal escapes (clear screen, retitle the window, move the cursor, a
+    fake prompt after a carriage return): printed raw, they act on the user's terminal. They are shown escaped."""
+    hostile = "ok\x1b[2J\x1b]0;pwned\x07\rfake> \x08\x9b31m\ttab\nline"
+    events = [Event(0, 1, False, "text", hostile, None),
+              Event(0, 2, False, "python", "", None),
+              Event(0, 3, False, "python", "print('\\x1b[31m')", None),
+              Event(0, 4, False, "python", "", None),
+              Event(0, 5, True, "output", "", None),
+              Event(0, 6, True, "output", "\x1b[31mred", None),
+              Event(0, 7, True, "output", "", None),
+              Event(0, 8, False, "text", "", "stop")]
+    for color in (False, True):
+        printer = chat_cli.ReplyPrinter(io.StringIO(), color=color)
+        for ev in events:
+            printer.feed(ev)
+        shown = printer.out.getvalue()
+        ours = set(printer.STYLE.values()) | {(printer.RESET, "")}
+        for code, _ in ours:  # the printer's own colours are the only escapes left
+            shown = shown.replace(code, "")
+        assert not any(c in shown for c in "\x1b\x07\r\x08\x9b"), repr(shown)
+        assert "ok\\x1b[2J\\x1b]0;pwned\\x07\\x0dfake> \\x08\\x9b31m\ttab\nline" in shown  # visible, tabs/newlines kept
+        assert "\\x1b[31mred" in shown
+        # the conversation keeps the model's real text (it is sent back to the model, not to a terminal)
+        assert printer.reply_parts()[0]["text"] == hostile

@@ -121,7 +121,7 @@ def streamed_chat(url: str, body: dict) -> tuple[str, list, dict | None]:
     for c in chunks:
         assert c["object"] == "chat.completion.chunk" and c["model"] == body.get("model", "picochat")
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["choices"][0]["finish_reason"] is not None  # its value is compared by the callers
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     return text, chunks, usage
@@ -198,7 +198,13 @@ def test_n_seed_and_stop(served):
     texts = [c["message"]["content"] for c in a["choices"]]
     assert [c["index"] for c in a["choices"]] == [0, 1, 2]
     assert texts == [c["message"]["content"] for c in b["choices"]]  # same seed, same samples
-    assert a["usage"]["completion_tokens"] == 30
+    # the same samples as the engine's own generate() with that seed (each row draws from its own (seed, index)
+    # generator), and as many completion tokens as it made
+    prompt = served.tokenizer.render_for_completion({"messages": body["messages"]})
+    events = [ev for step in Engine(served.model, served.tokenizer).generate(
+        prompt, 3, SamplingParams(temperature=1.0, seed=1234, max_tokens=10)) for ev in step]
+    assert texts == ["".join(ev.text for ev in events if ev.row == i) for i in range(3)]
+    assert a["usage"]["completion_tokens"] == sum(ev.token >= 0 for ev in events)
     # streamed with n=3: each choice index gets its own deltas, which join to the same samples
     with httpx.stream("POST", served.url + CHAT, json={**body, "stream": True}, timeout=60) as r:
         chunks = [e for e in sse_events(r) if e != "[DONE]"]
@@ -239,8 +245,7 @@ def test_models_health_and_page(served):
     assert health["running"] == 0 and health["queued"] == 0 and health["context"] == 256
     page = httpx.get(served.url + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "/v1/chat/completions" in page.text
-    assert not any(sink in page.text for sink in (".innerHTML", ".outerHTML", "insertAdjacentHTML", "document.write"))
+    assert "/v1/chat/completions" in page.text  # what the page renders is checked in a browser: test_webui.py
 
 
 @pytest.mark.parametrize("body, status, param, code", [
@@ -252,14 +257,13 @@ def test_models_health_and_page(served):
     ({"messages": []}, 400, "messages", None),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", None),
     ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", None),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400, "messages", None),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature", None),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature", None),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n", None),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n", None),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.5}, 400, "max_tokens", None),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": True}, 400, "max_tokens", None),
-    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": -0.1}, 400, "top_p", None),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, 400, "stop", None),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream", None),
     ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**70}, 400, "seed", None),
@@ -402,3 +406,330 @@ def test_engine_process_refuses_an_unpicklable_tool_in_one_line(tiny_tokenizer):
     app = create_app(tiny_model(tiny_tokenizer), tiny_tokenizer, tool=lambda code: "x", engine_process=True)
     with pytest.raises(UserError, match="picklable"):
         app.state.picochat.scheduler.start()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# safe to run on a laptop: Host allow-list, Origin check, JSON-only POSTs, optional API key
+
+
+def raw_post(url: str, path: str, body: bytes, **headers) -> httpx.Response:
+    return httpx.post(url + path, content=body, headers=headers, timeout=30)
+
+
+def test_cross_site_and_rebinding_requests_are_refused(served):
+    body = json.dumps(chat_body("hello", max_tokens=2)).encode()
+    port = served.url.rsplit(":", 1)[1]
+    # what any web page can make a browser send (a "simple" request: no preflight), here after DNS rebinding
+    r = raw_post(served.url, CHAT, body, **{"content-type": "text/plain", "host": "attacker.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    assert httpx.get(served.url + "/health", headers={"host": f"attacker.example:{port}"}).status_code == 403
+    # the right Host, but not JSON: a cross-site form or text/plain fetch
+    r = raw_post(served.url, CHAT, body, **{"content-type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    # JSON from another site's page (the browser names it in Origin)
+    r = raw_post(served.url, CHAT, body, **{"content-type": "application/json", "origin": "http://attacker.example"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    assert raw_post(served.url, CHAT, body, **{"content-type": "application/json", "origin": "null"}).status_code == 403
+    # the served page itself (same origin) and plain clients under the loopback names are served
+    for headers in ({"origin": served.url}, {"host": f"localhost:{port}"}, {"content-type": "application/json; charset=utf-8"}):
+        r = raw_post(served.url, CHAT, body, **{"content-type": "application/json", **headers})
+        assert r.status_code == 200, (headers, r.text)
+
+
+def test_api_key_and_allowed_hosts(tiny_tokenizer):
+    openai = pytest.importorskip("openai")
+    app = create_app(tiny_model(tiny_tokenizer), tiny_tokenizer, model_name="tiny", max_tokens=8,
+                     api_key="s3cret", allowed_hosts=("chat.example", "127.0.0.1"), engine_process=False)
+    with ServerThread(app) as srv:
+        body = chat_body("hi", max_tokens=2)
+        r = httpx.post(srv.url + CHAT, json=body, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["www-authenticate"] == "Bearer"
+        r = httpx.post(srv.url + CHAT, json=body, headers={"authorization": "Bearer wrong"}, timeout=30)
+        assert r.status_code == 401
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        # the page and the liveness probe stay open; the page asks for the key
+        assert httpx.get(srv.url + "/").status_code == 200 and httpx.get(srv.url + "/health").status_code == 200
+        # the official client sends the key as a Bearer token
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert client.chat.completions.create(model="tiny", messages=body["messages"], max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+        # --allowed-hosts replaces the defaults: localhost is not in this list
+        auth = {"authorization": "Bearer s3cret"}
+        assert httpx.get(srv.url + "/v1/models", headers={**auth, "host": "chat.example"}).status_code == 200
+        assert httpx.get(srv.url + "/v1/models", headers={**auth, "host": "localhost"}).status_code == 403
+
+
+def test_guard_defaults_follow_the_bind_address():
+    from picochat.serve.guard import Guard, default_allowed_hosts, parse_allowed_hosts
+
+    assert set(default_allowed_hosts("127.0.0.1")) == {"localhost", "127.0.0.1", "::1"}
+    assert "10.1.2.3" in default_allowed_hosts("10.1.2.3")
+    assert parse_allowed_hosts("Chat.Example:8000, other", "0.0.0.0") == ("chat.example", "other")
+    g = Guard(allowed_hosts=parse_allowed_hosts("", "127.0.0.1"))
+    assert g.check("GET", "/health", {"host": "[::1]:8000"}) is None
+    assert g.check("GET", "/health", {"host": "127.0.0.1.attacker.example"}).status == 403
+    assert Guard(allowed_hosts=("*",)).check("GET", "/health", {"host": "anything"}) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# internal errors stay in the server log
+
+
+class Exploding(torch.nn.Module):
+    def forward(self, x):
+        raise RuntimeError("SECRET-DETAIL at /internal/path/model.py")
+
+
+def test_engine_exception_text_never_reaches_the_client(tiny_tokenizer, caplog):
+    model = tiny_model(tiny_tokenizer)
+    model.blocks[0].mlp = Exploding()
+    app = create_app(model, tiny_tokenizer, model_name="tiny", max_tokens=8, engine_process=False)
+    with ServerThread(app) as srv, caplog.at_level("ERROR", logger="picochat.serve"):
+        body = chat_body("hi", max_tokens=4)
+        with httpx.stream("POST", srv.url + CHAT, json={**body, "stream": True}, timeout=30) as r:
+            streamed = r.read().decode()
+        r2 = httpx.post(srv.url + CHAT, json=body, timeout=30)
+        with httpx.stream("POST", srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True},
+                          timeout=30) as r3:
+            text_streamed = r3.read().decode()
+    for out in (streamed, r2.text, text_streamed):
+        assert "SECRET" not in out and "/internal/" not in out
+    assert '"type": "server_error"' in streamed and "server log" in streamed
+    assert r2.status_code == 500 and r2.json()["error"]["type"] == "server_error"
+    assert "SECRET-DETAIL" in caplog.text  # the detail went to the log
+
+
+def test_health_is_503_once_the_scheduler_thread_died(tiny_tokenizer):
+    app = create_app(tiny_model(tiny_tokenizer), tiny_tokenizer, model_name="tiny", max_tokens=8,
+                     engine_process=False)
+    with ServerThread(app) as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200
+        scheduler = app.state.picochat.scheduler
+
+        calls = []
+
+        def crash(ev):  # a callback that raises on the scheduler thread, twice: its error report fails too
+            calls.append(ev)
+            if len(calls) <= 2:
+                raise SystemExit("callback bug")
+
+        scheduler.submit(tiny_tokenizer.encode("hi", prepend=tiny_tokenizer.bos_id),
+                         SamplingParams(max_tokens=2), 1, crash)
+        wait_for(lambda: httpx.get(srv.url + "/health").status_code == 503)
+        h = httpx.get(srv.url + "/health").json()
+        assert h["status"] == "unavailable" and h["error"]
+        r = httpx.post(srv.url + CHAT, json=chat_body("hi", max_tokens=2), timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# OpenAI compatibility gaps that real clients hit
+
+
+def post_chat(srv, **kw) -> httpx.Response:
+    return httpx.post(srv.url + CHAT, json={"model": "tiny", "temperature": 0, "max_tokens": 6, **kw}, timeout=60)
+
+
+def test_developer_and_system_messages_anywhere_and_consecutive_users(served):
+    tok = served.tokenizer
+    cases = [  # what the client sends -> the conversation it means, in the tokenizer's one-system-message form
+        ([{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}],
+         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]),
+        ([{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "hi"}],
+         [{"role": "user", "content": "a\n\nb\n\nhi"}]),
+        ([{"role": "user", "content": "one"}, {"role": "user", "content": "two"}],
+         [{"role": "user", "content": "one\n\ntwo"}]),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}, {"role": "system", "content": "s"},
+          {"role": "user", "content": "q2"}],
+         [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}, {"role": "user", "content": "s\n\nq2"}]),
+        ([{"role": "user", "content": "q"}, {"role": "system", "content": "late"}],
+         [{"role": "user", "content": "q\n\nlate"}]),
+    ]
+    for sent, meant in cases:
+        r = post_chat(served, messages=sent)
+        assert r.status_code == 200, (sent, r.text)
+        prompt = tok.render_for_completion({"messages": meant})
+        assert r.json()["usage"]["prompt_tokens"] == len(prompt)
+        assert r.json()["choices"][0]["message"]["content"] == engine_greedy(served, prompt, 6)
+
+
+def test_model_card_top_p_zero_and_neutral_fields(served):
+    r = httpx.get(served.url + "/v1/models/tiny")
+    assert r.status_code == 200 and r.json()["id"] == "tiny" and r.json()["object"] == "model"
+    r = httpx.get(served.url + "/v1/models/gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    msgs = [{"role": "user", "content": "nucleus"}]
+    greedy = post_chat(served, messages=msgs).json()["choices"][0]["message"]["content"]
+    # top_p = 0 keeps only the most likely token: greedy, even at temperature 1
+    for seed in (1, 2):
+        r = post_chat(served, messages=msgs, temperature=1.0, top_p=0, seed=seed)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy
+    # clients often send the neutral value of a field we do not support: that is fine
+    neutral = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "logprobs": False,
+               "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}}
+    assert post_chat(served, messages=msgs, **neutral).status_code == 200
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "required"),
+    ("response_format", {"type": "json_object"}),
+    ("logprobs", True),
+    ("top_logprobs", 3),
+    ("frequency_penalty", 0.5),
+    ("presence_penalty", -1),
+    ("logit_bias", {"12": 5}),
+])
+def test_fields_we_cannot_honour_are_400_naming_the_field(served, field, value):
+    r = post_chat(served, messages=[{"role": "user", "content": "hi"}], **{field: value})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and field in err["message"]
+
+
+def test_max_tokens_that_does_not_fit_is_400_like_openai(served):
+    msgs = [{"role": "user", "content": "hello there"}]
+    prompt = len(served.tokenizer.render_for_completion({"messages": msgs}))
+    room = 256 - prompt  # the fixture's context
+    r = post_chat(served, messages=msgs, max_tokens=room + 1)
+    # the fixture caps replies at 64: asking for more is refused too, naming the cap
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    big = create_app(tiny_model(served.tokenizer), served.tokenizer, model_name="tiny", max_tokens=1000,
+                     engine_process=False)
+    with ServerThread(big) as srv:
+        r = post_chat(srv, messages=msgs, max_tokens=room + 1)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "max_tokens"
+        assert "maximum context length is 256 tokens" in err["message"]
+        assert f"{prompt} in the prompt, {room + 1} in the completion" in err["message"]
+        # exactly what fits is served, and binds: every one of those tokens is generated
+        r = post_chat(srv, messages=msgs, max_tokens=room, temperature=1.0, seed=3)
+        assert r.status_code == 200
+        usage, choice = r.json()["usage"], r.json()["choices"][0]
+        assert (choice["finish_reason"], usage["completion_tokens"]) in (("length", room), ("stop", usage["completion_tokens"]))
+        # without max_tokens a reply gets what fits (here less than the 1000 cap), not an error
+        r = post_chat(srv, messages=msgs, max_tokens=None)
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"] <= 256
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluation clients: lm-evaluation-harness `local-completions` (token arrays, echo, logprobs) and vLLM's tokenizer
+# endpoints
+
+
+def direct_logprobs(model, ids: list[int]) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i >= 1 from one plain forward of the model: what the server must reproduce."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0].float()  # (T, V)
+    logp = torch.log_softmax(logits[:-1], dim=-1)
+    return logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_lm_eval_loglikelihood_requests_score_like_the_model(served):
+    """The exact payload lm-eval's local-completions sends for a multiple-choice item (one context, four
+    continuations, batched in one request as token arrays): each choice's log-likelihood and greediness, computed as
+    lm-eval's parse_logprobs does, equal the model's own."""
+    tok = served.tokenizer
+    context = tok.encode("The quick brown fox jumps over the")
+    choices = [tok.encode(c) for c in (" lazy dog.", " moon", " fence and away", " big question")]
+    prompts = [context + c for c in choices]
+    payload = {"model": "tiny", "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+               "echo": True}
+    r = httpx.post(served.url + "/v1/completions", json=payload, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()["choices"]
+    assert sorted(c["index"] for c in out) == [0, 1, 2, 3]
+    ours, theirs = [], []
+    for choice, ids in zip(sorted(out, key=lambda c: c["index"]), prompts):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None  # echo + 1 generated
+        assert lp["top_logprobs"][0] is None and all(len(t) >= 1 for t in lp["top_logprobs"][1:])
+        assert lp["tokens"][: len(ids)] == [tok.decode([t]) for t in ids]  # ASCII: every token is whole text
+        assert lp["text_offset"][: len(ids)] == [len(tok.decode(ids[:i])) for i in range(len(ids))]
+        assert choice["text"].startswith(tok.decode(ids))
+        ctxlen = len(context)
+        ll = sum(lp["token_logprobs"][ctxlen:-1])  # lm-eval's parse_logprobs
+        greedy = all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][ctxlen:-1],
+                                                             lp["top_logprobs"][ctxlen:-1]))
+        direct = direct_logprobs(served.model, ids)
+        assert lp["token_logprobs"][1: len(ids)] == pytest.approx(direct, abs=1e-4)
+        ours.append((ll, greedy))
+        theirs.append(sum(direct[ctxlen - 1:]))
+        engine_lp, _ = Engine(served.model, tok).score(ids)
+        assert lp["token_logprobs"][: len(ids)] == pytest.approx(engine_lp, abs=1e-5)
+    assert [o[0] for o in ours] == pytest.approx(theirs, abs=1e-4)
+    assert max(range(4), key=lambda i: ours[i][0]) == max(range(4), key=lambda i: theirs[i])
+
+
+def test_completions_echo_logprobs_shapes(served):
+    tok = served.tokenizer
+    # strings are BOS + text; logprobs without echo cover the generated tokens only; max_tokens 0 with echo scores
+    r = httpx.post(served.url + "/v1/completions", json={"prompt": ["ab", "cd"], "max_tokens": 3, "temperature": 0,
+                                                         "logprobs": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    for c in r.json()["choices"]:
+        lp = c["logprobs"]
+        assert len(lp["tokens"]) == 3 and len(lp["token_logprobs"]) == 3
+        # the 2 best, plus the chosen one when not among them; tokens that are part of a character are named by their
+        # bytes, so two of them never collapse into one key
+        assert all(len(t) in (2, 3) for t in lp["top_logprobs"])
+        prompt_len = len(tok.decode(tok.encode("ab" if c["index"] == 0 else "cd", prepend=tok.bos_id)))
+        assert lp["text_offset"][0] == prompt_len
+    ids = tok.encode("hello world", prepend=tok.bos_id)
+    r = httpx.post(served.url + "/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0},
+                   timeout=60).json()
+    (c,) = r["choices"]
+    assert c["text"] == tok.decode(ids) and len(c["logprobs"]["token_logprobs"]) == len(ids)
+    assert r["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    for bad, param in ([{"prompt": [1, -2]}, "prompt"], [{"prompt": ["a", [1]]}, "prompt"],
+                       [{"prompt": "a", "max_tokens": 0}, "max_tokens"], [{"prompt": "a", "logprobs": 99}, "logprobs"],
+                       [{"prompt": "a", "echo": True, "logprobs": 1, "stream": True}, "stream"]):
+        r = httpx.post(served.url + "/v1/completions", json=bad, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+
+def test_vllm_tokenizer_endpoints(served):
+    tok = served.tokenizer
+    info = httpx.get(served.url + "/tokenizer_info").json()
+    assert info["bos_token"] == "<|bos|>" and info["eos_token"] and info["model_max_length"] == 256
+    r = httpx.post(served.url + "/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()
+    assert r["tokens"] == tok.encode("hello world") and r["count"] == len(r["tokens"]) and r["max_model_len"] == 256
+    # special token names are tokenized as the special tokens (lm-eval finds the BOS/EOS ids this way)
+    r = httpx.post(served.url + "/tokenize", json={"prompt": "<|bos|>hi"}).json()
+    assert r["tokens"] == [tok.bos_id, *tok.encode("hi")]
+    r = httpx.post(served.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert r["tokens"] == tok.render_for_completion({"messages": [{"role": "user", "content": "hi"}]})
+    assert httpx.post(served.url + "/detokenize", json={"tokens": tok.encode("héllo")}).json() == {"prompt": "héllo"}
+    assert httpx.post(served.url + "/detokenize", json={"tokens": ["x"]}).status_code == 400
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the official openai client: a seeded n > 1 request reproduces under concurrent load
+
+
+def test_openai_client_seeded_n_reproduces_under_load(served):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "tell me a story"}]
+    kw = dict(model="tiny", messages=messages, temperature=1.0, seed=77, n=3, max_tokens=12)
+    alone = [c.message.content for c in client.chat.completions.create(**kw).choices]
+    assert len(set(alone)) > 1  # three different samples
+
+    def load(i: int) -> str:  # other clients streaming while the seeded request runs: rows join and leave
+        stream = client.chat.completions.create(model="tiny", temperature=1.0, max_tokens=6 + 5 * (i % 3), n=1 + i % 2,
+                                                messages=[{"role": "user", "content": f"load {i}"}], stream=True)
+        return "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+
+    with ThreadPoolExecutor(7) as pool:
+        others = [pool.submit(load, i) for i in range(6)]
+        time.sleep(0.05)
+        loaded = [c.message.content for c in client.chat.completions.create(**kw).choices]
+        streamed = client.chat.completions.create(**kw, stream=True)
+        joined = ["", "", ""]
+        for ch in streamed:
+            for c in ch.choices:
+                joined[c.index] += c.delta.content or ""
+        [f.result() for f in others]
+    assert loaded == alone and joined == alone

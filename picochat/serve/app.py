@@ -2,18 +2,26 @@
 
     picochat serve                               # latest checkpoint (rl > sft > mid > base) on 127.0.0.1:8000
     picochat serve --source sft --port 8080 --max-batch 16
+    picochat serve --host 0.0.0.0 --allowed-hosts chat.lan --api-key "$KEY"   # reachable from the network
     python -m picochat.serve.app --help
 
 Routes:
     GET  /                      the chat page (ui.html)
     POST /v1/chat/completions   OpenAI chat completions, streamed (SSE) or not
-    POST /v1/completions        plain text completion for base models (BOS + prompt, no chat template)
-    GET  /v1/models             the one served model
-    GET  /health                model, source, step, running/queued rows
+    POST /v1/completions        text completion for base models: string prompts (BOS + text) or token arrays scored
+                                as given, several prompts per request, `echo` and `logprobs` (lm-evaluation-harness)
+    GET  /v1/models[/{id}]      the one served model
+    GET  /tokenizer_info, POST /tokenize, POST /detokenize     vLLM's tokenizer endpoints (lm-eval's remote tokenizer)
+    GET  /health                model, source, step, running/queued rows; 503 once the engine is gone
 
-Every request goes through ONE `Scheduler` (picochat/engine.py), so concurrent requests share decode steps. A client
-that disconnects has its rows cancelled at once. On CPU the scheduler runs in its own process (picochat/serve/worker.py)
-so decoding does not wait for the event loop's Python.
+Who may call (picochat/serve/guard.py): the Host must be an allowed name (loopback names by default: DNS rebinding),
+a browser's Origin must be this server, a POST must be `Content-Type: application/json` (so no other site's page can
+send one), and with --api-key the API routes need `Authorization: Bearer <key>`.
+
+The pieces: serve/protocol.py parses requests and shapes responses (pure functions); serve/bridge.py carries
+requests to ONE scheduler (serve/scheduler.py; on CPU in its own process, serve/worker.py) and their events back;
+this file has the routes and the command line. Concurrent requests share decode steps; a client that disconnects
+has its rows cancelled at once.
 
 Tool calls. The model may call the python tool mid-reply; the engine runs it and forces the output into the
 sequence. In `message.content` (and in the streamed content deltas) they appear as fenced blocks, readable by any
@@ -33,29 +41,31 @@ Two picochat extensions mark them for the web UI (ordinary clients ignore unknow
     the tokenizer's assistant-content schema. Sending those parts back as an assistant message's `content` (a list)
     replays the tool call exactly in the next turn; plain string content is read as text.
 
-Request fields: messages (roles system/user/assistant; the system message is merged into the first user turn, as
-the tokenizer renders it), model (optional; must be the served name), temperature (0..2, 0 = greedy), top_p, top_k
-(extension; 0 = off), max_tokens / max_completion_tokens (capped at --max-tokens), n (1..--max-batch), stop (string or
-list), seed, stream, stream_options.include_usage. Other OpenAI fields are accepted and ignored.
+Request fields: messages (roles system/developer/user/assistant: system and developer text goes in front of the next
+user message, consecutive messages of one role are joined), model (optional; must be the served name), temperature
+(0..2, 0 = greedy), top_p (0 = greedy), top_k (extension; 0 = off), max_tokens / max_completion_tokens (default: what
+fits, at most --max-tokens; more than that, or more than the context leaves, is a 400), n (1..--max-batch), stop
+(string or list), seed, stream, stream_options.include_usage. Fields we cannot honour (tools, tool_choice,
+response_format, logprobs on chat, penalties, logit_bias) are a 400 naming the field unless neutral (null, [],
+"none", 0); other OpenAI fields (user, metadata, ...) are ignored.
 
 Errors are OpenAI error objects `{"error": {"message", "type", "param", "code"}}`: 400 for malformed JSON or bad
-parameters (code "context_length_exceeded" when the prompt does not fit), 404 for unknown models and routes, 413 for
-a body over 8 MiB, 429 (code "queue_full", Retry-After: 1) when the scheduler queue is full, 503 when the engine
-process has died. An unexpected failure is answered with a generic 500 and its traceback goes to the server log only.
+parameters (code "context_length_exceeded" when the prompt or max_tokens does not fit), 401 without the API key, 403
+for a Host or Origin not allowed, 404 for unknown models and routes, 413 for a body over 8 MiB, 415 for a POST that is
+not JSON, 429 (code "queue_full", Retry-After: 1) when the scheduler queue is full, 503 when the engine is gone. An
+internal failure is answered with a generic error; its text and traceback go to the server log only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
-import math
 import os
 import socket
-import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
@@ -69,25 +79,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from picochat.common import UserError, print0, run_main
 from picochat.config import CheckpointSource, f, log_config, parse_config
-from picochat.engine import Engine, Event, SamplingParams
-from picochat.serve.scheduler import OverloadedError, Scheduler
-from picochat.serve.chat_cli import SEGMENT_PART
-from picochat.serve.worker import EngineDied, EngineProcess
+from picochat.engine import Engine
+from picochat.serve import protocol as P
+from picochat.serve.bridge import Bridge, Job
+from picochat.serve.guard import LOOPBACK_NAMES, Guard, is_loopback, parse_allowed_hosts
+from picochat.serve.protocol import ApiError
+from picochat.serve.scheduler import Scheduler
+from picochat.serve.worker import EngineProcess
 
 log = logging.getLogger("picochat.serve")
 ENGINE_PROCESS = {"auto": None, "true": True, "false": False}  # --engine-process -> create_app(engine_process=...)
-
-FENCE_OPEN = {"python": "```python\n", "python_output": "```output\n"}
-FENCE_CLOSE = "\n```\n"
-MAX_STOP_STRINGS = 8
 MAX_BODY_BYTES = 8 * 2**20  # far beyond any prompt that fits a context; bounds what one request can make us parse
-DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 
 @dataclass
 class ServeConfig(CheckpointSource):
     host: str = f("127.0.0.1", "interface to listen on (0.0.0.0 exposes the server to your network)")
     port: int = f(8000, "TCP port")
+    allowed_hosts: str = f("", "comma-separated host names clients may reach the server under (the Host header; "
+                               "guards against DNS rebinding); default: the loopback names, plus this machine's "
+                               "names and the --host address when bound elsewhere; '*' = any")
+    api_key: str = f("", "require 'Authorization: Bearer <key>' on the API routes (default: $PICOCHAT_API_KEY; "
+                         "empty = no key)")
     max_batch: int = f(32, "most sample rows decoded together; also the largest n a request may ask for")
     max_queue: int = f(256, "most rows waiting for a batch slot; beyond that requests get HTTP 429")
     max_tokens: int = f(512, "default and per-request cap of generated tokens")
@@ -97,336 +110,15 @@ class ServeConfig(CheckpointSource):
     model_name: str = f("picochat", "model id reported by /v1/models and accepted in requests")
     threads: int = f(0, "CPU threads for the model; 0 = all cores but one, which is left to the HTTP side")
     # a server runs long enough to repay the warm-up; --compile false starts at once
-    compile: bool = f(True, "torch.compile the decode step at startup (20-45 s on 2 cores; then 1 client got "
-                            "1,322-1,920 tok/s instead of 707 with the CPU preset model: README, Measured)")
+    compile: bool = f(True, "torch.compile the decode step at startup (tens of seconds on a laptop CPU, then several "
+                            "times faster decoding: README, Measured)")
     engine_process: str = f("auto", "run the engine in its own process, so decoding and the HTTP side do not share "
                                     "one GIL: auto (yes on CPU, no on CUDA), true, false",
                             choices=list(ENGINE_PROCESS))
 
 
-class ApiError(Exception):
-    """An error answered as an OpenAI error object with an HTTP status."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# request parsing: every check raises ApiError(400) naming the parameter
-
-
-def _number(body: dict, name: str, default, *, integer: bool = False, lo=None, hi=None, lo_open: bool = False):
-    """body[name] as an int/float within [lo, hi] (lo excluded when lo_open); null or absent -> default."""
-    v = body.get(name)
-    if v is None:
-        return default
-    ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok_type or (isinstance(v, float) and not math.isfinite(v)):
-        kind = "an integer" if integer else "a number"
-        raise ApiError(400, f"'{name}' must be {kind}, got {json.dumps(v)[:40]}", param=name)
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise ApiError(400, f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {v}", param=name)
-    if hi is not None and v > hi:
-        raise ApiError(400, f"'{name}' must be <= {hi}, got {v}", param=name)
-    return v
-
-
-def _bool(body: dict, name: str, default: bool) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(v)[:40]}", param=name)
-    return v
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    v = body.get("stop")
-    if v is None:
-        return ()
-    stops = [v] if isinstance(v, str) else v
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise ApiError(400, "'stop' must be a non-empty string or a list of non-empty strings", param="stop")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise ApiError(400, f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
-    return tuple(stops)
-
-
-@dataclass
-class GenRequest:
-    """What both completion endpoints hand to the scheduler."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    n: int
-    stream: bool
-    include_usage: bool
-
-
-def _sampling(body: dict, prompt_ids: list[int], max_batch: int, max_tokens_cap: int) -> GenRequest:
-    temperature = _number(body, "temperature", 1.0, lo=0, hi=2)
-    top_p = _number(body, "top_p", None, lo=0, hi=1, lo_open=True)
-    top_k = _number(body, "top_k", None, integer=True, lo=0)  # extension; 0 = off, as in most servers
-    max_tokens = _number(body, "max_completion_tokens", None, integer=True, lo=1)
-    if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", None, integer=True, lo=1)
-    n = _number(body, "n", 1, integer=True, lo=1, hi=max_batch)
-    seed = _number(body, "seed", None, integer=True, lo=-(2**63), hi=2**64 - 1)  # what torch generators accept
-    stream = _bool(body, "stream", False)
-    opts = body.get("stream_options")
-    if opts is not None and not isinstance(opts, dict):
-        raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}", param="stream_options")
-    include_usage = _bool(opts or {}, "include_usage", False)
-    params = SamplingParams(
-        temperature=float(temperature),
-        top_k=top_k or None,
-        top_p=None if top_p is None or top_p >= 1 else float(top_p),
-        # the server's cap is a limit, not an error: a larger request is served up to the cap (finish "length")
-        max_tokens=min(max_tokens or max_tokens_cap, max_tokens_cap),
-        seed=seed,
-        stop=_stop(body),
-    )
-    return GenRequest(prompt_ids, params, n, stream, include_usage)
-
-
-def _text_of(content, where: str) -> str:
-    """A system/user content: a string, or OpenAI's list of {"type": "text", "text": ...} parts joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "\n".join(p["text"] for p in content)
-    raise ApiError(400, f"'{where}' must be a string or a list of text parts", param=where)
-
-
-def _conversation(body: dict) -> dict:
-    """The request's messages as the tokenizer's conversation dict (roles and contents checked)."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' is required: a non-empty list of {role, content} objects", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", param=where)
-        role, content = m.get("role"), m.get("content")
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"'{where}.role' is {json.dumps(role)[:40]}; use 'system', 'user' or 'assistant'",
-                           param=f"{where}.role")
-        if role == "assistant":
-            # a list keeps picochat_parts (text/python/python_output) for the tokenizer; null is an empty reply
-            if content is None:
-                content = ""
-            elif not isinstance(content, (str, list)):
-                raise ApiError(400, f"'{where}.content' must be a string or a list of parts", param=f"{where}.content")
-        else:
-            content = _text_of(content, f"{where}.content")
-        out.append({"role": role, "content": content})
-    if out[-1]["role"] != "user":
-        raise ApiError(400, "the last message must be from the user (the server writes the assistant's reply)",
-                       param="messages")
-    return {"messages": out}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# one request's events: scheduler thread -> asyncio queue -> handler
-
-
-class Notifier:
-    """Wakes the event loop for jobs with new events: at most one cross-thread wake-up pending at a time, however
-    many jobs and tokens one decode step produced. A wake-up (and an asyncio.wait_for task) per token per request
-    cost the event loop, which shares the GIL with the scheduler thread: 8 clients went 3,193 -> 3,770 tok/s."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self._lock = threading.Lock()
-        self._dirty: set[Job] = set()
-        self._scheduled = False
-
-    def mark(self, job: "Job") -> None:  # scheduler thread
-        with self._lock:
-            self._dirty.add(job)
-            if self._scheduled:
-                return
-            self._scheduled = True
-        try:
-            self.loop.call_soon_threadsafe(self._flush)
-        except RuntimeError:
-            # the event loop is closed: the server is shutting down and nobody is waiting for these events
-            log.debug("dropped a wake-up: event loop closed")
-
-    def _flush(self) -> None:  # event loop thread
-        with self._lock:
-            jobs, self._dirty, self._scheduled = self._dirty, set(), False
-        for job in jobs:
-            job.ready.set()
-
-
-class Job:
-    """One submitted request. The scheduler thread calls `on_event` (appends, then asks the notifier for a wake-up);
-    the handler drains `pending` after `ready` is set."""
-
-    def __init__(self, notifier: Notifier, n: int):
-        self.notifier = notifier
-        self.n = n
-        self.pending: deque[Event] = deque()  # appended on the scheduler thread, popped on the loop thread
-        self.ready = asyncio.Event()
-        self.request_id: int | None = None
-
-    def on_event(self, ev: Event) -> None:  # runs on the scheduler thread: must not block
-        self.pending.append(ev)
-        self.notifier.mark(self)
-
-
-class RowText:
-    """Assembles one sample row's reply: content deltas (tool segments fenced) and the parts list."""
-
-    def __init__(self):
-        self.segment = "text"
-        self.content = ""
-        self.parts: list[dict] = []
-        self.tokens = 0
-        self.finish_reason: str | None = None
-
-    def feed(self, ev: Event) -> list[dict]:
-        """The deltas this event adds: {"content", "picochat_segment"[, "picochat_markup"]}."""
-        if ev.token >= 0:
-            self.tokens += 1
-        out = self._switch(SEGMENT_PART.get(ev.segment, "text"))
-        if ev.text:
-            out.append(self._add(self.segment, ev.text, markup=False))
-        if ev.finish_reason is not None:
-            out += self._switch("text")
-            self.finish_reason = ev.finish_reason
-        return out
-
-    def _switch(self, seg: str) -> list[dict]:
-        if seg == self.segment:
-            return []
-        out = []
-        if self.segment != "text":
-            out.append(self._add(self.segment, FENCE_CLOSE, markup=True))
-        if seg != "text":
-            lead = "" if self.content == "" or self.content.endswith("\n") else "\n"
-            out.append(self._add(seg, lead + FENCE_OPEN[seg], markup=True))
-        self.segment = seg
-        self.parts.append({"type": seg, "text": ""})
-        return out
-
-    def _add(self, seg: str, text: str, markup: bool) -> dict:
-        self.content += text
-        if not markup:
-            if not self.parts or self.parts[-1]["type"] != seg:
-                self.parts.append({"type": seg, "text": ""})
-            self.parts[-1]["text"] += text
-        delta = {"content": text, "picochat_segment": seg}
-        if markup:
-            delta["picochat_markup"] = True
-        return delta
-
-    def final_parts(self) -> list[dict]:
-        return [p for p in self.parts if p["type"] != "text" or p["text"]]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the app
-
-
-@dataclass
-class ServerState:
-    tokenizer: object
-    scheduler: Scheduler | EngineProcess
-    model_name: str
-    source: str | None
-    step: int | None
-    max_batch: int
-    max_tokens: int
-    context: int
-    created: int = field(default_factory=lambda: int(time.time()))
-    notifier: Notifier | None = None
-
-    def submit(self, req: GenRequest, param: str) -> Job:
-        if len(req.prompt_ids) >= self.context:
-            raise ApiError(400, f"the prompt is {len(req.prompt_ids)} tokens; the model's context is {self.context} "
-                                f"tokens and the reply needs at least one: shorten the input", param=param,
-                           code="context_length_exceeded")
-        if self.notifier is None or self.notifier.loop is not asyncio.get_running_loop():
-            self.notifier = Notifier(asyncio.get_running_loop())
-        job = Job(self.notifier, req.n)
-        try:
-            job.request_id = self.scheduler.submit(req.prompt_ids, req.params, req.n, job.on_event)
-        except OverloadedError as e:
-            raise ApiError(429, f"the server is busy ({e}); retry shortly", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
-        except EngineDied as e:
-            raise ApiError(503, f"the model is unavailable: {e}; restart the server (its log says why)",
-                           type="server_error", code="engine_unavailable") from None
-        except UserError as e:  # the engine's prompt/context check
-            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
-        return job
-
-    async def events(self, job: Job, request: Request | None) -> AsyncIterator[Event]:
-        """The job's events until every row finished. Leaving early (client gone, generator closed or cancelled)
-        cancels the request so its rows leave the batch at the next step. With `request`, the client's connection
-        is polled (non-streamed replies; a StreamingResponse cancels its generator itself on disconnect)."""
-        finished = 0
-        loop = asyncio.get_running_loop()
-        checked = loop.time()
-        try:
-            while finished < job.n:
-                if not job.pending:
-                    # an event appended from here on has its wake-up run on this thread after we await: none is lost
-                    job.ready.clear()
-                    if request is None:
-                        await job.ready.wait()
-                    else:
-                        try:
-                            await asyncio.wait_for(job.ready.wait(), timeout=DISCONNECT_POLL_S)
-                        except TimeoutError:
-                            pass
-                # by the clock, not only when idle: a running request has events at every step
-                if request is not None and loop.time() - checked >= DISCONNECT_POLL_S:
-                    checked = loop.time()
-                    if await request.is_disconnected():
-                        log.info("client went away: cancelling request %s", job.request_id)
-                        return
-                if not job.pending:
-                    continue
-                ev = job.pending.popleft()
-                if ev.finish_reason is not None:
-                    finished += 1
-                    if ev.finish_reason == "error":  # the engine puts the exception's text in the event
-                        log.error("engine error on request %s: %s", job.request_id, ev.text)
-                yield ev
-        finally:
-            if finished < job.n:
-                self.scheduler.cancel(job.request_id)
-
-    def counts(self) -> dict:
-        running, queued = self.scheduler.load
-        return {"running": running, "queued": queued}
-
-
-def _finish(reason: str | None) -> str:
-    if reason == "error":
-        raise ApiError(500, "the engine failed while generating; see the server log", type="server_error")
-    return "length" if reason == "length" else "stop"
-
-
-# sent in place of further chunks when the engine reports finish_reason "error" mid-stream (headers are gone by then)
-_ENGINE_ERROR = ('data: {"error": {"message": "the engine failed while generating; see the server log", '
-                 '"type": "server_error", "param": null, "code": null}}\n\n')
-
-
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def _respond(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body, status_code=err.status, headers=err.headers)
 
 
 async def _json_body(request: Request) -> dict:
@@ -446,23 +138,49 @@ async def _json_body(request: Request) -> dict:
     return body
 
 
-def _check_model(body: dict, name: str) -> None:
-    model = body.get("model")
-    if model is None:
-        return  # a missing model means the one we serve
-    if not isinstance(model, str):
-        raise ApiError(400, "'model' must be a string", param="model")
-    if model != name:
-        raise ApiError(404, f"model '{model}' does not exist; this server serves '{name}'", param="model",
-                       code="model_not_found")
+class GuardMiddleware:
+    """Runs `Guard.check` before any route (plain ASGI, so streaming responses pass through untouched)."""
+
+    def __init__(self, app, guard: Guard):
+        self.app, self.guard = app, guard
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            err = self.guard.check(scope["method"], scope["path"], headers)
+            if err is not None:
+                await _respond(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class ServerState:
+    tokenizer: object
+    bridge: Bridge
+    model_name: str
+    source: str | None
+    step: int | None
+    limits: P.Limits
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def scheduler(self):
+        return self.bridge.scheduler
+
+    def card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "picochat",
+                "max_model_len": self.limits.context}
 
 
 def create_app(model, tokenizer, *, model_name: str = "picochat", max_batch: int = 32, max_queue: int = 256,
                max_tokens: int = 512, tool=None, source: str | None = None, step: int | None = None,
-               compile: bool = False, engine_process: bool | None = None) -> FastAPI:
+               compile: bool = False, engine_process: bool | None = None,
+               allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving `model` (a GPT in eval mode) with `tokenizer`. The scheduler starts and stops with the
     app's lifespan (uvicorn runs it; a TestClient runs it inside `with`). engine_process: run it in a child process
-    (picochat/serve/worker.py; the model and `tool` are pickled to it); None = on CPU only."""
+    (picochat/serve/worker.py; the model and `tool` are pickled to it); None = on CPU only. allowed_hosts / api_key:
+    see serve/guard.py."""
     if engine_process is None:
         engine_process = next(model.parameters()).device.type == "cpu"
     if engine_process:
@@ -471,8 +189,9 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", max_batch: int
     else:
         scheduler = Scheduler(Engine(model, tokenizer, tool=tool, compile=compile), max_batch=max_batch,
                               max_queue=max_queue)
-    state = ServerState(tokenizer=tokenizer, scheduler=scheduler, model_name=model_name, source=source, step=step,
-                        max_batch=max_batch, max_tokens=max_tokens, context=model.config.sequence_len)
+    limits = P.Limits(max_batch=max_batch, max_tokens=max_tokens, context=model.config.sequence_len)
+    state = ServerState(tokenizer=tokenizer, bridge=Bridge(scheduler), model_name=model_name, source=source,
+                        step=step, limits=limits)
     page = resources.files("picochat.serve").joinpath("ui.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -489,18 +208,19 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", max_batch: int
 
     app = FastAPI(title="picochat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.picochat = state
+    app.add_middleware(GuardMiddleware, guard=Guard(allowed_hosts=tuple(allowed_hosts), api_key=api_key or None))
 
     # -- errors: always an OpenAI error object, never a traceback -------------------------------------------------
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
-        return exc.response()
+        return _respond(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
-        return ApiError(400, f"invalid request: {first.get('msg', 'bad input')}", param=loc).response()
+        return _respond(ApiError(400, f"invalid request: {first.get('msg', 'bad input')}", param=loc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -510,13 +230,13 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", max_batch: int
             msg = f"method {request.method} is not allowed on {request.url.path}"
         else:
             msg = str(exc.detail)
-        return ApiError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None,
-                        headers=getattr(exc, "headers", None)).response()
+        return _respond(ApiError(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None,
+                                 headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         # Starlette re-raises after this handler answers, so uvicorn logs the traceback server-side (once)
-        return ApiError(500, "internal server error; see the server log", type="server_error").response()
+        return _respond(ApiError(500, "internal server error; see the server log", type="server_error"))
 
     # -- routes --------------------------------------------------------------------------------------------------
 
@@ -526,58 +246,102 @@ def create_app(model, tokenizer, *, model_name: str = "picochat", max_batch: int
 
     @app.get("/health")
     async def health():
-        dead = getattr(state.scheduler, "dead", None)  # only an engine process can die on its own
+        dead = state.scheduler.dead
         body = {"status": "ok" if dead is None else "unavailable", "model": state.model_name, "source": state.source,
-                "step": state.step, "context": state.context, "max_batch": state.max_batch, **state.counts()}
+                "step": state.step, "context": limits.context, "max_batch": limits.max_batch,
+                **state.bridge.counts()}
         if dead is not None:
             return JSONResponse({**body, "error": dead}, status_code=503)
         return body
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "picochat"}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [state.card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str):
+        P.check_model({"model": model_id}, state.model_name)
+        return state.card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _json_body(request)
-        _check_model(body, state.model_name)
-        conv = _conversation(body)
+        P.check_model(body, state.model_name)
+        P.check_supported(body, P.UNSUPPORTED_CHAT)
+        conv = P.conversation(body)
         try:
             prompt_ids = tokenizer.render_for_completion(conv)
-        except UserError as e:  # e.g. roles that do not alternate
+        except UserError as e:  # the tokenizer's own schema checks
             raise ApiError(400, str(e), param="messages") from None
-        req = _sampling(body, prompt_ids, state.max_batch, state.max_tokens)
-        job = state.submit(req, param="messages")
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
+        req = P.sampling(body, prompt_ids, limits, param="messages")
+        job = state.bridge.submit(req, param="messages")
+        head = _head("chatcmpl", state)
         if req.stream:
-            return _sse_response(_chat_stream(state, job, req, head))
-        rows = await _collect(state, job, req, request)
-        choices = [{"index": i, "finish_reason": _finish(r.finish_reason),
-                    "message": {"role": "assistant", "content": r.content, "picochat_parts": r.final_parts()}}
-                   for i, r in enumerate(rows)]
-        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(req, rows)}
+            return _sse_response(_stream(state, job, P.ChatChunks(head, req.n, len(prompt_ids), req.include_usage)))
+        rows = await _collect(state, job, req.n, request)
+        return P.chat_response(head, len(prompt_ids), rows)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _json_body(request)
-        _check_model(body, state.model_name)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "'prompt' is required: a string (one prompt per request)", param="prompt")
-        req = _sampling(body, tokenizer.encode(prompt, prepend=tokenizer.bos_id), state.max_batch, state.max_tokens)
-        job = state.submit(req, param="prompt")
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
-        if req.stream:
-            return _sse_response(_text_stream(state, job, req, head))
-        rows = await _collect(state, job, req, request)
-        choices = [{"index": i, "text": "".join(p["text"] for p in r.parts), "logprobs": None,
-                    "finish_reason": _finish(r.finish_reason)} for i, r in enumerate(rows)]
-        return {**head, "object": "text_completion", "choices": choices, "usage": _usage(req, rows)}
+        P.check_model(body, state.model_name)
+        P.check_supported(body, P.UNSUPPORTED_COMPLETION)
+        prompts, _ = P.prompts(body, tokenizer.vocab_size, lambda s: tokenizer.encode(s, prepend=tokenizer.bos_id))
+        echo = P.boolean(body, "echo", False)
+        top = P.number(body, "logprobs", None, integer=True, lo=0, hi=P.MAX_LOGPROBS)
+        scoring = echo or top is not None
+        reqs = [P.sampling(body, ids, limits, param="prompt", allow_zero=echo) for ids in prompts]
+        first = reqs[0]
+        if first.params.max_tokens == 0 and top is None:
+            raise ApiError(400, "'max_tokens' 0 only makes sense with echo and logprobs (scoring the prompt)",
+                           param="max_tokens")
+        head = _head("cmpl", state)
+        if first.stream:
+            if scoring or len(reqs) > 1:
+                raise ApiError(400, "'stream' works with one prompt and without echo/logprobs; send stream: false",
+                               param="stream")
+            job = state.bridge.submit(first, param="prompt")
+            return _sse_response(_stream(state, job, P.TextChunks(head, first.n, len(first.prompt_ids),
+                                                                  first.include_usage)))
+        return await _text_completion(state, request, head, reqs, echo, top)
+
+    # -- vLLM's tokenizer endpoints (lm-eval's remote tokenizer reads these) ------------------------------------
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {"tokenizer_class": "picochat", "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
+                "pad_token": None, "model_max_length": limits.context, "vocab_size": tokenizer.vocab_size}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _json_body(request)
+        if "messages" in body:
+            try:
+                ids = tokenizer.render_for_completion(P.conversation(body))
+            except UserError as e:
+                raise ApiError(400, str(e), param="messages") from None
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str):
+                raise ApiError(400, "'prompt' must be a string (or send 'messages')", param="prompt")
+            ids = P.encode_with_specials(tokenizer, text)
+        return {"count": len(ids), "max_model_len": limits.context, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await _json_body(request)
+        ids = body.get("tokens")
+        if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                              and 0 <= t < tokenizer.vocab_size for t in ids)):
+            raise ApiError(400, f"'tokens' must be a list of token ids in [0, {tokenizer.vocab_size})",
+                           param="tokens")
+        return {"prompt": tokenizer.decode(ids)}
 
     return app
+
+
+def _head(prefix: str, state: ServerState) -> dict:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
 
 
 def _sse_response(stream) -> StreamingResponse:
@@ -585,69 +349,66 @@ def _sse_response(stream) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _collect(state, job, req: GenRequest, request: Request) -> list[RowText]:
+async def _collect(state: ServerState, job: Job, n: int, request: Request) -> list[P.RowText]:
     """A non-streamed request: gather every row's events (the client's disconnect still cancels the job)."""
-    rows = [RowText() for _ in range(req.n)]
-    async with aclosing(state.events(job, request)) as events:
+    rows = [P.RowText() for _ in range(n)]
+    async with aclosing(state.bridge.events(job, request.is_disconnected)) as events:
         async for ev in events:
             rows[ev.row].feed(ev)
     return rows
 
 
-def _usage(req: GenRequest, rows: list[RowText]) -> dict:
-    completion = sum(r.tokens for r in rows)
-    return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": completion,
-            "total_tokens": len(req.prompt_ids) + completion}
-
-
-async def _chat_stream(state: ServerState, job: Job, req: GenRequest, head: dict) -> AsyncIterator[str]:
-    """SSE for chat: a role delta per choice, content deltas as tokens land, a finish chunk per choice,
-    an optional usage chunk, then [DONE]."""
-    head = {**head, "object": "chat.completion.chunk"}
-
-    def chunk(index: int, delta: dict, finish: str | None = None) -> str:
-        return _sse({**head, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
-
-    rows = [RowText() for _ in range(req.n)]
-    out = [chunk(i, {"role": "assistant", "content": ""}) for i in range(req.n)]
-    async with aclosing(state.events(job, None)) as events:
+async def _stream(state: ServerState, job: Job, chunks: P.ChatChunks) -> AsyncIterator[str]:
+    """SSE of one request (chat or text: `chunks` shapes them): one write per wake-up, not per chunk, since under
+    load several steps' chunks queue up; a failed row ends the stream with a generic error object (no [DONE])."""
+    out = chunks.start()
+    async with aclosing(state.bridge.events(job)) as events:
         async for ev in events:
-            for delta in rows[ev.row].feed(ev):
-                out.append(chunk(ev.row, delta))
             if ev.finish_reason == "error":
-                yield "".join(out) + _ENGINE_ERROR
+                yield "".join(out) + P.SSE_ENGINE_ERROR
                 return  # closing `events` cancels the other rows
-            if ev.finish_reason is not None:
-                out.append(chunk(ev.row, {}, _finish(ev.finish_reason)))
-            if not job.pending:  # one write per wake-up, not per chunk: under load several steps' chunks queue up
+            out += chunks.feed(ev)
+            if out and not job.pending:
                 yield "".join(out)
                 out.clear()
-    if req.include_usage:
-        out.append(_sse({**head, "choices": [], "usage": _usage(req, rows)}))
-    yield "".join(out) + "data: [DONE]\n\n"
+    yield "".join(out) + chunks.end()
 
 
-async def _text_stream(state: ServerState, job: Job, req: GenRequest, head: dict) -> AsyncIterator[str]:
-    """SSE for /v1/completions: text deltas per choice, a finish chunk per choice, optional usage, [DONE]."""
-    head = {**head, "object": "text_completion"}
-    rows = [RowText() for _ in range(req.n)]
-    out: list[str] = []
-    async with aclosing(state.events(job, None)) as events:
-        async for ev in events:
-            rows[ev.row].feed(ev)
-            if ev.finish_reason == "error":
-                yield "".join(out) + _ENGINE_ERROR
-                return
-            finish = _finish(ev.finish_reason) if ev.finish_reason is not None else None
-            if ev.text or finish:
-                out.append(_sse({**head, "choices": [{"index": ev.row, "text": ev.text, "logprobs": None,
-                                                      "finish_reason": finish}]}))
-            if out and not job.pending:  # one write per wake-up (see _chat_stream)
-                yield "".join(out)
-                out.clear()
-    if req.include_usage:
-        out.append(_sse({**head, "choices": [], "usage": _usage(req, rows)}))
-    yield "".join(out) + "data: [DONE]\n\n"
+async def _text_completion(state: ServerState, request: Request, head: dict, reqs: list[P.GenRequest], echo: bool,
+                           top: int | None) -> dict:
+    """/v1/completions without streaming: every prompt's rows generated (together: they share decode steps), then,
+    for echo/logprobs, each prompt + completion scored in one forward (Engine.score): the logprobs of the tokens as
+    the model sees them, the prompt's exactly as given. Choice i * n + j is prompt i's sample j."""
+    tok = state.tokenizer
+    jobs = [state.bridge.submit(r, param="prompt") if r.params.max_tokens > 0 else None for r in reqs]
+    rows = await asyncio.gather(*[_collect(state, j, r.n, request) if j is not None else _no_rows(r.n)
+                                  for j, r in zip(jobs, reqs)])
+    scores = None
+    if top is not None:
+        scores = await asyncio.gather(*[state.bridge.score(r.prompt_ids + row.token_ids, top)
+                                        for r, rs in zip(reqs, rows) for row in rs])
+    choices, prompt_tokens = [], 0
+    for i, (r, rs) in enumerate(zip(reqs, rows)):
+        prompt_tokens += len(r.prompt_ids)
+        prompt_text = tok.decode(r.prompt_ids)
+        for j, row in enumerate(rs):
+            text = (prompt_text if echo else "") + row.plain_text()
+            logprobs = None
+            if scores is not None:
+                lps, tops = scores[i * r.n + j]
+                start = 0 if echo else len(r.prompt_ids)
+                ids = (r.prompt_ids + row.token_ids)[start:]
+                logprobs = P.logprobs_object(tok, ids, lps[start:], tops[start:], 0 if echo else len(prompt_text))
+            reason = P.finish(row.finish_reason) if row.finish_reason is not None else "length"
+            choices.append({"index": i * r.n + j, "text": text, "logprobs": logprobs, "finish_reason": reason})
+    completion = sum(row.tokens for rs in rows for row in rs)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+             "total_tokens": prompt_tokens + completion}
+    return {**head, "object": "text_completion", "choices": choices, "usage": usage}
+
+
+async def _no_rows(n: int) -> list[P.RowText]:
+    return [P.RowText() for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -687,19 +448,26 @@ def _run(argv: list[str] | None) -> None:
         raise UserError("--max-batch, --max-queue and --max-tokens must be >= 1")
     if cfg.threads < 0:
         raise UserError(f"--threads must be >= 0 (0 = all cores but one), got {cfg.threads}")
-    log_config(cfg, "serve")
+    api_key = cfg.api_key or os.environ.get("PICOCHAT_API_KEY", "")
+    allowed_hosts = parse_allowed_hosts(cfg.allowed_hosts, cfg.host)
+    log_config(dataclasses.replace(cfg, api_key="***" if cfg.api_key else ""), "serve")  # never print the key
     _check_port_free(cfg.host, cfg.port)
     device = autodetect_device(cfg.device)
     set_model_threads(device, cfg.threads)
-    model, tokenizer, meta = load_model(cfg.source, step=cfg.step, device=device)  # "auto": the latest stage
+    # "auto": the latest stage; no --run: its most recently written run
+    model, tokenizer, meta = load_model(cfg.source, step=cfg.step, run=cfg.run or None, device=device)
     source = meta["source"]
     model.eval()
     app = create_app(model, tokenizer, model_name=cfg.model_name, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                      max_tokens=cfg.max_tokens, tool=make_tool(cfg.tool),
                      source=source, step=meta.get("step", cfg.step), compile=cfg.compile,
-                     engine_process=ENGINE_PROCESS[cfg.engine_process])
+                     engine_process=ENGINE_PROCESS[cfg.engine_process], allowed_hosts=allowed_hosts,
+                     api_key=api_key or None)
     del model  # the engine process has its own copy once started
-    print0(f"serving {source} step {meta.get('step')} as '{cfg.model_name}' on http://{cfg.host}:{cfg.port}/")
+    print0(f"serving {source} step {meta.get('step')} as '{cfg.model_name}' on http://{cfg.host}:{cfg.port}/ "
+           f"(Host names served: {', '.join(allowed_hosts)}; API key {'required' if api_key else 'off'})")
+    if not is_loopback(cfg.host) and not api_key:
+        print0("warning: the server is reachable from the network without an API key; pass --api-key")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
 
 

@@ -13,6 +13,7 @@ rendering the API puts in message content). This runs the Engine in-process; it 
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from typing import TextIO
@@ -20,9 +21,11 @@ from typing import TextIO
 from picochat.common import UserError, run_main
 from picochat.config import CheckpointSource, f, parse_config
 from picochat.engine import Engine, Event, SamplingParams
+from picochat.serve.protocol import SEGMENT_PART
 
-# engine segment -> the tokenizer's assistant part type
-SEGMENT_PART = {"text": "text", "python": "python", "output": "python_output"}
+# C0 controls but tab and newline, DEL, and C1 controls (\x9b is a one-byte CSI on some terminals): what the model or
+# a tool could use to drive the user's terminal (clear it, retitle it, overwrite a line after \r)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 HELP = "commands: /clear (new conversation), /exit (quit); Ctrl-C stops a reply"
 
 
@@ -37,8 +40,15 @@ class ChatConfig(CheckpointSource):
                   choices=["calculator", "python", "none"])
 
 
+def printable(text: str) -> str:
+    """`text` with terminal control characters shown as escapes ("\x1b"), so model and tool output cannot act on
+    the terminal; newlines and tabs are kept."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class ReplyPrinter:
-    """Writes one reply's events to `out` and collects it as tokenizer parts [{"type", "text"}]."""
+    """Writes one reply's events to `out` (control characters escaped: `printable`) and collects it as tokenizer
+    parts [{"type", "text"}] with the model's text unchanged."""
 
     STYLE = {"python": ("\033[36m", "[python] "), "python_output": ("\033[2;32m", "[output] ")}  # cyan, dim green
     RESET = "\033[0m"
@@ -56,7 +66,7 @@ class ReplyPrinter:
             self._switch(seg)
         if ev.text:
             self.parts[-1]["text"] += ev.text
-            self._write(ev.text)
+            self._write(printable(ev.text))
         if ev.finish_reason is not None:
             self._switch("text")
             self.finish_reason = ev.finish_reason
@@ -150,7 +160,7 @@ def _run(argv: list[str] | None) -> None:
         raise UserError(f"--temperature must be >= 0, got {cfg.temperature}")
     if cfg.max_tokens < 1 or cfg.top_k < 0:
         raise UserError("--max-tokens must be >= 1 and --top-k >= 0")
-    model, tokenizer, _meta = load_model(cfg.source, step=cfg.step, device=cfg.device)
+    model, tokenizer, _meta = load_model(cfg.source, step=cfg.step, run=cfg.run or None, device=cfg.device)
     engine = Engine(model, tokenizer, tool=make_tool(cfg.tool), compile=cfg.compile)
     engine.warmup(1)  # compiles now when --compile, else a no-op
     params = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k or None, max_tokens=cfg.max_tokens,

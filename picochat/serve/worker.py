@@ -9,7 +9,9 @@ own core and the parent's event loop only parses requests and writes chunks.
     parent (uvicorn, event loop)                       child (spawned: model, Engine, Scheduler thread)
     submit(prompt, params, n, on_event) ─ ("submit", rid, ...) ─►  Scheduler.submit
     cancel(rid)                         ─ ("cancel", rid) ──────►  Scheduler.cancel
+    submit_score(ids, top, on_done)     ─ ("score", rid, ...) ──►  Scheduler.submit_score
     reader thread: on_event(Event) ◄── (steps, [event tuples of one decode step]) ── after every step
+                   on_done(result) ◄── ("scored", rid, result, error) ── when a score is done
 
 The parent keeps the queue accounting (so a full queue is answered 429 at once, without a round trip): a request is
 queued until its first event arrives, running until its rows have finished. If the child dies, every open request
@@ -89,6 +91,19 @@ def _child(conn, model, tokenizer, tool, compile: bool, max_batch: int, threads:
                         ids[prid] = rid
                 except Exception as exc:  # the parent checked these; answer a race or a bug per request
                     send((sched.steps, [(prid, i, -1, False, "text", str(exc), "error") for i in range(n)]))
+            elif msg[0] == "score":
+                _, prid, score_ids, top = msg
+
+                def on_done(result, prid=prid) -> None:  # on the scheduler thread
+                    if isinstance(result, BaseException):  # sent as text: not every exception pickles
+                        send(("scored", prid, None, (type(result).__name__, str(result))))
+                    else:
+                        send(("scored", prid, result, None))
+
+                try:
+                    sched.submit_score(score_ids, top, on_done)
+                except Exception as exc:  # the parent checked these; answer a race or a bug per request
+                    on_done(exc)
             elif msg[0] == "cancel":
                 if msg[1] in ids:
                     sched.cancel(ids.pop(msg[1]))
@@ -119,6 +134,7 @@ class EngineProcess:
         # the child decodes with the model thread count set in this process (serve --threads)
         self._args = (model, tokenizer, tool, compile, max_batch, torch.get_num_threads())
         self._open: dict[int, _Open] = {}
+        self._scores: dict[int, Callable] = {}  # request id -> on_done, until the child answers
         self._lock = threading.Lock()
         self._next_id = 1
         self._proc = None
@@ -189,23 +205,36 @@ class EngineProcess:
         """(live rows, queued rows) as the parent sees them: queued until the first event arrives."""
         with self._lock:
             running = sum(o.n - len(o.finished) for o in self._open.values() if o.started)
-            queued = sum(o.n for o in self._open.values() if not o.started)
+            queued = self._queued()
         return running, queued
+
+    def _queued(self) -> int:  # under _lock; a score counts one row, as in Scheduler
+        return sum(o.n for o in self._open.values() if not o.started) + len(self._scores)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, n: int, on_event: Callable[[Event], None]) -> int:
         check_prompt(prompt_ids, self.context)
         if n < 1 or n > self.max_batch:
             raise UserError(f"n={n} must be between 1 and the server's max batch {self.max_batch}")
+        return self._send_new(n, lambda rid: self._open.__setitem__(rid, _Open(n, on_event)),
+                              lambda rid: ("submit", rid, list(prompt_ids), params, n))
+
+    def submit_score(self, ids: list[int], top: int, on_done: Callable) -> int:
+        """`Engine.score(ids, top)` in the child; `on_done` gets the result or the exception (on the reader thread)."""
+        if not ids or len(ids) > self.context:
+            raise UserError(f"prompt to score is {len(ids)} tokens; it must be 1..{self.context} (the context)")
+        return self._send_new(1, lambda rid: self._scores.__setitem__(rid, on_done),
+                              lambda rid: ("score", rid, list(ids), top))
+
+    def _send_new(self, rows: int, record: Callable[[int], None], message: Callable[[int], tuple]) -> int:
         with self._lock:
             if self._dead is not None:
                 raise EngineDied(self._dead)
-            queued = sum(o.n for o in self._open.values() if not o.started)
-            if queued + n > self.max_queue:
+            if self._queued() + rows > self.max_queue:
                 raise OverloadedError(f"server busy: {self.max_queue} rows already queued; retry later")
             rid = self._next_id
             self._next_id += 1
-            self._open[rid] = _Open(n, on_event)
-            self._conn.send(("submit", rid, list(prompt_ids), params, n))  # under the lock: one writer at a time
+            record(rid)
+            self._conn.send(message(rid))  # under the lock: one writer at a time
         return rid
 
     def cancel(self, request_id: int) -> None:
@@ -219,9 +248,19 @@ class EngineProcess:
         """Deliver each step's events to their requests' callbacks (which must not block: see app.Job)."""
         while True:
             try:
-                self.steps, batch = self._conn.recv()
+                msg = self._conn.recv()
             except (EOFError, OSError):
                 break
+            if msg[0] == "scored":
+                _, prid, result, error = msg
+                with self._lock:
+                    on_done = self._scores.pop(prid, None)
+                if on_done is not None:
+                    kind, text = error or (None, None)
+                    on_done(result if error is None else UserError(text) if kind == "UserError"
+                            else RuntimeError(f"{kind}: {text}"))
+                continue
+            self.steps, batch = msg
             with self._lock:
                 for prid, row, token, forced, segment, text, finish in batch:
                     o = self._open.get(prid)
@@ -243,6 +282,9 @@ class EngineProcess:
         with self._lock:
             self._dead = why
             open_, self._open = self._open, {}
+            scores, self._scores = self._scores, {}
+        for on_done in scores.values():
+            on_done(EngineDied(why))
         for o in open_.values():
             for i in set(range(o.n)) - o.finished:
                 o.on_event(Event(i, -1, False, "text", why, "error"))
