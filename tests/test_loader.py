@@ -383,3 +383,25 @@ def test_corpus_tokens_exact_when_small_and_estimated_when_large():
     n, how = corpus_tokens(ByteTokenizer(), "train", "size", sample_bytes=8000)
     assert how.startswith("estimated from") and "bytes/token" in how
     assert abs(n - exact) / exact < 0.05  # footer sizes x tokens per byte of a tenth of the row groups
+
+
+def test_pretrain_plan_warns_refuses_and_picks_packing(capsys):
+    """Planned tokens against the corpus: a warning above 4 passes, a refusal above --allow-epochs (one line naming
+    the flag), --max-epochs caps the plan, and packing=auto picks split only when the run reads the corpus more
+    than once."""
+    from picochat.config import PretrainConfig
+    from picochat.train.pretrain import plan_epochs
+
+    docs = random_docs(100, seed=9, lo=50, hi=150)
+    write_corpus("default", docs, rows_per_group=10, val_docs=10)
+    n = sum(len(d.encode()) + 1 for d in docs[:-10])
+    cfg = PretrainConfig(total_batch_size=n // 10, packing="auto")  # 10 steps = one pass
+    assert plan_epochs(cfg, ByteTokenizer(), 5) == (pytest.approx(0.5, rel=0.01), "crop")
+    assert plan_epochs(cfg, ByteTokenizer(), 30) == (pytest.approx(3.0, rel=0.01), "split")
+    assert "warning" not in capsys.readouterr().out
+    assert plan_epochs(cfg, ByteTokenizer(), 60)[0] == pytest.approx(6.0, rel=0.01)
+    assert "warning: 6.0 passes over the training corpus" in capsys.readouterr().out
+    with pytest.raises(UserError, match="plans 30.0 passes over corpus 'default'.*raise --allow-epochs"):
+        plan_epochs(cfg, ByteTokenizer(), 300)
+    capped = PretrainConfig(total_batch_size=n // 10, max_epochs=2.0, allow_epochs=1000.0)
+    assert plan_epochs(capped, ByteTokenizer(), 300)[0] == 2.0

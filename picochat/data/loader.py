@@ -35,9 +35,12 @@ PACKING = ("split", "crop")
 # small enough that read-ahead memory stays at a few chunks of documents.
 QUEUE_CHUNKS = 4
 # A buffered document older than this many buffers' worth of arrivals starts the next row, whatever its length.
-# Best-fit alone let over-long documents sit forever (the 61 longest of the embedded corpus were never emitted in 4
-# passes while others were emitted 5+ times); mean residence is one buffer (Little's law), so 4 rarely overrides
-# best fit (benchmarks/loader.py: used fraction unchanged) yet bounds every document's wait.
+# Best-fit alone let over-long documents sit until nothing else was left (the 61 longest of the embedded corpus were
+# never emitted in 4 passes while others were emitted 5+ times). Measured with crop over 2 passes of the embedded
+# and a FineWeb-like corpus at T = 256 and 2,048: with no age limit the longest waits were 2-3 passes and some
+# documents never started a row; at 1, 2, 4, 8 buffers the longest wait is that limit (+2%) and the used fraction
+# moves by at most 4 points (T = 2,048: 86.6, 87.5, 88.6, 90.5%). 4 keeps a wait under a pass for corpora of more than
+# ~5 buffers of documents (the embedded one has 1,968).
 MAX_AGE_BUFFERS = 4
 
 
