@@ -58,10 +58,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from picochat import sandbox_child
 from picochat.common import UserError
 
-_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
-_MEMORY_EXIT = 3  # sandbox_child.MEMORY_EXIT (not imported: the child module is read by path)
+_CHILD = os.path.abspath(sandbox_child.__file__)  # started by path: the child imports nothing from picochat
 # After the child exits, how long to keep reading pipes that an escaped helper might still hold open.
 _DRAIN_GRACE_S = 0.5
 # How long to wait for a killed PID namespace to be empty (the kernel kills and reaps it in milliseconds).
@@ -267,7 +267,7 @@ def _bwrap_argv(path: str, userns: bool, workdir: str, disk_bytes: int, info_fd:
                  os.path.join(os.path.realpath(os.path.dirname(interp)), os.path.basename(interp))]
     for dev in ("/dev/null", "/dev/zero", "/dev/urandom"):
         argv += ["--dev-bind", dev, dev]
-    argv += ["--proc", "/proc", "--size", str(1024 * 1024), "--tmpfs", "/tmp",
+    argv += ["--proc", "/proc", "--size", str(sandbox_child.TMP_BYTES), "--tmpfs", "/tmp",
              "--size", str(disk_bytes), "--tmpfs", workdir,
              "--ro-bind", os.path.join(workdir, "main.py"), os.path.join(workdir, "main.py"),
              "--remount-ro", "/", "--chdir", workdir]
@@ -318,8 +318,9 @@ def _spawn_and_collect(workdir: str, config: dict, bwrap: tuple[str, bool] | Non
         for fd in (layers_w, info_w):
             if fd >= 0:
                 os.close(fd)
-    ns_init = _namespace_init(info_r, t0 + timeout_s) if bwrap else None
+    ns_init = None
     try:
+        ns_init = _namespace_init(info_r, t0 + timeout_s) if bwrap else None
         out, err, reason = _collect(proc, t0 + timeout_s, max_output_bytes)
     finally:
         _stop(proc, ns_init)
@@ -344,7 +345,7 @@ def _spawn_and_collect(workdir: str, config: dict, bwrap: tuple[str, bool] | Non
         status = reason
     elif returncode == 0:
         status = "ok"
-    elif (returncode == _MEMORY_EXIT and b"MemoryError" in err) or returncode == -signal.SIGKILL:
+    elif (returncode == sandbox_child.MEMORY_EXIT and b"MemoryError" in err) or returncode == -signal.SIGKILL:
         status = "memory"  # SIGKILL that we did not send comes from the OOM killer
     elif returncode == -getattr(signal, "SIGXCPU", -1000):
         status = "timeout"

@@ -18,7 +18,7 @@ import sys
 MEMORY_EXIT = 3
 _MAX_FILE_BYTES = 16 * 1024 * 1024
 _MAX_OPEN_FILES = 256
-_TMP_BYTES = 1024 * 1024  # the private /tmp: TMPDIR points at the work dir, so /tmp is for code that hard-codes it
+TMP_BYTES = 1024 * 1024  # the private /tmp: TMPDIR points at the work dir, so /tmp is for code that hard-codes it
 
 
 def main(argv: list[str]) -> None:
@@ -110,7 +110,7 @@ def _namespaces(workdir: str, source: str, disk_bytes: int) -> list[str]:
     # private propagation first, so the mounts below never show up in the host's mount table
     if libc.mount(None, b"/", None, ms_rec | ms_private, None) != 0:
         return layers
-    for path, size in (("/tmp", _TMP_BYTES), (workdir, disk_bytes)):  # /tmp first: it may hold the work dir
+    for path, size in (("/tmp", TMP_BYTES), (workdir, disk_bytes)):  # /tmp first: it may hold the work dir
         os.makedirs(path, exist_ok=True)
         opts = f"size={size},mode=0700".encode()
         if libc.mount(b"tmpfs", path.encode(), b"tmpfs", ms_nosuid | ms_nodev, opts) != 0:

@@ -419,6 +419,8 @@ def test_layers_name_what_held(mode):
         assert "bwrap" not in r.layers and "pidns" not in r.layers
     elif shutil.which("bwrap"):  # installed by runs/setup.sh and .ci/run where apt is available
         assert {"bwrap", "pidns"} <= set(r.layers), r.layers
+        r = run_python("import os\nprint(os.getpid(), os.getuid())")
+        assert r.stdout == "2 65534\n"  # bubblewrap's init is pid 1 of the namespace; the user is nobody
 
 
 def test_a_bad_sandbox_choice_is_one_clear_error(monkeypatch):
