@@ -1,12 +1,19 @@
 """Checkpoints: atomic save/load of model weights, per-rank optimizer shards, per-rank loader state and meta.
 
-Layout: <base>/checkpoints/<stage>/step_000100/{model.pt, optim_rank0.pt, ..., loader_rank0.json, ..., meta.json}
-with stage in base | mid | sft | rl.
+Layout: <base>/checkpoints/<stage>/<run>/step_000100/{model.pt, optim_rank0.pt, ..., loader_rank0.json, ...,
+meta.json} with stage in base | mid | sft | rl and run a name (`--run`; pretraining's default is the depth tag, e.g.
+d4). A run owns its folder: keep-last-K deletes only its own older steps, and a fresh training run refuses a folder
+that already holds checkpoints unless told `--resume` or `--overwrite` (without runs, a fresh 60-step run next to an
+older run's steps 120 and 180 saved its step 60 and deleted it at once). `load_model` reads the most recently written
+run of a stage unless given one. Checkpoints of the old layout (`<stage>/step_*` directly) still load, as a run
+with no name, with a line saying how to give them one.
 
 Atomicity: every rank writes its files into `.tmp_step_000100/`, each file is fsynced, then rank 0 renames the
 directory to `step_000100/` and fsyncs the parent. A rename is atomic on POSIX filesystems, so a crash at any point
 leaves either the old set of checkpoints or the old set plus the new one; never a half-written `step_*` directory.
-Older checkpoints beyond `keep_last` are deleted only after the new one is in place. Multi-node runs need a shared
+Older checkpoints beyond `keep_last` are deleted only after the new one is in place. What a crash can leave behind
+(`.tmp_*`, or `.old_step_*` from a re-save of one step) is cleaned at the next save or start of that run: an
+`.old_step_N` whose `step_N` is missing was a complete checkpoint, so it is renamed back rather than deleted. Multi-node runs need a shared
 filesystem for the checkpoint directory (each rank writes its own shard into the same folder).
 
 FSDP (`--fsdp`): model.pt is still the full state dict, gathered onto rank 0 (`model_state_for_save`), so it loads
@@ -23,6 +30,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -35,12 +43,70 @@ from picochat.config import ModelConfig
 
 STAGES = ("base", "mid", "sft", "rl")  # in pipeline order: latest_source() picks the last that exists
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
+_OLD_RE = re.compile(r"^\.old_(step_\d{6,})_\d+$")  # a step moved aside while the same step is re-saved
+_RUN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+OLD_LAYOUT = ""  # the run name of checkpoints saved directly under <stage>/ (before runs had names)
 
 
 def checkpoint_dir(stage: str, base_dir: str | Path | None = None) -> Path:
+    """The stage's folder, holding one folder per run."""
     if stage not in STAGES:
         raise UserError(f"unknown checkpoint source '{stage}'; expected one of {', '.join(STAGES)}")
     return Path(base_dir or get_base_dir()) / "checkpoints" / stage
+
+
+def run_dir(stage: str, run: str, base_dir: str | Path | None = None) -> Path:
+    """The folder of one run's checkpoints: <base>/checkpoints/<stage>/<run>; OLD_LAYOUT names the stage folder."""
+    if run == OLD_LAYOUT:
+        return checkpoint_dir(stage, base_dir)
+    if not _RUN_RE.match(run) or _STEP_RE.match(run):
+        raise UserError(f"--run {run!r}: a run name is 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                        f"or digit, and not step_N")
+    return checkpoint_dir(stage, base_dir) / run
+
+
+def list_runs(stage: str, base_dir: str | Path | None = None) -> list[str]:
+    """Names of the stage's runs that hold a checkpoint, the most recently written last (OLD_LAYOUT among them when
+    step folders sit directly under the stage folder)."""
+    d = checkpoint_dir(stage, base_dir)
+    if not d.is_dir():
+        return []
+    runs = [p.name for p in d.iterdir() if _RUN_RE.match(p.name) and not _STEP_RE.match(p.name) and list_steps(p)]
+    if list_steps(d):
+        runs.append(OLD_LAYOUT)
+    return sorted(runs, key=lambda r: _written_at(run_dir(stage, r, base_dir)))
+
+
+def _written_at(d: Path) -> float:
+    """When the newest checkpoint in run folder `d` was saved: its meta's saved_at (copies keep it), else mtime."""
+    meta = d / f"step_{list_steps(d)[-1]:06d}" / "meta.json"
+    try:
+        return float(json.loads(meta.read_text())["saved_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return meta.stat().st_mtime
+
+
+def clean_leftovers(d: str | Path) -> None:
+    """Remove what a crash during a save left in run folder `d` (rank 0 only): `.tmp_*` folders are incomplete saves;
+    an `.old_step_N_*` folder is a complete step moved aside for a re-save of step N, so it is put back when step_N
+    is missing (the crash came between the two renames) and deleted otherwise."""
+    d = Path(d)
+    if not d.is_dir():
+        return
+    for p in d.iterdir():
+        old = _OLD_RE.match(p.name)
+        if old and not (d / old.group(1)).exists():
+            p.rename(d / old.group(1))
+        elif old or p.name.startswith(".tmp_step_"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def clear_run(d: str | Path) -> None:
+    """--overwrite: delete every checkpoint of run folder `d` (rank 0 only), leftovers included."""
+    d = Path(d)
+    clean_leftovers(d)
+    for step in list_steps(d):
+        shutil.rmtree(d / f"step_{step:06d}")
 
 
 def git_info() -> dict:
@@ -115,8 +181,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, o
     tmp, final = ckpt_dir / f".tmp_{name}", ckpt_dir / name
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left over from a crash during an earlier save of this step
+        clean_leftovers(ckpt_dir)  # e.g. a .tmp_ folder of this very step from a crash during an earlier save
         tmp.mkdir()
     _barrier()
     if optim_state is not None:
@@ -207,15 +272,39 @@ def check_compatible(meta: dict, model_config: ModelConfig | None, tokenizer_has
 
 
 def latest_source(base_dir: str | Path | None = None) -> str | None:
-    """The most advanced stage that has a checkpoint (rl > sft > mid > base), or None."""
+    """The most advanced stage that has a checkpoint in any run (rl > sft > mid > base), or None."""
     for stage in reversed(STAGES):
-        if list_steps(checkpoint_dir(stage, base_dir)):
+        if list_runs(stage, base_dir):
             return stage
     return None
 
 
-def load_model(source: str = "auto", step: int | None = None, device="cpu", base_dir: str | Path | None = None):
-    """(model in eval mode, tokenizer, meta) for inference and evaluation. source 'auto' = latest_source()."""
+def pick_run(stage: str, run: str | None = None, base_dir: str | Path | None = None) -> tuple[str, Path]:
+    """(run name, folder) to load from: `run` when given, else the stage's most recently written run, said on stderr
+    (stdout may be a one-shot reply)."""
+    runs = list_runs(stage, base_dir)
+    named = ", ".join(sorted(r for r in runs if r != OLD_LAYOUT)) or "none"
+    if run is not None:
+        d = run_dir(stage, run, base_dir)
+        if not list_steps(d):
+            raise UserError(f"no checkpoint in {d}; runs of this stage: {named}")
+        return run, d
+    if not runs:
+        raise UserError(f"no checkpoint in {checkpoint_dir(stage, base_dir)}; train that stage first")
+    run, d = runs[-1], run_dir(stage, runs[-1], base_dir)
+    if run == OLD_LAYOUT:
+        print(f"picochat: loading {d} (old layout: step folders directly under the stage; move them into {d}/<name>/ "
+              f"to make them run <name>)", file=sys.stderr, flush=True)
+    elif len(runs) > 1:
+        print(f"picochat: loading {stage} run '{run}', the most recently written of {named} (pick one with --run)",
+              file=sys.stderr, flush=True)
+    return run, d
+
+
+def load_model(source: str = "auto", step: int | None = None, device="cpu", base_dir: str | Path | None = None,
+               run: str | None = None):
+    """(model in eval mode, tokenizer, meta) for inference and evaluation. source 'auto' = latest_source(); run
+    None = the stage's most recently written run. meta gains "source" and "run"."""
     from picochat.model import GPT
     from picochat.tokenizer import get_tokenizer
 
@@ -225,7 +314,8 @@ def load_model(source: str = "auto", step: int | None = None, device="cpu", base
             raise UserError(f"no trained model under {Path(base_dir or get_base_dir()) / 'checkpoints'}; run "
                             f"`picochat pretrain` first")
     device = autodetect_device(str(device)) if isinstance(device, str) else device
-    ck = load_checkpoint(checkpoint_dir(source, base_dir), step, device=device, load_optim=False)
+    run, d = pick_run(source, run, base_dir)
+    ck = load_checkpoint(d, step, device=device, load_optim=False)
     tok = get_tokenizer(Path(base_dir) / "tokenizer" if base_dir else None)
     check_compatible(ck["meta"], None, tok.hash(), ck["dir"])
     cfg = ModelConfig(**ck["meta"]["model_config"])
@@ -236,4 +326,4 @@ def load_model(source: str = "auto", step: int | None = None, device="cpu", base
         raise UserError(f"checkpoint {ck['dir'] / 'model.pt'} does not match its meta.json model config: "
                         f"{str(e).splitlines()[0]}") from None
     model.eval()
-    return model, tok, {**ck["meta"], "source": source}
+    return model, tok, {**ck["meta"], "source": source, "run": run}

@@ -2,7 +2,9 @@
 
 Nothing here runs on import. Every stage calls `setup_runtime()` once at the start of its main() and
 `teardown_runtime()` at the end; under `torchrun` that joins the process group from the environment
-(NCCL on CUDA, gloo on CPU), otherwise it is a single process.
+(NCCL on CUDA, gloo on CPU), otherwise it is a single process. On an exception a stage calls `fail_runtime(e)`
+instead: an orderly teardown waits in a barrier for every rank, and a rank that failed (or a peer blocked in a
+collective the failed rank never joins) never arrives, so both would hang until the NCCL timeout.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +25,9 @@ import torch.distributed as dist
 
 class UserError(Exception):
     """A problem with the user's input (flag, file, checkpoint, request): printed as one line, no traceback."""
+
+
+_REPORTED = "_picochat_reported"  # set on an exception fail_runtime() already printed, so run_main prints it once
 
 
 def print0(*args, **kwargs) -> None:
@@ -195,7 +201,31 @@ def is_fsdp(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def fail_runtime(error: BaseException) -> None:
+    """The failure path under torchrun: print `error` to stderr with this rank first (a rank's message must not wait
+    on the other ranks), then abort the process group without a barrier and return; the caller re-raises and
+    `run_main` exits non-zero. Peers blocked in a collective with this rank get a connection error within about a
+    second (gloo: "Connection closed by peer") and fail the same way. A no-op outside a process group, so a stage can
+    call it from its `except` unconditionally; `teardown_runtime` after it does nothing."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    where = f"rank {dist.get_rank()} of {dist.get_world_size()}"
+    if isinstance(error, UserError):
+        print(f"picochat: error ({where}): {error}", file=sys.stderr, flush=True)
+    elif isinstance(error, Exception):  # KeyboardInterrupt/SystemExit: nothing to report, only leave quickly
+        text = "".join(traceback.format_exception(error))
+        print(f"picochat: error ({where}):\n{text}", file=sys.stderr, end="", flush=True)
+    setattr(error, _REPORTED, True)
+    try:
+        # abort, not destroy: destroy_process_group waits for work in flight on NCCL; torch marks this API private
+        # and NCCL-only, yet on gloo it aborts too (torch 2.13)
+        dist.distributed_c10d._abort_process_group()
+    except (AttributeError, RuntimeError, ValueError):
+        dist.destroy_process_group()
+
+
 def teardown_runtime() -> None:
+    """The success path: settle the collectives, then leave the process group (every rank must call it)."""
     if dist.is_available() and dist.is_initialized():
         # gloo aborts the process ("terminate called without an active exception") when one rank tears down while
         # a peer is still talking to it (gloo issue 155: a barrier followed by teardown can still do it; it happened
@@ -259,10 +289,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def run_main(fn, argv=None) -> int:
-    """Run a stage's body, turning UserError into one clear line on stderr and exit status 2."""
+    """Run a stage's body, turning UserError into one clear line on stderr and exit status 2; an error that
+    `fail_runtime` already printed (with its rank) exits 2 or 1 without printing it again."""
     try:
         fn(argv)
         return 0
     except UserError as e:
-        print(f"picochat: error: {e}", file=sys.stderr, flush=True)
+        if not getattr(e, _REPORTED, False):
+            print(f"picochat: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Exception as e:
+        if getattr(e, _REPORTED, False):
+            return 1
+        raise

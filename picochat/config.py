@@ -178,7 +178,8 @@ class CheckpointSource:
 
     source: str = f("auto", "checkpoint stage: auto (the most advanced one present), base, mid, sft or rl",
                     choices=["auto", "base", "mid", "sft", "rl"])
-    step: int | None = f(None, "checkpoint step (default: the latest of that stage)")
+    run: str = f("", "run under checkpoints/<stage>/ (empty = the most recently written run of that stage)")
+    step: int | None = f(None, "checkpoint step (default: the latest of that run)")
     device: str = f("auto", "auto, cpu, cuda, cuda:N or mps")
     compile: bool = f(False, "torch.compile the decode step: a 20-45 s warm-up on 2 cores, then faster decoding "
                              "(d6 fp32 at batch 1: 859-995 vs 230 tok/s, README: Measured); freezes the weights into "
@@ -212,7 +213,7 @@ class TrainConfig:
     matrix_lr: float = f(0.02, "Muon LR for the 2-D matrices in the blocks")
     embedding_lr: float = f(0.2, "AdamW LR for the token embedding (at width 768; scaled by (C/768)^-0.5)")
     unembedding_lr: float = f(0.004, "AdamW LR for lm_head (at width 768; scaled by (C/768)^-0.5)")
-    scalar_lr: float = f(0.5, "AdamW LR for per-layer scalars")
+    scalar_lr: float = f(0.5, "AdamW LR for per-layer scalars (at width 768; scaled by (C/768)^-0.5)")
     weight_decay: float = f(0.0, "decoupled weight decay on 2-D parameters")
     grad_clip: float = f(1.0, "clip the global gradient norm to this (0 = off)")
     eval_every: int = f(100, "evaluate validation bits-per-byte every N steps (and at the end; 0 = only the end)")
@@ -220,9 +221,11 @@ class TrainConfig:
     sample_every: int = f(0, "print samples from fixed prompts every N steps (0 = only at the end)")
     save_every: int = f(0, "checkpoint every N steps (and always at the end; 0 = only the end)")
     keep_last: int = f(2, "checkpoints to keep")
-    resume: bool = f(False, "continue from the latest checkpoint of this stage")
+    resume: bool = f(False, "continue from the latest checkpoint of this run (--run)")
     stop_at: int = f(0, "stop (with a checkpoint) after this step, schedule unchanged: split a run into sessions")
-    run: str = f("", "run name; set together with --wandb to log to Weights & Biases")
+    run: str = f("", "run name: checkpoints go to checkpoints/<stage>/<run>/ (empty = d<depth> for pretraining); "
+                     "also the wandb run's name")
+    overwrite: bool = f(False, "start a fresh run even where this run's folder holds checkpoints: delete them first")
     wandb: bool = f(False, "log metrics to wandb (needs `pip install wandb` and a login)")
     metrics: str = f("", "JSONL metrics path; empty = <base>/logs/<stage>.jsonl")
     corpus: str = f("default", "corpus name under <base>/corpus (see `picochat data`)")
@@ -261,7 +264,8 @@ def preset_d12() -> dict:
 
 
 def preset_d20() -> dict:
-    """The speedrun-size model (~560M parameters) for 8 GPUs."""
+    """The speedrun-size model for 8 GPUs: 414M parameters with tok-train's default 8,192-token vocabulary, 561M with
+    nanochat's 65,536 (`picochat tok-train --vocab-size 65536`; the vocabulary sets wte and lm_head, 1280 x V each)."""
     return {**preset_d12(), "depth": 20}
 
 

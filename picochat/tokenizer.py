@@ -128,18 +128,27 @@ class Tokenizer:
                             f"run `picochat tok-train` to rebuild it") from None
 
     def save(self, directory: str | Path) -> None:
-        """Write `<directory>/tokenizer.json` atomically (a crash never leaves a half-written file)."""
+        """Write `<directory>/tokenizer.json` atomically: a temp file, fsynced, renamed over the old one, then the
+        folder fsynced, so a crash or power loss leaves the old file or the new one, never a half-written one."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         data = {"format": FILE_FORMAT, "version": FILE_VERSION, **self._canonical(), "hash": self.hash()}
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o644)  # mkstemp makes it 0600; the tokenizer is no secret and others' jobs read it
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(data, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, directory / FILE_NAME)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # makes the rename itself durable
+        finally:
+            os.close(dir_fd)
 
     def _canonical(self) -> dict:
         return {

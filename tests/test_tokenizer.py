@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 
 import pytest
 
@@ -124,7 +125,7 @@ def test_save_load_same_encodings_and_hash(tok, tmp_path):
     loaded = Tokenizer.load(tmp_path / "t")
     via_get = get_tokenizer(tmp_path / "t")
     assert loaded.hash() == tok.hash() == via_get.hash()
-    assert len(tok.hash()) == 64 and int(tok.hash(), 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{64}", tok.hash())  # hex SHA-256
     texts = TRAIN_TEXT[:6] + ["<|bos|> 🎉 ünïcödé 99999"]
     assert loaded.encode(texts) == tok.encode(texts)
     assert loaded.vocab_size == tok.vocab_size
@@ -133,6 +134,37 @@ def test_save_load_same_encodings_and_hash(tok, tmp_path):
 
 def test_hash_differs_for_a_different_tokenizer(tok):
     assert Tokenizer.train(TRAIN_TEXT, VOCAB - 1).hash() != tok.hash()
+
+
+def test_hash_follows_the_encoding_not_the_object(tok):
+    """Equal hash iff equal encoding: a rebuilt copy hashes the same; changing one merge, swapping the rank order of
+    two merges (which changes which pair merges first), or another split pattern each change it."""
+    ranks, pattern = [tok.decode_bytes([i]) for i in range(tok.vocab_size - 9)], tok._pattern
+    assert Tokenizer(pattern, ranks).hash() == tok.hash()
+    assert Tokenizer(pattern, ranks).encode(TRAIN_TEXT[0]) == tok.encode(TRAIN_TEXT[0])
+    changed = ranks[:-1] + [b"zz\xff"]  # the last merge replaced by a byte string no merge makes
+    swapped = ranks[:300] + [ranks[301], ranks[300]] + ranks[302:]
+    variants = [Tokenizer(pattern, changed), Tokenizer(pattern, swapped), Tokenizer(pattern + r"|x", ranks)]
+    hashes = {v.hash() for v in variants} | {tok.hash()}
+    assert len(hashes) == 4
+
+
+def test_saved_file_is_fsynced_and_world_readable(tok, tmp_path, monkeypatch):
+    """Issue 12 item 11: the file was written without fsync and left with mkstemp's mode 0600. Every fsync is
+    recorded (and still done) to see that the file's data and the folder's rename both reach the disk."""
+    import os
+    import stat
+
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    tok.save(tmp_path / "t")
+    assert synced == ["file", "dir"]
+    assert stat.S_IMODE((tmp_path / "t" / "tokenizer.json").stat().st_mode) == 0o644
 
 
 def test_missing_and_corrupt_files_are_user_errors(tok, tmp_path):

@@ -55,26 +55,31 @@ def train_losses(path):
     return [r["loss"] for r in read_jsonl(path) if r["kind"] == "train"]
 
 
-def test_max_epochs_ends_the_run_after_that_share_of_the_data(base, tmp_path):
-    """--max-epochs 0.5 of ~400 docs: the run stops (with its warmdown) once half the documents were read, well
-    before --num-steps, and the LR reaches its final value on the last step."""
+def _fresh(base) -> Path:
+    """No checkpoints of any run under base/checkpoints/base; returns the default run's folder (tag d<depth>)."""
     import shutil
 
     shutil.rmtree(base / "checkpoints" / "base", ignore_errors=True)
+    return base / "checkpoints" / "base" / "d2"
+
+
+def test_max_epochs_ends_the_run_after_that_share_of_the_data(base, tmp_path):
+    """--max-epochs 0.5 of ~400 docs: the run stops (with its warmdown) once half the documents were read, well
+    before --num-steps, and the LR reaches its final value on the last step."""
+    _fresh(base)
     summary = pretrain(["--num-steps", "1000", "--max-epochs", "0.5", "--eval-every", "0", "--save-every", "0",
                         "--warmdown-ratio", "0.5"], tmp_path / "m.jsonl")
     recs = [r for r in read_jsonl(tmp_path / "m.jsonl") if r["kind"] == "train"]
     # ~400 docs of ~70 words ≈ 60 tokens per 100 chars; half of them is a few dozen 512-token steps
     assert 5 < summary["steps"] < 200
     assert recs[-1]["lr_factor"] < 0.2 < recs[len(recs) // 4]["lr_factor"]  # warmdown happened by data progress
-    shutil.rmtree(base / "checkpoints" / "base", ignore_errors=True)
+    _fresh(base)
 
 
 def test_pretrain_learns_and_resume_is_exact(base, tmp_path):
     import shutil
 
-    ck = base / "checkpoints" / "base"
-    shutil.rmtree(ck, ignore_errors=True)
+    ck = _fresh(base)
     full = pretrain(["--num-steps", "12", "--eval-every", "6"], tmp_path / "full.jsonl")
     losses = train_losses(tmp_path / "full.jsonl")
     evals = [r["val_bpb"] for r in read_jsonl(tmp_path / "full.jsonl") if r["kind"] == "eval"]
@@ -96,8 +101,12 @@ def test_pretrain_learns_and_resume_is_exact(base, tmp_path):
 def test_resume_refuses_other_model_shape(base, tmp_path):
     from picochat.common import UserError
 
+    _fresh(base)
     pretrain(["--num-steps", "2", "--eval-every", "0"], tmp_path / "x.jsonl")
     with pytest.raises(UserError, match="different model config"):
+        pretrain(["--num-steps", "4", "--resume", "--run", "d2", "--depth", "3"], tmp_path / "y.jsonl")
+    # without --run the depth-3 run is another run (d3), which has nothing to resume; the message names d2
+    with pytest.raises(UserError, match=r"--resume: no checkpoint in .*d3; runs of this stage: d2 \(pick one"):
         pretrain(["--num-steps", "4", "--resume", "--depth", "3"], tmp_path / "y.jsonl")
 
 
@@ -107,10 +116,7 @@ def _cli(base, *args):
 
 
 def test_sigkill_during_training_resumes_from_last_checkpoint(base, tmp_path):
-    import shutil
-
-    ck = base / "checkpoints" / "base"
-    shutil.rmtree(ck, ignore_errors=True)
+    ck = _fresh(base)
     cmd, env = _cli(base, "--num-steps", "400", "--save-every", "3", "--eval-every", "0",
                     "--metrics", str(tmp_path / "k.jsonl"))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -281,16 +287,82 @@ def test_fsdp_checkpoint_resumes_exactly_and_loads_for_inference(base, tmp_path)
     assert train_losses(m["a"]) + train_losses(m["b"]) == pytest.approx(straight, abs=1e-6, rel=0)
     assert train_losses(m["plain"]) == pytest.approx(straight, abs=1e-5, rel=0)
 
-    ck = dirs["resumed"] / "checkpoints" / "base"
+    ck = dirs["resumed"] / "checkpoints" / "base" / "d2"
     assert sorted(p.name for p in ck.iterdir()) == ["step_000004", "step_000008"]
     assert sorted(p.name for p in (ck / "step_000008").iterdir()) == [
         "loader_rank0.json", "loader_rank1.json", "meta.json", "model.pt", "optim_rank0.pt", "optim_rank1.pt"]
     meta = json.loads((ck / "step_000008" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["run_config"]["fsdp"] is True
     model, _, _ = load_model("base", base_dir=dirs["resumed"])  # the unchanged inference loader
-    plain = torch.load(dirs["plain"] / "checkpoints" / "base" / "step_000008" / "model.pt", weights_only=True)
-    straight_sd = torch.load(dirs["straight"] / "checkpoints" / "base" / "step_000008" / "model.pt", weights_only=True)
+    plain, straight_sd = (torch.load(dirs[n] / "checkpoints" / "base" / "d2" / "step_000008" / "model.pt",
+                                     weights_only=True) for n in ("plain", "straight"))
     got = model.state_dict()
     assert list(got) == list(straight_sd)
     assert all(torch.equal(got[k], straight_sd[k]) for k in got)  # resumed == uninterrupted, bit for bit
     _assert_close_weights(got, plain)  # FSDP == the default path
+
+
+# -- run identity, saving once, errors on one rank (issue 12 items 4, 5, 11) ------------------------------------------
+
+
+def test_fresh_run_never_loses_its_checkpoint_to_an_older_run(base, tmp_path):
+    """Issue 12 item 4: an older run saved steps 4 and 6; a fresh 3-step run into the same folder used to save step 3
+    and delete it at once (keep-last-2 of [3, 4, 6]), and load_model served the old step 6. Now the fresh run is
+    refused with one line, --overwrite replaces the old steps, and another --run keeps its own folder."""
+    from picochat.checkpoint import list_steps, load_model
+    from picochat.common import UserError
+
+    d2 = _fresh(base)
+    pretrain(["--num-steps", "6", "--save-every", "2", "--eval-every", "0"], tmp_path / "old.jsonl")
+    assert list_steps(d2) == [4, 6]
+    with pytest.raises(UserError, match=r"d2 already holds checkpoints \(steps 4, 6\).*--resume.*--overwrite"):
+        pretrain(["--num-steps", "3", "--eval-every", "0", "--seed", "1"], tmp_path / "new.jsonl")
+    pretrain(["--num-steps", "3", "--eval-every", "0", "--seed", "1", "--overwrite"], tmp_path / "new.jsonl")
+    assert list_steps(d2) == [3]
+    model, _, meta = load_model("base")
+    assert (meta["run"], meta["step"]) == ("d2", 3)
+    saved = torch.load(d2 / "step_000003" / "model.pt", weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+    # a second run beside it: keep-last acts within each run; load_model takes the newest unless told
+    pretrain(["--num-steps", "2", "--eval-every", "0", "--run", "other"], tmp_path / "other.jsonl")
+    assert list_steps(d2) == [3] and list_steps(d2.parent / "other") == [2]
+    assert load_model("base")[2]["run"] == "other"
+    assert load_model("base", run="d2")[2]["step"] == 3
+    with pytest.raises(UserError, match="no checkpoint in .*nope.*runs of this stage: d2, other"):
+        load_model("base", run="nope")
+
+
+def test_last_step_is_saved_once(base, tmp_path, capsys):
+    """Issue 12 item 11: a run that ends on a --save-every multiple (here --stop-at 6 with --save-every 3) wrote
+    step 6 twice, the second time moving the first copy aside and deleting it."""
+    d2 = _fresh(base)
+    pretrain(["--num-steps", "9", "--save-every", "3", "--stop-at", "6", "--eval-every", "0"], tmp_path / "a.jsonl")
+    out = capsys.readouterr().out
+    assert out.count(f"saved {d2 / 'step_000003'} in") == 1
+    assert out.count(f"saved {d2 / 'step_000006'} in") == 1
+
+
+def test_an_error_on_one_rank_ends_every_rank_with_its_message(base, tmp_path):
+    """Issue 12 item 5: rank 1's node lacks the shared filesystem (an empty base dir: no tokenizer), so it raises a
+    UserError while rank 0 goes on into the first collective. Both processes must end within seconds, non-zero, with
+    rank 1's message on its stderr; before, both hung in the teardown barrier with nothing printed."""
+    port, node2 = _free_port(), tmp_path / "node2"
+    node2.mkdir()
+    procs = []
+    for rank, base_dir in ((0, base), (1, node2)):
+        env = {**os.environ, "PICOCHAT_BASE_DIR": str(base_dir), "OMP_NUM_THREADS": "1", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, "-m", "picochat", "pretrain", *TINY, "--num-steps", "2", "--eval-every", "0",
+               "--run", "two-ranks", "--metrics", str(tmp_path / "m.jsonl")]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        errs = [p.communicate(timeout=60)[1] for p in procs]  # a hang fails here instead of hanging the suite
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert procs[1].returncode == 2, errs[1][-2000:]
+    assert "picochat: error (rank 1 of 2): no tokenizer at" in errs[1]
+    assert procs[0].returncode != 0 and "rank 0 of 2" in errs[0], errs[0][-2000:]

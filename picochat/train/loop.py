@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from picochat.attention import describe_backend
-from picochat.checkpoint import build_meta, check_compatible, checkpoint_dir, list_steps, load_checkpoint, \
-    model_state_for_save, save_checkpoint
+from picochat.checkpoint import OLD_LAYOUT, build_meta, check_compatible, checkpoint_dir, clean_leftovers, \
+    clear_run, list_runs, list_steps, load_checkpoint, model_state_for_save, run_dir, save_checkpoint
 from picochat.common import MetricsLogger, Runtime, UserError, autocast_ctx, get_base_dir, is_fsdp, \
     measure_matmul_flops, print0
 from picochat.config import TrainConfig
@@ -58,15 +58,39 @@ class Stage:
     start_step: int = 0
     elapsed_s: float = 0.0  # training wall time already spent (resume)
     checkpoints: bool = True  # benchmarks run the same loop without writing checkpoints or samples
+    run: str = ""  # run name: checkpoints go to checkpoints/<name>/<run>/ (needed when checkpoints is True)
 
 
-def resume_state(stage_name: str, cfg: TrainConfig, rt: Runtime, model_config, tokenizer) -> dict | None:
-    """Latest checkpoint of this stage for --resume (model/optim/loader states, step, meta), or None."""
+def resume_state(stage_name: str, run: str, cfg: TrainConfig, rt: Runtime, model_config, tokenizer) -> dict | None:
+    """Latest checkpoint of this run for --resume (model/optim/loader states, step, meta), or None for a fresh run.
+    A fresh run into a run folder that holds checkpoints is refused unless --overwrite, which deletes them first: a
+    run's keep-last-K would otherwise delete the new run's checkpoints in favour of the old run's later steps."""
+    d = run_dir(stage_name, run)
+    if rt.is_master:
+        clean_leftovers(d)
+    _barrier()  # every rank lists the folder after rank 0 has put back or removed a crash's leftovers
+    steps = list_steps(d)
     if not cfg.resume:
+        if steps and not cfg.overwrite:
+            raise UserError(f"{d} already holds checkpoints (steps {', '.join(map(str, steps))}); pass --resume to "
+                            f"continue that run, --overwrite to delete them and start over, or --run NAME for a new "
+                            f"run beside it")
+        if steps:
+            if rt.is_master:
+                clear_run(d)
+            _barrier()
+            print0(f"--overwrite: deleted {len(steps)} checkpoint(s) of {d}")
         return None
-    d = checkpoint_dir(stage_name)
-    if not list_steps(d):
-        raise UserError(f"--resume: no checkpoint in {d}; start without --resume")
+    if not steps:
+        old, others = checkpoint_dir(stage_name), [r for r in list_runs(stage_name) if r != OLD_LAYOUT]
+        if list_steps(old):
+            hint = (f"{old} holds checkpoints of the old layout (step folders directly under it): move them into "
+                    f"{d}/ to resume them")
+        elif others:
+            hint = f"runs of this stage: {', '.join(sorted(others))} (pick one with --run)"
+        else:
+            hint = "start without --resume"
+        raise UserError(f"--resume: no checkpoint in {d}; {hint}")
     ck = load_checkpoint(d, rank=rt.rank, device=rt.device)
     check_compatible(ck["meta"], model_config, tokenizer.hash(), ck["dir"])
     if ck["meta"].get("world_size", 1) != rt.world_size:
@@ -74,6 +98,11 @@ def resume_state(stage_name: str, cfg: TrainConfig, rt: Runtime, model_config, t
                         f"{rt.world_size}; optimizer shards and loader positions are per rank, so use the same count")
     print0(f"resuming from {ck['dir']} (step {ck['step']})")
     return ck
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def sync_params(model: torch.nn.Module) -> None:
@@ -126,7 +155,7 @@ def train(stage: Stage, rt: Runtime) -> dict:
     """Runs the loop to the end of the schedule; returns the summary (also printed as the final JSON line)."""
     cfg, model, opt = stage.cfg, stage.model, stage.optimizer
     fwd = torch.compile(model) if cfg.compile else model
-    ckpt_dir = checkpoint_dir(stage.name)
+    ckpt_dir = run_dir(stage.name, stage.run) if stage.checkpoints else None
     logger = MetricsLogger(cfg.metrics or get_base_dir() / "logs" / f"{stage.name}.jsonl",
                            enabled=rt.is_master and (stage.checkpoints or bool(cfg.metrics)))
     wandb_run = _wandb(cfg, stage, rt)
@@ -157,9 +186,13 @@ def train(stage: Stage, rt: Runtime) -> dict:
         d = save_checkpoint(ckpt_dir, step, model_state_for_save(model, rt.is_master), opt.state_dict(), meta,
                             stage.loader_state() if stage.loader_state else None, rank=rt.rank,
                             keep_last=cfg.keep_last)
+        nonlocal last_saved
+        last_saved = step
         say(f"saved {d} in {time.perf_counter() - t0:.1f}s")
 
     step, elapsed, last_eval = stage.start_step, stage.elapsed_s, {}
+    # the step of the newest checkpoint on disk: a run that ends on a --save-every multiple saves it once
+    last_saved = stage.start_step if stage.checkpoints and stage.start_step in list_steps(ckpt_dir) else None
     t_start = time.perf_counter() - elapsed
     train_time, train_tokens, loss_ema = 0.0, 0, None
     while True:
@@ -228,18 +261,19 @@ def train(stage: Stage, rt: Runtime) -> dict:
         if pbar is not None:  # the bar counts progress in 0.1% units: steps or wall-clock, whichever is ahead
             pbar.set_postfix_str(f"step {step} | loss {loss_ema:.3f} | {tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}%")
             pbar.update(max(0, min(1000, int(progress(step, time.perf_counter() - t_start) * 1000)) - pbar.n))
-        if stage.checkpoints and cfg.save_every > 0 and step % cfg.save_every == 0 and step < stage.num_steps:
+        if stage.checkpoints and cfg.save_every > 0 and step % cfg.save_every == 0:
             save(step, time.perf_counter() - t_start)
 
     if pbar is not None:
         pbar.close()
     elapsed = time.perf_counter() - t_start
-    if stage.checkpoints and (step > stage.start_step or not list_steps(ckpt_dir)):
+    if stage.checkpoints and last_saved != step:
         save(step, elapsed)
     avg_tok_s = train_tokens / train_time if train_time > 0 else 0.0
     summary = {"stage": stage.name, "steps": step, "final_loss": loss_ema, **{k: v for k, v in last_eval.items()
                if k != "step"}, "tok_per_s": avg_tok_s, "mfu": avg_tok_s * flops_per_token / (peak * rt.world_size),
-               "tokens_per_step": tokens_per_step, "elapsed_s": elapsed, "checkpoint": str(ckpt_dir)}
+               "tokens_per_step": tokens_per_step, "elapsed_s": elapsed,
+               **({"run": stage.run, "checkpoint": str(ckpt_dir)} if stage.checkpoints else {})}
     logger.log({"kind": "summary", **summary})
     logger.close()
     if wandb_run:
@@ -263,7 +297,7 @@ def _wandb(cfg: TrainConfig, stage: Stage, rt: Runtime):
         import wandb
     except ImportError:
         raise UserError("--wandb needs the wandb package: pip install wandb") from None
-    return wandb.init(project="picochat", name=cfg.run or None, config=asdict(stage.run_config or cfg))
+    return wandb.init(project="picochat", name=stage.run or None, config=asdict(stage.run_config or cfg))
 
 
 def micro_batches(cfg: TrainConfig, seq_len: int, world_size: int) -> int:

@@ -14,7 +14,7 @@ with width inside the optimizer. Every resolved value is printed before training
 from __future__ import annotations
 
 
-from picochat.common import Runtime, is_fsdp, print0, run_main, setup_runtime, teardown_runtime
+from picochat.common import Runtime, fail_runtime, is_fsdp, print0, run_main, setup_runtime, teardown_runtime
 from picochat.config import PRETRAIN_PRESETS, ModelConfig, PretrainConfig, derive_model_config, log_config, \
     parse_config
 from picochat.data.loader import PackingLoader
@@ -61,7 +61,8 @@ def run(argv=None) -> dict:
     try:
         tok = get_tokenizer()
         mcfg = model_config_for(cfg, tok.vocab_size)
-        ck = resume_state("base", cfg, rt, mcfg, tok)
+        run = cfg.run or f"d{mcfg.depth}"  # checkpoints/base/<run>/: the depth tag unless --run names it
+        ck = resume_state("base", run, cfg, rt, mcfg, tok)
         model = GPT(mcfg).to(rt.device)
         model.init_weights(cfg.seed)
         num_steps, accum = resolve(cfg, model, rt)
@@ -93,14 +94,17 @@ def run(argv=None) -> dict:
         it = iter(train_loader)
         # --max-epochs: the share of the allowed passes already read is one more schedule unit
         data_progress = (lambda step: train_loader.epochs_done() / cfg.max_epochs) if cfg.max_epochs > 0 else None
-        stage = Stage(name="base", cfg=cfg, model=model, tokenizer=tok, optimizer=opt, next_batch=lambda: next(it),
-                      progress=data_progress,
+        stage = Stage(name="base", run=run, cfg=cfg, model=model, tokenizer=tok, optimizer=opt,
+                      next_batch=lambda: next(it), progress=data_progress,
                       num_steps=num_steps, grad_accum=accum, loader_state=train_loader.state_dict,
                       evaluate=evaluate, run_config=cfg,
                       start_step=ck["step"] if ck else 0, elapsed_s=ck["meta"].get("elapsed_s", 0.0) if ck else 0.0)
         return train(stage, rt)
+    except BaseException as e:
+        fail_runtime(e)  # under torchrun: print with the rank, abort the group (no barrier: it would hang)
+        raise
     finally:
-        teardown_runtime()
+        teardown_runtime()  # a no-op after fail_runtime
 
 
 def main(argv=None) -> int:
