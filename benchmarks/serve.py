@@ -5,11 +5,16 @@ per concurrency level.
     python benchmarks/serve.py --random                  # random CPU-preset-shaped model (depth 4), no checkpoint
     python benchmarks/serve.py --source sft              # a trained checkpoint, served by `python -m picochat serve`
     python benchmarks/serve.py --random --concurrency 1,4 --max-tokens 32 --requests-per-client 1   # quick look
+    python benchmarks/serve.py --random --prompt-lens 16,64,160     # TTFT under load with long and short prompts
 
 The server runs in its own process (so the clients' Python does not compete with the scheduler thread for the GIL);
 with --random the child is this script again, building the model in-process and calling `create_app`. Every request
 is a chat completion with temperature 1.0, so a random model rarely stops before --max-tokens. Progress goes to
 stderr; the JSON line to stdout.
+
+--prompt-lens: each request's prompt is made that many tokens long (cycling through the list across clients and
+requests; lengths measured with the server's /tokenize), so a level mixes short and long prefills the way real
+traffic does; with short identical prompts a prefill stall cannot show. TTFT percentiles are also given per length.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class BenchConfig:
     concurrency: str = f("1,8,32", "comma-separated numbers of concurrent streaming clients, one level each")
     requests_per_client: int = f(2, "sequential requests each client makes per level")
     max_tokens: int = f(64, "completion tokens per request")
+    prompt_lens: str = f("", "comma-separated prompt lengths in tokens, mixed across requests (e.g. 16,64,160); "
+                             "empty: a short prompt (~15 tokens) for every request")
     max_batch: int = f(32, "server --max-batch")
     threads: int = f(0, "server --threads (0: all cores but one)")
     compile: bool = f(True, "server --compile (the decode step compiled at startup, as `picochat serve` does)")
@@ -132,6 +139,34 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log_path: str) 
 # the client side
 
 
+WORDS = ("river stone garden window light market paper winter cloud music forest letter bridge candle orange "
+         "silver harbor meadow engine planet").split()
+
+
+def sized_prompts(url: str, lens: list[int], context: int, max_tokens: int) -> dict[int, list[str]]:
+    """For each length, 8 different user messages whose rendered chat prompt is exactly (or just under) that many
+    tokens, by bisection on the number of words with the server's /tokenize."""
+    import httpx
+
+    def length(text: str) -> int:
+        r = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": text}]}, timeout=30)
+        return r.json()["count"]
+
+    out = {}
+    for L in lens:
+        if L + max_tokens > context:
+            raise UserError(f"--prompt-lens {L} + --max-tokens {max_tokens} do not fit the model's context {context}")
+        out[L] = []
+        for k in range(8):
+            words = [WORDS[(k * 7 + i * (k + 3)) % len(WORDS)] for i in range(4 * L)]
+            lo, hi = 1, len(words)  # the largest word count whose prompt is <= L tokens
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if length(" ".join(words[:mid])) <= L else (lo, mid - 1)
+            out[L].append(" ".join(words[:lo]))
+    return out
+
+
 async def one_request(client, url: str, max_tokens: int, prompt: str) -> tuple[float, float, int]:
     """(time to first content token s, total s, completion tokens) for one streamed chat completion."""
     body = {"messages": [{"role": "user", "content": prompt}], "temperature": 1.0, "max_tokens": max_tokens,
@@ -185,14 +220,26 @@ def percentile(xs: list[float], q: float) -> float:
     return s[max(0, min(len(s) - 1, math.ceil(q * len(s)) - 1))]
 
 
-async def run_level(url: str, concurrency: int, per_client: int, max_tokens: int, server_pid: int) -> dict:
+async def run_level(url: str, concurrency: int, per_client: int, max_tokens: int, server_pid: int,
+                    prompts: dict[int, list[str]] | None = None) -> dict:
     import httpx
+
+    lens = sorted(prompts) if prompts else []
+
+    def prompt(i: int, j: int) -> tuple[int, str]:
+        if not lens:
+            return 0, f"Tell me a story, number {i}.{j}."
+        L = lens[(i + j) % len(lens)]
+        return L, prompts[L][(i * per_client + j) % len(prompts[L])]
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        async def worker(i: int) -> list[tuple[float, float, int]]:
-            return [await one_request(client, url, max_tokens, f"Tell me a story, number {i}.{j}.")
-                    for j in range(per_client)]
+        async def worker(i: int) -> list[tuple[float, float, int, int]]:
+            out = []
+            for j in range(per_client):
+                L, text = prompt(i, j)
+                out.append((*await one_request(client, url, max_tokens, text), L))
+            return out
 
         t0, c0, s0 = time.perf_counter(), cpu_seconds(), cpu_seconds(server_pid)
         results = [r for rs in await asyncio.gather(*(worker(i) for i in range(concurrency))) for r in rs]
@@ -200,13 +247,20 @@ async def run_level(url: str, concurrency: int, per_client: int, max_tokens: int
         client_cpu, server_cpu = cpu_seconds() - c0, cpu_seconds(server_pid) - s0
     ttfts = [r[0] for r in results]
     tokens = sum(r[2] for r in results)
+    by_len = {}
+    for L in lens:
+        xs = [r[0] for r in results if r[3] == L]
+        if xs:
+            by_len[str(L)] = {"ttft_p50_ms": round(1000 * percentile(xs, 0.50), 1),
+                              "ttft_p95_ms": round(1000 * percentile(xs, 0.95), 1), "requests": len(xs)}
     return {"concurrency": concurrency, "requests": len(results), "completion_tokens": tokens,
             "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
             "per_stream_tokens_per_s": round(sum(r[2] / r[1] for r in results) / len(results), 1),
             "ttft_p50_ms": round(1000 * percentile(ttfts, 0.50), 1),
             "ttft_p95_ms": round(1000 * percentile(ttfts, 0.95), 1),
             # cores busy on average: on a small machine the clients' own parsing competes with the server
-            "server_cores": round(server_cpu / wall, 2), "client_cores": round(client_cpu / wall, 2)}
+            "server_cores": round(server_cpu / wall, 2), "client_cores": round(client_cpu / wall, 2),
+            **({"ttft_by_prompt_len": by_len} if by_len else {})}
 
 
 def _run(argv: list[str] | None) -> None:
@@ -220,6 +274,12 @@ def _run(argv: list[str] | None) -> None:
         raise UserError(f"--concurrency '{cfg.concurrency}' must be comma-separated integers like 1,8,32") from None
     if not levels or min(levels) < 1 or cfg.requests_per_client < 1 or cfg.max_tokens < 1:
         raise UserError("--concurrency levels, --requests-per-client and --max-tokens must be >= 1")
+    try:
+        lens = sorted({int(x) for x in cfg.prompt_lens.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--prompt-lens '{cfg.prompt_lens}' must be comma-separated integers like 16,64,160") from None
+    if lens and lens[0] < 8:
+        raise UserError("--prompt-lens must be >= 8 tokens (the chat template alone takes ~5)")
     if not cfg.random:
         from picochat.checkpoint import latest_source
 
@@ -233,11 +293,12 @@ def _run(argv: list[str] | None) -> None:
     try:
         health = wait_ready(url, proc, cfg.startup_timeout, log.name)
         print(f"server ready: {health}", file=sys.stderr, flush=True)
+        prompts = sized_prompts(url, lens, health["context"], cfg.max_tokens) if lens else None
         # warm-up: first-call allocations, lazy tables
         asyncio.run(run_level(url, 1, 1, min(8, cfg.max_tokens), proc.pid))
         results = []
         for c in levels:
-            r = asyncio.run(run_level(url, c, cfg.requests_per_client, cfg.max_tokens, proc.pid))
+            r = asyncio.run(run_level(url, c, cfg.requests_per_client, cfg.max_tokens, proc.pid, prompts))
             print(f"concurrency {c:3d}: {r['tokens_per_s']:8.1f} tok/s  ttft p50 {r['ttft_p50_ms']:.0f} ms "
                   f"p95 {r['ttft_p95_ms']:.0f} ms  cores: server {r['server_cores']} client {r['client_cores']}",
                   file=sys.stderr, flush=True)
