@@ -9,16 +9,16 @@ PICOCHAT_SANDBOX=auto (default) | bwrap (required: error if it cannot be used) |
 
 What contains the child (meant to hold against code written to escape, kernel bugs aside); ExecResult.layers names
 the ones that took effect on this run:
-  * "bwrap": Debian's bubblewrap (`apt-get install bubblewrap`), probed once per process, gives "userns" (uid 65534,
+  * "bwrap": Debian's bubblewrap (`apt-get install bubblewrap`), probed once per process (one extra run), gives "userns" (uid 65534,
     no capabilities; without it where a root container forbids user namespaces), "pidns" (every process of the run
     dies with it: the parent waits for the namespace's init to be gone), "netns" (only a down loopback), "mountns":
     a read-only root holding only the interpreter, its stdlib and shared libraries, /dev/null, /dev/zero,
     /dev/urandom, the namespace's /proc, a 1 MiB private /tmp and the work dir as a tmpfs of `disk_mb` (the disk
     quota). Without bubblewrap the child makes its own "userns", "netns" and "mountns" (private /tmp, work dir tmpfs)
     where the kernel allows, but no PID namespace and the host's file tree stays mounted.
-  * "seccomp": no new processes (fork, or clone without CLONE_THREAD: as root RLIMIT_NPROC is not enforced), no
-    execve, no socket() of any family (AF_UNIX by path would reach host services such as docker.sock), no ptrace,
-    mount, unshare, setns, io_uring, bpf.
+  * "seccomp": no new processes (fork, or clone without CLONE_THREAD; threads stay allowed. As root RLIMIT_NPROC is
+    not enforced), no execve, no socket() of any family (AF_UNIX by path would reach host services such as
+    docker.sock), signals only to itself, no ptrace, mount, unshare, setns, io_uring, bpf or pidfds.
   * "landlock" (Linux >= 5.13): reads only from the interpreter's files above, the work dir and those devices;
     writes only in the work dir; no execve; no TCP (ABI >= 4); no signals out of the sandbox (ABI >= 6).
   * "rlimits", soft = hard so the code cannot raise them (CPU: hard = soft + 1 s): RLIMIT_AS (memory), RLIMIT_CPU,
@@ -35,8 +35,7 @@ file the account may read; where neither seccomp nor namespaces work (macOS, old
 process group kill and the guards, which root or a determined attacker gets past. Do not run code from an adversary on
 a machine or account you are not prepared to lose.
 
-Cost: ~0.12-0.2 s per call on a shared 2-core machine (interpreter start plus the setup above), measured before
-bubblewrap; see the README for the figures with it.
+Cost per call: `python benchmarks/sandbox.py` measures it with bubblewrap and with the fallback (README, Measured).
 
 Why no `preexec_fn`: the Python docs warn it is unsafe in a process with threads (the web server and torch both have
 them), and without it Popen can use vfork, which keeps spawning cheap from a parent holding GBs of model weights.
