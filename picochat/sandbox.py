@@ -9,13 +9,13 @@ PICOCHAT_SANDBOX=auto (default) | bwrap (required: error if it cannot be used) |
 
 What contains the child (meant to hold against code written to escape, kernel bugs aside); ExecResult.layers names
 the ones that took effect on this run:
-  * "bwrap": Debian's bubblewrap (`apt-get install bubblewrap`), probed once per process (one extra run), gives "userns" (uid 65534,
-    no capabilities; without it where a root container forbids user namespaces), "pidns" (every process of the run
-    dies with it: the parent waits for the namespace's init to be gone), "netns" (only a down loopback), "mountns":
-    a read-only root holding only the interpreter, its stdlib and shared libraries, /dev/null, /dev/zero,
-    /dev/urandom, the namespace's /proc, a 1 MiB private /tmp and the work dir as a tmpfs of `disk_mb` (the disk
-    quota). Without bubblewrap the child makes its own "userns", "netns" and "mountns" (private /tmp, work dir tmpfs)
-    where the kernel allows, but no PID namespace and the host's file tree stays mounted.
+  * "bwrap": Debian's bubblewrap (`apt-get install bubblewrap`), probed once per process (one extra run), gives
+    "userns" (uid 65534, no capabilities; without it where a root container forbids user namespaces), "pidns"
+    (every process of the run dies with it: the parent waits for the namespace's init to be gone), "netns" (only a
+    down loopback), "mountns": a read-only root holding only the interpreter, its stdlib and shared libraries,
+    /dev/null, /dev/zero, /dev/urandom, the namespace's /proc, a 1 MiB private /tmp and the work dir as a tmpfs of
+    `disk_mb` (the disk quota). Without bubblewrap the child makes its own "userns", "netns" and "mountns" (private
+    /tmp, work dir tmpfs) where the kernel allows, but no PID namespace and the host's file tree stays mounted.
   * "seccomp": no new processes (fork, or clone without CLONE_THREAD; threads stay allowed. As root RLIMIT_NPROC is
     not enforced), no execve, no socket() of any family (AF_UNIX by path would reach host services such as
     docker.sock), signals only to itself, no ptrace, mount, unshare, setns, io_uring, bpf or pidfds.
