@@ -106,24 +106,27 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _softcap_ce(zs: torch.Tensor, targets: torch.Tensor, cap: float, grads: bool) -> torch.Tensor:
-    """Losses (m,) fp32 of one chunk of logits zs (m, V) in the compute dtype; with `grads`, zs is overwritten in
-    place with d(sum of losses)/d(logits). Targets -1 are ignored (loss 0, gradient 0). Since the loss is a scalar,
-    dloss/dz = softmax(z) - onehot(target), chained through the cap's tanh: (1 - tanh²)."""
-    z = zs.float()  # (m, V) fp32 (zs itself when the compute dtype is fp32)
-    if cap > 0:
-        th = torch.tanh(z / cap)
-        z = th * cap
-    lse = torch.logsumexp(z, dim=-1)  # (m,)
+    """Losses (m,) fp32 of one chunk of logits zs (m, V) in the compute dtype, a buffer of ours: with `grads` it is
+    overwritten with d(sum of losses)/d(logits), else it may be clobbered. Targets -1 are ignored (loss 0, gradient 0).
+    With th = tanh(z / cap) the logits are cap·th; the loss is logsumexp - logit[target] and, since it is a scalar,
+    dloss/dz = (softmax - onehot(target))·(1 - th²). Written as 11 passes over the chunk, in place where possible (the
+    textbook form, logsumexp then softmax again, took ~19)."""
+    z = zs.float()  # (m, V) fp32: a copy, or zs itself when the compute dtype is fp32
+    th = z.div_(cap).tanh_() if cap > 0 else z
+    c = cap if cap > 0 else 1.0  # logits = c·th
     valid = targets >= 0
     tgt = targets.clamp(min=0)[:, None]  # (m, 1)
-    losses = (lse - z.gather(1, tgt).squeeze(1)) * valid
+    top = th.amax(-1, keepdim=True) * c  # (m, 1) row max of the logits
+    picked = th.gather(1, tgt) * c  # (m, 1) the target's logit, read before th may be overwritten
+    e = torch.add(-top, th, alpha=c) if cap > 0 else th.sub_(top)  # logits - max (th is kept for d tanh)
+    s = e.exp_().sum(-1, keepdim=True)  # (m, 1)
+    losses = (top + s.log() - picked).squeeze(1) * valid
     if grads:
-        g = z.sub_(lse[:, None]).exp_()  # softmax, in place
-        g.scatter_add_(1, tgt, torch.full(tgt.shape, -1.0, device=g.device))  # - onehot(target)
+        e.mul_(valid[:, None] / s)  # softmax, ignored rows zeroed in the same pass
+        e.scatter_add_(1, tgt, -valid[:, None].float())  # - onehot(target)
         if cap > 0:
-            g.mul_(th.square_().neg_().add_(1))  # d tanh
-        g.mul_(valid[:, None])
-        zs.copy_(g)  # a no-op when g is zs (fp32, no cap)
+            e.addcmul_(e, th.square_(), value=-1)  # d tanh: g·(1 - th²)
+        zs.copy_(e)  # a no-op when e is zs (fp32, no cap)
     return losses
 
 
@@ -156,6 +159,19 @@ def head_losses(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: 
                 gx[g0 : g0 + group] = zg @ wc
                 gw[:vocab] += zg.t() @ xg
     return losses, gx, gw
+
+
+def head_rows(x: torch.Tensor, vocab: int, group_bytes: int, chunk_elems: int) -> tuple[int, int]:
+    """(group, chunk): rows per group and per element-wise chunk of `head_losses` for x (N, C).
+    A group's logits (rows x vocab in the compute dtype) fill `group_bytes`: the default 256 MB is 2,048 rows at vocab
+    65,536 in bf16 (32 groups for a 32 x 2,048 micro-batch, so dw's fp32 read-modify-write is ~32 x V x C, not the old
+    1,024 x; rows enough for the matmuls to run at speed) and 16,384 at 8,192 (measured: benchmarks/head.py, README).
+    A chunk on CPU is `chunk_elems` fp32 logits (1M = 4 MB per temporary stays in cache; 1M-2M ran 1.3-1.5x faster
+    than 8M on the 2-core Zen 5); on a GPU it is the whole group (element-wise kernels stream memory anyway, and
+    16-row chunks at vocab 65k would be ~10 kernel launches per 16 rows)."""
+    group = max(1, group_bytes // (vocab * torch.finfo(compute_dtype(x)).bits // 8))
+    chunk = group if x.is_cuda else max(1, chunk_elems // vocab)
+    return group, min(chunk, group)
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
@@ -219,17 +235,8 @@ class GPT(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def head_rows(self, x: torch.Tensor) -> tuple[int, int]:
-        """(group, chunk): rows per group and per element-wise chunk of the fused head for x (N, C).
-        A group's logits (rows x vocab in the compute dtype) fill `head_group_bytes`: 256 MB is 2,048 rows at vocab
-        65,536 in bf16 (32 groups for a 32 x 2,048 micro-batch, so dw's fp32 read-modify-write is ~32 x V x C, not
-        1,024 x; rows enough for the matmuls to run at speed) and 16,384 at 8,192; measured on CPU in README.
-        A chunk on CPU is 1M fp32 logits (4 MB per temporary stays in cache; 1M-2M ran 1.3-1.5x faster than 8M on the
-        2-core Zen 5); on a GPU it is the whole group (element-wise kernels stream memory anyway, and 16-row chunks at
-        vocab 65k would be ~10 kernel launches per 16 rows)."""
-        V = self.config.vocab_size
-        group = max(1, self.head_group_bytes // (V * torch.finfo(compute_dtype(x)).bits // 8))
-        chunk = group if x.is_cuda else max(1, self.head_chunk_elems // V)
-        return group, min(chunk, group)
+        """(group, chunk) rows of the fused head for x (N, C) under this model's budgets (see `head_rows`)."""
+        return head_rows(x, self.config.vocab_size, self.head_group_bytes, self.head_chunk_elems)
 
     def has_ve(self, layer: int) -> bool:
         """Value embeddings on every other layer, always including the last (as in recent speedrun records)."""
@@ -294,14 +301,15 @@ class GPT(nn.Module):
     def estimate_flops(self, seq_len: int | None = None) -> dict[str, float]:
         """Training matmul FLOPs per token (forward + backward = 3x forward).
 
-        linear: 6 x (parameters of all linear layers incl. lm_head; the embedding lookup is not a matmul).
+        linear: 6 x (parameters of all linear layers incl. lm_head at the real vocab, the rows the fused training head
+        multiplies by; the embedding lookup is not a matmul).
         attention: per layer QK^T and AV cost 2·2·H·D FLOPs per (query, key) pair forward; a causal query at position t
         sees t+1 keys (at most `window`), so we count the *average* number of keys actually attended, x3 for training.
         This is stricter than the usual 12·L·H·D·T convention, which counts the masked half too.
         """
         cfg = self.config
         T = seq_len or cfg.sequence_len
-        n_linear = sum(p.numel() for p in self.blocks.parameters()) + self.lm_head.weight.numel()
+        n_linear = sum(p.numel() for p in self.blocks.parameters()) + cfg.vocab_size * cfg.n_embd
         attn_flops = 0.0
         for layer in range(cfg.depth):
             w = cfg.layer_window(layer) or T
