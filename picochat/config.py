@@ -246,6 +246,12 @@ class PretrainConfig(TrainConfig):
     target_param_data_ratio: float = f(20.0, "training tokens per parameter (Chinchilla ~20) when num_steps is -1")
     max_epochs: float = f(0.0, "stop after this many passes over the training documents (0 = no limit); the LR "
                                "schedule compresses so the warmdown still happens")
+    packing: str = f("split", "how rows are packed: split (a document's rest continues as a BOS-led piece: every "
+                              "token is used) | crop (nanochat's: rests are dropped, every token sees its document's "
+                              "start) | auto (split when the run reads the corpus more than once, else crop)",
+                     choices=["split", "crop", "auto"])
+    allow_epochs: float = f(20.0, "refuse to start when the planned tokens exceed this many passes over the "
+                                  "training corpus (a warning above 4)")
 
 
 def preset_cpu() -> dict:

@@ -188,9 +188,10 @@ class PackingLoader:
 
     def stats(self) -> dict:
         """`loader_used_frac`: of the corpus tokens that left the buffer since this pass began, the share that
-        reached a row (1.0 minus what crop dropped); `epochs`: `epochs_done()`."""
+        reached a row (1.0 minus what crop dropped; 1.0 before anything left); `epochs`: `epochs_done()`."""
         p = self.packer
-        return {"loader_used_frac": p.used / max(1, p.used + p.dropped), "epochs": self.epochs_done()}
+        return {"loader_used_frac": p.used / (p.used + p.dropped) if p.used + p.dropped else 1.0,
+                "epochs": self.epochs_done()}
 
     def _normalize(self, pos: tuple[int, int, int]) -> tuple[int, int, int]:
         """Move `pos` past the end of row groups (and over empty ones) to the next document that exists."""

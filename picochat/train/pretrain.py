@@ -14,10 +14,11 @@ with width inside the optimizer. Every resolved value is printed before training
 from __future__ import annotations
 
 
-from picochat.common import Runtime, fail_runtime, is_fsdp, print0, run_main, setup_runtime, teardown_runtime
+from picochat.common import Runtime, UserError, fail_runtime, is_fsdp, print0, run_main, setup_runtime, \
+    teardown_runtime
 from picochat.config import PRETRAIN_PRESETS, ModelConfig, PretrainConfig, derive_model_config, log_config, \
     parse_config
-from picochat.data.loader import PackingLoader
+from picochat.data.loader import PackingLoader, ValidationSlice, corpus_tokens
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import GPT
 from picochat.optim import build_optimizer
@@ -54,6 +55,36 @@ def resolve(cfg: PretrainConfig, model: GPT, rt: Runtime) -> tuple[int, int]:
     return steps, accum
 
 
+# Passes over the corpus above which a run is probably mis-planned: a warning at WARN_EPOCHS, a refusal at
+# --allow-epochs. 4: repeating data up to ~4 times costs little (Muennighoff et al. 2023, "Scaling Data-Constrained
+# Language Models"); the CPU preset's 4 passes of the crop loader still lowered validation bpb at every eval.
+WARN_EPOCHS = 4.0
+# packing=auto picks split above this many planned passes (planned tokens / corpus tokens), else crop
+AUTO_SPLIT_EPOCHS = 1.0
+
+
+def plan_epochs(cfg: PretrainConfig, tok, num_steps: int) -> tuple[float, str]:
+    """Planned passes over the training corpus and the packing policy; warns above WARN_EPOCHS and refuses above
+    --allow-epochs with one line. Epochs here are planned tokens / corpus tokens (--max-epochs caps them): crop
+    reads the documents more often than that, as it keeps only part of the longer ones."""
+    planned = num_steps * cfg.total_batch_size
+    n_tok, how = corpus_tokens(tok, "train", cfg.corpus)
+    epochs = planned / max(1, n_tok)
+    if cfg.max_epochs > 0:
+        epochs = min(epochs, cfg.max_epochs)
+    packing = cfg.packing if cfg.packing != "auto" else ("split" if epochs > AUTO_SPLIT_EPOCHS else "crop")
+    print0(f"data plan: {planned:,} tokens = {epochs:.2f} epochs of corpus '{cfg.corpus}' ({n_tok:,} training tokens, "
+           f"{how}); packing {packing}" + (" (auto)" if cfg.packing == "auto" else ""))
+    if epochs > cfg.allow_epochs:
+        raise UserError(f"the run plans {epochs:.1f} passes over corpus '{cfg.corpus}' ({n_tok:,} tokens), more than "
+                        f"--allow-epochs {cfg.allow_epochs:g}: add data (`picochat data download --num-shards N`), "
+                        f"train fewer steps, or raise --allow-epochs")
+    if epochs > WARN_EPOCHS:
+        print0(f"warning: {epochs:.1f} passes over the training corpus; beyond ~{WARN_EPOCHS:g} repeated data adds "
+               f"little (more data: `picochat data download --num-shards N`)")
+    return epochs, packing
+
+
 def run(argv=None) -> dict:
     cfg, _, _ = parse_config(PretrainConfig, argv, prog="picochat pretrain", description=__doc__.split("\n")[0],
                              presets=PRETRAIN_PRESETS)
@@ -66,6 +97,7 @@ def run(argv=None) -> dict:
         model = GPT(mcfg).to(rt.device)
         model.init_weights(cfg.seed)
         num_steps, accum = resolve(cfg, model, rt)
+        _, packing = plan_epochs(cfg, tok, num_steps)
         log_config(cfg, "pretrain config")
         log_config(mcfg, "model config")
         params = model.num_params()
@@ -81,15 +113,16 @@ def run(argv=None) -> dict:
             opt.load_state_dict(ck["optim"])
         B, T = cfg.device_batch_size, cfg.max_seq_len
         train_loader = PackingLoader(tok, "train", B, T, corpus=cfg.corpus, rank=rt.rank, world_size=rt.world_size,
-                                     device=rt.device, state=ck["loader"] if ck else None)
+                                     device=rt.device, packing=packing, state=ck["loader"] if ck else None)
         token_bytes = tok.token_bytes().to(rt.device)
-        eval_steps = max(1, cfg.eval_tokens // (B * T * rt.world_size))
+        val = ValidationSlice(tok, B, T, cfg.eval_tokens, corpus=cfg.corpus, rank=rt.rank, world_size=rt.world_size)
+        print0(val.describe())
 
         def evaluate(step: int) -> dict:
-            # a fresh loader each time: every evaluation sees the same validation tokens
-            val = iter(PackingLoader(tok, "val", B, T, corpus=cfg.corpus, rank=rt.rank, world_size=rt.world_size,
-                                     device=rt.device))
-            return {"val_bpb": evaluate_bpb(model, lambda: next(val), eval_steps, token_bytes)}
+            # the same in-order slice every time; the loader's figures are rank 0's (ranks read disjoint row groups)
+            batches = val.batches(rt.device)
+            return {"val_bpb": evaluate_bpb(model, lambda: next(batches), val.steps, token_bytes),
+                    **train_loader.stats()}
 
         it = iter(train_loader)
         # --max-epochs: the share of the allowed passes already read is one more schedule unit
