@@ -14,8 +14,8 @@ with width inside the optimizer. Every resolved value is printed before training
 from __future__ import annotations
 
 
-from picochat.common import Runtime, UserError, fail_runtime, is_fsdp, print0, run_main, setup_runtime, \
-    teardown_runtime
+from picochat.common import Runtime, UserError, autocast_ctx, fail_runtime, is_fsdp, print0, run_main, \
+    setup_runtime, teardown_runtime
 from picochat.config import PRETRAIN_PRESETS, ModelConfig, PretrainConfig, derive_model_config, log_config, \
     parse_config
 from picochat.data.loader import PackingLoader, ValidationSlice, corpus_tokens
@@ -121,7 +121,8 @@ def run(argv=None) -> dict:
         def evaluate(step: int) -> dict:
             # the same in-order slice every time; the loader's figures are rank 0's (ranks read disjoint row groups)
             batches = val.batches(rt.device)
-            return {"val_bpb": evaluate_bpb(model, lambda: next(batches), val.steps, token_bytes),
+            return {"val_bpb": evaluate_bpb(model, lambda: next(batches), val.steps, token_bytes,
+                                            autocast=lambda: autocast_ctx(rt.device, rt.dtype)),
                     **train_loader.stats()}
 
         it = iter(train_loader)
