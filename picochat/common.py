@@ -13,6 +13,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -87,29 +88,62 @@ def _cpu_flags() -> set[str]:
 
 
 @lru_cache(maxsize=None)
-def measure_matmul_flops(dtype_name: str = "float32", device_type: str = "cpu", n: int = 0, trials: int = 5,
-                         min_seconds: float = 0.3) -> float:
-    """Measured dense matmul throughput in FLOP/s (the 'peak' MFU is quoted against): the best single timing of an
-    n×n×n product over at least `trials` tries and `min_seconds`, so a busy neighbour during a few tries does not
-    lower the figure (5 tries of a 7 ms bf16 product once read half the true peak here). n = 0: 1536 on CPU (large
-    enough for MKL/oneDNN to reach their peak), 8192 on GPUs (a small product cannot fill an H100)."""
+def measure_matmul_flops(dtype_name: str = "float32", device_type: str = "cpu", n: int = 0,
+                         min_seconds: float = 0.25) -> float:
+    """Measured dense matmul throughput in FLOP/s (the 'peak' MFU is quoted against): the best single timing of a
+    square product, over several sizes (n = 0) or size n, each timed for `min_seconds` after a warm-up as long.
+
+    Sizes: 256-1024 on CPU, 4096 and 8192 on GPUs (a small product cannot fill an H100). On CPU each of the run's
+    threads times its own single-threaded products, all at once, and their rates are summed: the cores' combined
+    peak at the clocks they run together. Why not one multi-threaded product: on a shared, oversubscribed 2-core VM
+    a product that needs both cores at once is preempted part-way in nearly every try (1536 fp32 products read 28-32
+    GFLOP/s for whole seconds, 512 ones 6-170 from one quarter second to the next), while one core's product fits
+    between preemptions. The warm-up is there because vector and matrix units start slow: on a Xeon with AMX the
+    old probe (one size, 1536, one untimed product, then 0.3 s) read 700 and 2,178 GFLOP/s bf16 in two runs."""
     dtype = getattr(torch, dtype_name)
     dev = torch.device(device_type)
-    n = n or (8192 if dev.type == "cuda" else 1536)
-    if dtype == torch.bfloat16 and dev.type == "cpu" and not (_cpu_flags() & {"avx512_bf16", "amx_bf16"}):
-        n = 256  # emulated bf16 runs ~100x slower: a small product is enough to show that
-    a = torch.randn(n, n, device=dev).to(dtype)
-    b = torch.randn(n, n, device=dev).to(dtype)
-    a @ b  # warm up kernels and caches
-    _sync(dev)
-    best, tries, start = float("inf"), 0, time.perf_counter()
-    while tries < trials or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        a @ b
+    if n:
+        sizes = [n]
+    elif dtype == torch.bfloat16 and dev.type == "cpu" and not (_cpu_flags() & {"avx512_bf16", "amx_bf16"}):
+        sizes = [256]  # emulated bf16 runs ~100x slower: a small product is enough to show that
+    else:
+        sizes = [4096, 8192] if dev.type == "cuda" else [256, 512, 1024]
+    if dev.type != "cpu":
+        return _best_matmul_rate(dtype, dev, sizes, min_seconds)
+    threads = torch.get_num_threads()
+    rates = [0.0] * threads
+
+    def one_core(i: int) -> None:
+        rates[i] = _best_matmul_rate(dtype, dev, sizes, min_seconds)
+
+    workers = [threading.Thread(target=one_core, args=(i,)) for i in range(threads)]
+    torch.set_num_threads(1)  # each product on its calling thread (matmul releases the GIL, so they run together)
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        torch.set_num_threads(threads)
+    return sum(rates)
+
+
+def _best_matmul_rate(dtype: torch.dtype, dev: torch.device, sizes: list[int], seconds: float) -> float:
+    """The best FLOP/s of one k×k×k product over `sizes`, each timed for `seconds`; the first size twice as long,
+    the first half being the warm-up (clocks, caches, matrix units)."""
+    best = 0.0
+    for i, k in enumerate(sizes):
+        a = torch.randn(k, k, device=dev).to(dtype)
+        b = torch.randn(k, k, device=dev).to(dtype)
+        a @ b  # the first product of a shape picks (oneDNN: compiles) and packs its kernel
         _sync(dev)
-        best = min(best, time.perf_counter() - t0)
-        tries += 1
-    return 2 * n**3 / best
+        end = time.perf_counter() + seconds * (2 if i == 0 else 1)
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            a @ b
+            _sync(dev)
+            best = max(best, 2 * k**3 / (time.perf_counter() - t0))
+    return best
 
 
 def _sync(dev: torch.device) -> None:

@@ -10,8 +10,8 @@ The training loop builds it once and calls one `step()` per optimizer step:
 
 The step reads the same in every mode: reduce the gradients, clip by the global norm, update what this rank owns,
 gather. The math (Newton–Schulz, the Muon and AdamW updates, the norm and clipping) is plain functions on tensors;
-where the tensors live is one small interface (`_Local`, `_Zero1`, `_Fsdp`: plan, reduce, sum_over_ranks,
-orthogonalise, gather) chosen once at construction.
+where the tensors live is one small interface in `sharding.py` (Local, Zero1, Fsdp: plan, reduce, sum_over_ranks,
+whole_matrices, gather), chosen once at construction.
 
 Single process and `torchrun` use the same class. With `distributed=True` the loop must NOT wrap the model in DDP
 and must NOT all-reduce gradients itself: `step()` averages them with a reduce-scatter, so each rank holds the
@@ -32,15 +32,14 @@ Tests: `OMP_NUM_THREADS=1 .venv/bin/pytest -q tests/test_optim.py` (includes a 2
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from picochat.common import UserError, print0
+from picochat.sharding import Unit, is_dim0_sharded, make_layout
 
 # The quintic Newton–Schulz coefficients (a, b, c) from Keller Jordan's Muon write-up (2024, "Muon: An optimizer for
 # hidden layers in neural networks"). They are chosen for the steepest slope at 0 (a = 3.4445), so small singular
@@ -78,7 +77,7 @@ def newton_schulz(G: Tensor, steps: int = NS_STEPS) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------- the math
-# Plain functions on this rank's tensors: they neither know nor care which rank owns what (see the layouts below).
+# Plain functions on this rank's tensors: they neither know nor care which rank owns what (sharding.py does).
 
 
 def global_norm(grads: list[Tensor], sum_over_ranks: Callable[[Tensor], Tensor]) -> Tensor:
@@ -125,220 +124,6 @@ def adamw_step(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: 
     p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
 
 
-# ------------------------------------------------------------------------------------------------- who owns what
-
-
-@dataclass
-class _Unit:
-    """One piece of a step: a Muon bucket (same-shape matrices of one group, averaged, orthogonalised and gathered as
-    one stack) or one AdamW parameter. `members` is all of it; `params` the members this rank updates (they key the
-    optimizer state); `views` what of each it updates (the tensor, a slice of rows, or an FSDP shard's local rows:
-    views, so updates land in the parameters); `grads`, set by reduce(), the averaged gradients of the views."""
-
-    group: int  # index into param_groups (not the dict: load_state_dict replaces the dicts)
-    muon: bool
-    members: list[Tensor]
-    params: list[Tensor]
-    views: list[Tensor]
-    grads: list[Tensor] = field(default_factory=list)
-    per_rank: int = 0  # ZeRO-1 Muon: matrices per rank (the bucket padded to a multiple of world_size)
-    rows: tuple[int, int] | None = None  # ZeRO-1 AdamW split by rows: this rank's [start, end)
-    owner: int = 0  # ZeRO-1 AdamW not split: the rank that holds it whole
-
-
-def _grad_or_zero(p: Tensor) -> Tensor:
-    # a parameter without a gradient steps as zero: every rank must join the same collectives
-    return p.grad if p.grad is not None else torch.zeros_like(p)
-
-
-def _done() -> None:
-    pass
-
-
-class _Local:
-    """One process owns everything: no collectives. The interface of every layout: plan() the units of a step,
-    reduce() their gradients, sum_over_ranks() the norm, orthogonalise() a Muon stack, gather() the new values (it
-    starts the collective and returns the call that finishes it)."""
-
-    rank, world_size, use_reduce_scatter = 0, 1, True
-
-    def plan(self, groups: list[dict]) -> list[_Unit]:
-        """Deterministic from the parameter order, so every rank computes the same plan."""
-        units, self._n_whole = [], 0
-        for gi, group in enumerate(groups):
-            if group["kind"] == "muon":
-                by_shape: dict[tuple, list[Tensor]] = {}
-                for p in group["params"]:
-                    by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
-                units += [self._muon_unit(gi, ps) for ps in by_shape.values()]
-            else:
-                units += [self._adam_unit(gi, p) for p in group["params"]]
-        return units
-
-    def _muon_unit(self, gi: int, ps: list[Tensor]) -> _Unit:
-        return _Unit(gi, True, ps, ps, ps)
-
-    def _adam_unit(self, gi: int, p: Tensor) -> _Unit:
-        return _Unit(gi, False, [p], [p], [p])
-
-    def reduce(self, units: list[_Unit]) -> None:
-        for u in units:
-            u.grads = [_grad_or_zero(p) for p in u.params]
-
-    def sum_over_ranks(self, x: Tensor) -> Tensor:
-        return x
-
-    def orthogonalise(self, u: _Unit, X: Tensor) -> Tensor:
-        return newton_schulz(X)
-
-    def gather(self, u: _Unit) -> Callable[[], None]:
-        return _done
-
-
-class _Zero1(_Local):
-    """torchrun without FSDP: the optimizer averages gradients with a reduce-scatter, each rank updates and keeps
-    state for its share, then all-gathers. Muon needs whole matrices, so rank r owns the contiguous block
-    [r*per_rank, (r+1)*per_rank) of a bucket padded to a multiple of world_size (the block a reduce-scatter over the
-    stacked dim 0 hands it); AdamW is element-wise, so a rank owns a dim-0 slice of each parameter whose rows divide
-    by world_size, and the others go whole to one rank each, round robin.
-
-    use_reduce_scatter chooses reduce-scatter/all-gather (True) or all-reduce + slice (False); it is probed here,
-    because some backends/torch versions (gloo) lack reduce-scatter."""
-
-    def __init__(self) -> None:
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.fallback_reason: str | None = None  # why use_reduce_scatter is False, for the run log
-        self.use_reduce_scatter = self._probe_reduce_scatter()
-
-    def _probe_reduce_scatter(self) -> bool:
-        """Unsupported collectives fail on every rank alike before any data moves, so catching that failure cannot
-        leave the ranks out of step."""
-        if dist.get_backend() == "nccl":
-            return True
-        x = torch.zeros(self.world_size)
-        try:
-            _reduce_scatter(x[:1].clone(), x, async_op=False)
-        except (RuntimeError, NotImplementedError, ValueError) as e:  # the backend says it lacks the collective
-            self.fallback_reason = f"{dist.get_backend()}: {e}"
-            return False
-        return True
-
-    def _muon_unit(self, gi: int, ps: list[Tensor]) -> _Unit:
-        k = math.ceil(len(ps) / self.world_size)
-        mine = ps[self.rank * k : (self.rank + 1) * k]
-        return _Unit(gi, True, ps, mine, mine, per_rank=k)
-
-    def _adam_unit(self, gi: int, p: Tensor) -> _Unit:
-        if p.ndim >= 1 and p.shape[0] % self.world_size == 0:
-            n = p.shape[0] // self.world_size
-            start = self.rank * n
-            return _Unit(gi, False, [p], [p], [p[start : start + n]], rows=(start, start + n))
-        owner, self._n_whole = self._n_whole % self.world_size, self._n_whole + 1
-        mine = [p] if owner == self.rank else []
-        return _Unit(gi, False, [p], mine, mine, owner=owner)
-
-    def reduce(self, units: list[_Unit]) -> None:
-        # launch every collective first so they run back to back, then wait
-        for finish in [self._start_reduce(u) for u in units]:
-            finish()
-
-    def _start_reduce(self, u: _Unit) -> Callable[[], None]:
-        ws, rank = self.world_size, self.rank
-        if u.muon:
-            k = u.per_rank
-            grads = [_grad_or_zero(p) for p in u.members]
-            grads += [torch.zeros_like(grads[0])] * (k * ws - len(grads))  # pad so every rank gets k matrices
-            full = torch.stack(grads)  # (k*ws, R, C)
-            if self.use_reduce_scatter:
-                mine = torch.empty_like(full[:k])  # (k, R, C)
-                handle = _reduce_scatter(mine, full, async_op=True)
-            else:
-                mine, handle = full[rank * k : (rank + 1) * k], dist.all_reduce(full, async_op=True)
-        else:
-            g = _grad_or_zero(u.members[0])
-            if u.rows is None:  # whole, to its owner
-                mine = g.clone()
-                handle = dist.reduce(mine, dst=u.owner, async_op=True)
-            elif self.use_reduce_scatter:
-                mine = torch.empty_like(g[u.rows[0] : u.rows[1]])
-                handle = _reduce_scatter(mine, g.contiguous(), async_op=True)
-            else:
-                full = g.clone()
-                mine, handle = full[u.rows[0] : u.rows[1]], dist.all_reduce(full, async_op=True)
-
-        def finish() -> None:
-            handle.wait()
-            # sums -> means; a Muon block's rows past its real matrices are padding, an unowned AdamW param has none
-            u.grads = list(mine[: len(u.params)].div_(ws).unbind(0)) if u.muon else [mine.div_(ws)] * len(u.params)
-
-        return finish
-
-    def sum_over_ranks(self, x: Tensor) -> Tensor:
-        dist.all_reduce(x)
-        return x
-
-    def gather(self, u: _Unit) -> Callable[[], None]:
-        ws, like = self.world_size, u.members[0]
-        if u.muon:
-            chunk = torch.zeros((u.per_rank, *like.shape), dtype=like.dtype, device=like.device)  # (k, R, C)
-            if u.params:
-                chunk[: len(u.params)] = torch.stack(u.params)
-            full = torch.empty((u.per_rank * ws, *like.shape), dtype=like.dtype, device=like.device)  # (k*ws, R, C)
-            handle = (_all_gather(full, chunk, async_op=True) if self.use_reduce_scatter
-                      else dist.all_gather(list(full.chunk(ws)), chunk, async_op=True))
-
-            def finish() -> None:
-                handle.wait()
-                torch._foreach_copy_(u.members, list(full[: len(u.members)].unbind(0)))
-
-            return finish
-        if u.rows is None:
-            return dist.broadcast(like.data, src=u.owner, async_op=True).wait
-        mine = like.data[u.rows[0] : u.rows[1]].clone()  # the collective's input must not alias its output
-        if self.use_reduce_scatter:
-            return _all_gather(like.data, mine, async_op=True).wait
-        return dist.all_gather(list(like.data.chunk(ws)), mine, async_op=True).wait
-
-
-class _Fsdp(_Local):
-    """FSDP2 `fully_shard`: parameters are DTensors sharded on dim 0 and their gradients arrive averaged and sharded
-    alike, so every rank updates the local rows of every parameter and the only collectives are the norm's
-    all-reduce and Muon's all-gather. Newton–Schulz needs whole matrices: the Nesterov update is all-gathered and
-    every rank orthogonalises ALL of them, redundantly. That costs world_size times the Muon FLOPs of ZeRO-1 (where
-    each rank orthogonalises only the matrices it owns); acceptable for an opt-in mode whose point is memory."""
-
-    def __init__(self) -> None:
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-
-    def _muon_unit(self, gi: int, ps: list[Tensor]) -> _Unit:
-        return _Unit(gi, True, ps, ps, [p.to_local() for p in ps])  # (r, C) views of each matrix's rows
-
-    def _adam_unit(self, gi: int, p: Tensor) -> _Unit:
-        return _Unit(gi, False, [p], [p], [p.to_local()])
-
-    def reduce(self, units: list[_Unit]) -> None:
-        for u in units:
-            u.grads = [p.grad.to_local() if p.grad is not None else torch.zeros_like(v)
-                       for p, v in zip(u.params, u.views)]
-
-    def sum_over_ranks(self, x: Tensor) -> Tensor:
-        dist.all_reduce(x)
-        return x
-
-    def orthogonalise(self, u: _Unit, X: Tensor) -> Tensor:
-        """X: (k, r, C), this rank's rows of the bucket's k matrices -> the same rows of their orthogonalisation."""
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-
-        k, (R, C), mesh = len(u.params), u.params[0].shape, u.params[0].device_mesh
-        # the stack is sharded like each parameter, on its row dim (1); the global shape and stride are given
-        # because the row split may be uneven (torch.chunk rule: the last ranks may hold fewer rows)
-        full = DTensor.from_local(X, mesh, [Shard(1)], run_check=False, shape=(k, R, C),
-                                  stride=(R * C, C, 1)).full_tensor()  # (k, R, C) on every rank
-        O = newton_schulz(full)  # (k, R, C), identical on every rank
-        # Replicate -> Shard(1) is a local slice, no communication: this rank's rows, split exactly as FSDP splits
-        return DTensor.from_local(O, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
-
-
 # ------------------------------------------------------------------------------------------------- the optimizer
 
 # What a resumed run takes from its own flags, not from the checkpoint's param groups ("lr" and "momentum" are the
@@ -379,7 +164,7 @@ class MuonAdamW(torch.optim.Optimizer):
         self.max_grad_norm = float(max_grad_norm)
         self.distributed = distributed
         self.fsdp = fsdp
-        self._layout = _Fsdp() if fsdp else _Zero1() if distributed and dist.get_world_size() > 1 else _Local()
+        self._layout = make_layout(distributed, fsdp)
         self.rank, self.world_size = self._layout.rank, self._layout.world_size
         self.fallback_reason: str | None = getattr(self._layout, "fallback_reason", None)
         super().__init__(param_groups, defaults={})
@@ -414,7 +199,7 @@ class MuonAdamW(torch.optim.Optimizer):
             if kind == "muon" and p.ndim != 2:
                 raise ValueError(f"Muon handles 2-D matrices only, got a parameter of shape {tuple(p.shape)}: "
                                  "put it in an adamw group")
-            if self.fsdp and not _is_dim0_sharded(p):
+            if self.fsdp and not is_dim0_sharded(p):
                 raise ValueError(f"fsdp=True needs parameters sharded by FSDP2 fully_shard on dim 0 of a 1-D "
                                  f"mesh, got {type(p).__name__} {getattr(p, 'placements', '')} of shape "
                                  f"{tuple(p.shape)}")
@@ -440,17 +225,17 @@ class MuonAdamW(torch.optim.Optimizer):
             finish()
         return norm
 
-    def _muon(self, u: _Unit, group: dict) -> None:
+    def _muon(self, u: Unit, group: dict) -> None:
         """SGD-momentum with Nesterov, orthogonalised. The momentum buffer has the view's shape."""
         for p, v in zip(u.params, u.views):
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(v)
         bufs = [self.state[p]["momentum_buffer"] for p in u.params]
         update = torch.stack(nesterov_momentum(bufs, u.grads, group["momentum"]))  # (k, r, C)
-        orthogonal_step(u.views, self._layout.orthogonalise(u, update), group["lr"], group["weight_decay"],
-                        muon_scale(u.params[0].shape))
+        O = self._layout.whole_matrices(u, update, newton_schulz)  # (k, r, C): this rank's part
+        orthogonal_step(u.views, O, group["lr"], group["weight_decay"], muon_scale(u.params[0].shape))
 
-    def _adamw(self, u: _Unit, group: dict) -> None:
+    def _adamw(self, u: Unit, group: dict) -> None:
         (p,), (view,), (g,) = u.params, u.views, u.grads
         st = self.state[p]
         if not st:
@@ -491,7 +276,7 @@ class MuonAdamW(torch.optim.Optimizer):
             if "initial_momentum" in values:  # the loop's warm-up sets it again each step
                 group["momentum"] = values["initial_momentum"]
             for key in [k for k in _FROM_FLAGS if k in values]:
-                change = _change(group, key, group.get(key), values[key])
+                change = _change(values, key, group.get(key))
                 if change is not None and change not in changes:
                     changes.append(change)
             group.update(values)
@@ -500,8 +285,10 @@ class MuonAdamW(torch.optim.Optimizer):
         return changes
 
 
-def _change(group: dict, key: str, old, new) -> tuple[str, object, object] | None:
-    """(flag, old, new) in the flag's own terms, or None when equal or not saved (older checkpoints)."""
+def _change(ours: dict, key: str, old) -> tuple[str, object, object] | None:
+    """(flag, saved value, this run's) in the flag's own terms, from this run's group `ours`; None when equal or not
+    saved (older checkpoints)."""
+    new = ours[key]
     if old is None:
         return None
     if key == "betas":
@@ -509,33 +296,14 @@ def _change(group: dict, key: str, old, new) -> tuple[str, object, object] | Non
     if old == new:
         return None
     if key == "initial_lr":  # the AdamW rates are stored width-scaled: report the flag's value
-        scale = group.get("lr_scale", 1.0)
-        name = f"{group['name']}_lr" if "name" in group else f"{group['kind']} group initial_lr"
+        scale = ours.get("lr_scale", 1.0)
+        name = f"{ours['name']}_lr" if "name" in ours else f"{ours['kind']} group initial_lr"
         return name, old / scale, new / scale
     return _FROM_FLAGS[key], old, new
 
 
 def _fmt(v) -> str:
     return f"({', '.join(f'{x:g}' for x in v)})" if isinstance(v, tuple) else f"{v:g}"
-
-
-def _is_dim0_sharded(p: Tensor) -> bool:
-    """True for a DTensor sharded on dim 0 of a 1-D mesh: the layout FSDP2 `fully_shard` gives a parameter."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    return isinstance(p, DTensor) and p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
-
-
-# torch 2.13 renamed reduce_scatter_tensor/all_gather_into_tensor to *_single and deprecates the old names; older
-# torch (the pyproject allows >= 2.9) has only the old ones.
-def _reduce_scatter(out: Tensor, inp: Tensor, async_op: bool):
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return fn(out, inp, op=dist.ReduceOp.SUM, async_op=async_op)
-
-
-def _all_gather(out: Tensor, inp: Tensor, async_op: bool):
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return fn(out, inp, async_op=async_op)
 
 
 def check_param_kinds(param_kinds: dict[str, list], named_params: Iterable[tuple[str, Tensor]] | None = None) -> None:
