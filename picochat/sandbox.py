@@ -16,13 +16,14 @@ the ones that took effect on this run:
     /dev/null, /dev/zero, /dev/urandom, the namespace's /proc, a 1 MiB private /tmp and the work dir as a tmpfs of
     `disk_mb` (the disk quota). Without bubblewrap the child makes its own "userns", "netns" and "mountns" (private
     /tmp, work dir tmpfs) where the kernel allows, but no PID namespace and the host's file tree stays mounted.
-  * "seccomp": no new processes (fork, or clone without CLONE_THREAD; threads stay allowed. As root RLIMIT_NPROC is
-    not enforced), no execve, no socket() of any family (AF_UNIX by path would reach host services such as
+  * "seccomp": no new processes (fork, or clone without CLONE_THREAD; threads stay allowed, within the memory
+    limit), no execve, no socket() of any family (AF_UNIX by path would reach host services such as
     docker.sock), signals only to itself, no ptrace, mount, unshare, setns, io_uring, bpf or pidfds.
   * "landlock" (Linux >= 5.13): reads only from the interpreter's files above, the work dir and those devices;
     writes only in the work dir; no execve; no TCP (ABI >= 4); no signals out of the sandbox (ABI >= 6).
   * "rlimits", soft = hard so the code cannot raise them (CPU: hard = soft + 1 s): RLIMIT_AS (memory), RLIMIT_CPU,
-    RLIMIT_FSIZE (16 MiB files), RLIMIT_NPROC = 0, RLIMIT_NOFILE, RLIMIT_CORE = 0; plus a wall-clock timeout after
+    RLIMIT_FSIZE (16 MiB files), RLIMIT_NOFILE, RLIMIT_CORE = 0, and RLIMIT_NPROC = 0 (no threads either) where
+    seccomp is missing (it does not bind root: the filter is what stops forks there); plus a wall-clock timeout after
     which everything is SIGKILLed, a scrubbed environment (PATH, HOME=TMPDIR=work dir, LANG) and a temp work dir
     removed afterwards without ever following a symlink.
   * Python-level guards (os.system/fork/exec*/kill, subprocess, sockets, writes outside the work dir raise

@@ -40,6 +40,8 @@ def main(argv: list[str]) -> None:
             layers.append("landlock")
         if _seccomp():
             layers.append("seccomp")
+    if "seccomp" not in layers:
+        _limit("RLIMIT_NPROC", 0, 0)  # no new processes, and no threads either: the best there is without the filter
     os.write(config["layers_fd"], json.dumps(layers).encode())
     os.close(config["layers_fd"])
     _guards(workdir)
@@ -62,28 +64,27 @@ def main(argv: list[str]) -> None:
 
 
 def _rlimits(config: dict) -> bool:
-    import resource
-
     # (soft, hard). soft == hard so the user's code cannot raise a limit back, except CPU: at the soft limit the
     # kernel sends SIGXCPU (reported as "timeout"), at the hard one SIGKILL (which would read as the OOM killer).
-    # RLIMIT_NPROC = 0 is not enforced for uid 0; the seccomp filter below is what stops forks as root.
-    wanted = {
-        "RLIMIT_AS": (config["memory_bytes"], config["memory_bytes"]),
-        "RLIMIT_CPU": (config["cpu_s"], config["cpu_s"] + 1),
-        "RLIMIT_FSIZE": (_MAX_FILE_BYTES, _MAX_FILE_BYTES),
-        "RLIMIT_NPROC": (0, 0),
-        "RLIMIT_NOFILE": (_MAX_OPEN_FILES, _MAX_OPEN_FILES),
-        "RLIMIT_CORE": (0, 0),
-    }
-    for name, (soft, hard) in wanted.items():
-        which = getattr(resource, name, None)
-        if which is None:
-            continue
-        _, host_hard = resource.getrlimit(which)
-        if host_hard != resource.RLIM_INFINITY:  # never try to raise a limit the host already set lower
-            soft, hard = min(soft, host_hard), min(hard, host_hard)
-        resource.setrlimit(which, (soft, hard))
+    # RLIMIT_NPROC is set later, only where the seccomp filter is missing (it is not enforced for uid 0 anyway).
+    _limit("RLIMIT_AS", config["memory_bytes"], config["memory_bytes"])
+    _limit("RLIMIT_CPU", config["cpu_s"], config["cpu_s"] + 1)
+    _limit("RLIMIT_FSIZE", _MAX_FILE_BYTES, _MAX_FILE_BYTES)
+    _limit("RLIMIT_NOFILE", _MAX_OPEN_FILES, _MAX_OPEN_FILES)
+    _limit("RLIMIT_CORE", 0, 0)
     return True
+
+
+def _limit(name: str, soft: int, hard: int) -> None:
+    import resource
+
+    which = getattr(resource, name, None)
+    if which is None:
+        return
+    _, host_hard = resource.getrlimit(which)
+    if host_hard != resource.RLIM_INFINITY:  # never try to raise a limit the host already set lower
+        soft, hard = min(soft, host_hard), min(hard, host_hard)
+    resource.setrlimit(which, (soft, hard))
 
 
 def _namespaces(workdir: str, source: str, disk_bytes: int) -> list[str]:

@@ -512,3 +512,13 @@ def test_signals_reach_only_the_run_itself():
     r = run_python(code)
     assert r.stdout == "2\n" and r.status == "error"
     assert r.stderr.strip().splitlines()[-1].startswith("PermissionError")
+
+
+def test_threads_work_within_the_limits():
+    # seccomp refuses processes, not threads (they share RLIMIT_AS); HumanEval-style code may use a thread pool
+    code = ("from concurrent.futures import ThreadPoolExecutor\n"
+            "with ThreadPoolExecutor(4) as ex:\n"
+            "    print(sum(ex.map(lambda x: x * x, range(10))))\n")
+    r = run_python(code)
+    needs_host("seccomp")  # without it RLIMIT_NPROC = 0 refuses threads too (for users other than root)
+    assert (r.status, r.stdout) == ("ok", "285\n"), r.stderr
