@@ -3,7 +3,8 @@
 picochat.sandbox.run_python starts `python -I -S -B -u -X utf8 picochat/sandbox_child.py CONFIG` (inside bubblewrap
 where it works); do not run it by hand. It is the only picochat file the child can read, and it imports nothing from
 picochat. Order matters: rlimits, then (without bubblewrap) its own user/net/mount namespaces, then Landlock (which
-forbids later mounts), then seccomp (which forbids the unshare/mount calls before it), then the Python-level guards.
+forbids later mounts), then seccomp (which forbids the unshare/mount calls before it; where it is missing,
+RLIMIT_NPROC = 0 instead), then the Python-level guards.
 The layers that took effect are written to CONFIG["layers_fd"] as a JSON list before the user's code runs.
 """
 
