@@ -146,16 +146,19 @@ def test_sigkill_during_training_resumes_from_last_checkpoint(base, tmp_path):
     assert not (ck / f".tmp_step_{last + 3:06d}").exists()
 
 
-def _ddp_worker(rank, world, port, base, out, global_batches, fsdp=False, state_out=None):
+def _ddp_worker(rank, world, port, base, out, global_batches, fsdp=False, state_out=None, ignore=None,
+                grads_out=None):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), PICOCHAT_BASE_DIR=str(base))
     torch.set_num_threads(1)
-    _run_synthetic(rank, world, out, global_batches, fsdp, state_out)
+    _run_synthetic(rank, world, out, global_batches, fsdp, state_out, ignore, grads_out)
 
 
-def _run_synthetic(rank, world, out, global_batches, fsdp=False, state_out=None):
+def _run_synthetic(rank, world, out, global_batches, fsdp=False, state_out=None, ignore=None, grads_out=None):
     """The real loop and optimizer on a fixed global batch sequence; each rank takes its share of every batch.
-    state_out: where rank 0 saves the final model state dict, gathered as a checkpoint gathers it."""
+    state_out: where rank 0 saves the final model state dict, gathered as a checkpoint gathers it.
+    ignore: (8, 32) bool, targets masked out (-1) in every global batch. grads_out: where each rank saves the
+    gradients the loop hands to the optimizer's first step (suffix .rank<r>)."""
     from picochat.checkpoint import model_state_for_save
     from picochat.common import setup_runtime, teardown_runtime
     from picochat.config import PretrainConfig
@@ -176,14 +179,24 @@ def _run_synthetic(rank, world, out, global_batches, fsdp=False, state_out=None)
     accum = 2 * 2 // world  # 4 rows of the global batch per step = accum micro-batches x world ranks x 2 rows... / 2
     micro = []
     for gb in global_batches:  # gb (8, 33): rows split as micro-batches of 2 rows, rank-major within a step
+        y = gb[:, 1:].masked_fill(ignore, -1) if ignore is not None else gb[:, 1:]
         for m in range(accum):
             lo = (rank * accum + m) * 2
-            micro.append(gb[lo : lo + 2])
+            micro.append((gb[lo : lo + 2, :-1], y[lo : lo + 2]))
     it = iter(micro)
 
     def next_batch():
-        r = next(it)
-        return r[:, :-1], r[:, 1:]
+        return next(it)
+
+    if grads_out is not None:  # the real step still runs: this only copies what it is given
+        real_step = opt.step
+
+        def recording_step(*a, **k):
+            if not Path(f"{grads_out}.rank{rank}").exists():
+                torch.save({n: p.grad.clone() for n, p in model.named_parameters()}, f"{grads_out}.rank{rank}")
+            return real_step(*a, **k)
+
+        opt.step = recording_step
 
     stage = Stage(name="base", cfg=cfg, model=model, tokenizer=None, optimizer=opt, next_batch=next_batch,
                   num_steps=len(global_batches), grad_accum=accum, checkpoints=False)
@@ -211,6 +224,62 @@ def test_two_processes_equal_one(tmp_path):
     assert len(a) == len(b) == 20
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
     assert a[-1] < a[0]
+
+
+def test_loss_is_the_mean_over_every_target_of_the_step(tmp_path):
+    """Masked targets with very unequal counts per micro-batch (36, 23, 3 and 30) and per rank (59 and 33): the
+    gradient the loop hands the optimizer, on 1 process and averaged over 2 gloo ranks, and the logged loss equal
+    those of the mean over all 92 targets of the step computed in one piece, and the data is such that averaging
+    per-micro-batch means (or per-rank means) would give a gradient far from it."""
+    import torch.nn.functional as F
+
+    from picochat.model import GPT
+    from picochat.train.pretrain import model_config_for
+    from picochat.config import PretrainConfig
+
+    g = torch.Generator().manual_seed(1)
+    gb = torch.randint(0, 128, (8, 33), generator=g)
+    cut = torch.tensor([0, 28, 31, 10, 30, 31, 5, 29])  # row i supervises its targets from position cut[i] on
+    ignore = torch.arange(32)[None, :] < cut[:, None]  # (8, 32)
+    counts = (~ignore).sum(1)
+    assert [int(c) for c in counts.view(4, 2).sum(1)] == [36, 23, 3, 30]
+    _run_synthetic(0, 1, tmp_path / "one.jsonl", [gb], ignore=ignore, grads_out=tmp_path / "one")
+    spawn_gloo(_ddp_worker, (2, _free_port(), tmp_path, tmp_path / "two.jsonl", [gb], False, None, ignore,
+                             tmp_path / "two"), 2)
+
+    model = GPT(model_config_for(PretrainConfig(depth=2, n_embd=64, head_dim=16, max_seq_len=32), 128))
+    model.init_weights(0)
+
+    def grads_of(rows_groups):
+        """Average over groups of the mean loss within each group: one group of all rows = the step's true mean."""
+        model.zero_grad(set_to_none=True)
+        losses = []
+        for rows in rows_groups:
+            y = gb[rows, 1:].masked_fill(ignore[rows], -1)
+            logits = model(gb[rows, :-1]).float()  # (R, 32, V)
+            losses.append(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1))
+        loss = sum(losses) / len(losses)
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want_loss, want = grads_of([list(range(8))])
+    one = torch.load(tmp_path / "one.rank0", weights_only=True)
+    two = [torch.load(tmp_path / f"two.rank{r}", weights_only=True) for r in range(2)]
+    assert set(one) == set(want) and len(want) > 0
+    for n in want:
+        tol = 1e-5 * float(want[n].abs().max()) + 1e-9
+        assert float((one[n] - want[n]).abs().max()) <= tol, n
+        assert float(((two[0][n] + two[1][n]) / 2 - want[n]).abs().max()) <= tol, n
+    for path in ("one.jsonl", "two.jsonl"):
+        assert train_losses(tmp_path / path)[0] == pytest.approx(want_loss, rel=1e-5)
+
+    def rel_dist(a, b):
+        flat = lambda d: torch.cat([d[n].flatten() for n in b])  # noqa: E731
+        return float((flat(a) - flat(b)).norm() / flat(b).norm())
+
+    _, per_micro = grads_of([[0, 1], [2, 3], [4, 5], [6, 7]])
+    _, per_rank = grads_of([[0, 1, 2, 3], [4, 5, 6, 7]])
+    assert rel_dist(per_micro, want) > 0.1 and rel_dist(per_rank, want) > 0.05  # the test can tell them apart
 
 
 def _assert_close_weights(got: dict, want: dict) -> None:
