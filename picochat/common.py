@@ -114,17 +114,19 @@ def measure_matmul_flops(dtype_name: str = "float32", device_type: str = "cpu", 
     rates = [0.0] * threads
 
     def one_core(i: int) -> None:
+        # set here, not only by the caller: OpenMP's thread count is per calling thread, and a new thread's default
+        # is every core (MKL's fp32 products in a worker ran a team of 2 on 2 cores, 2 workers oversubscribing them)
+        torch.set_num_threads(1)
         rates[i] = _best_matmul_rate(dtype, dev, sizes, min_seconds)
 
     workers = [threading.Thread(target=one_core, args=(i,)) for i in range(threads)]
-    torch.set_num_threads(1)  # each product on its calling thread (matmul releases the GIL, so they run together)
     try:
-        for w in workers:
+        for w in workers:  # matmul releases the GIL, so the workers' products run at the same time
             w.start()
         for w in workers:
             w.join()
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the workers' calls set the process-wide count too
     return sum(rates)
 
 
