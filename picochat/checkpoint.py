@@ -13,8 +13,9 @@ directory to `step_000100/` and fsyncs the parent. A rename is atomic on POSIX f
 leaves either the old set of checkpoints or the old set plus the new one; never a half-written `step_*` directory.
 Older checkpoints beyond `keep_last` are deleted only after the new one is in place. What a crash can leave behind
 (`.tmp_*`, or `.old_step_*` from a re-save of one step) is cleaned at the next save or start of that run: an
-`.old_step_N` whose `step_N` is missing was a complete checkpoint, so it is renamed back rather than deleted. Multi-node runs need a shared
-filesystem for the checkpoint directory (each rank writes its own shard into the same folder).
+`.old_step_N` whose `step_N` is missing was a complete checkpoint, so it is renamed back rather than deleted.
+Multi-node runs need a shared filesystem for the checkpoint directory (each rank writes its own shard into the same
+folder).
 
 FSDP (`--fsdp`): model.pt is still the full state dict, gathered onto rank 0 (`model_state_for_save`), so it loads
 without FSDP; the optimizer files hold each rank's shard of the optimizer state, as in the default mode.

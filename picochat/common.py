@@ -29,6 +29,8 @@ class UserError(Exception):
 
 
 _REPORTED = "_picochat_reported"  # set on an exception fail_runtime() already printed, so run_main prints it once
+# teardown's store handshake normally takes milliseconds after its barrier; 60 s means a rank is gone
+TEARDOWN_WAIT_S = 60
 
 
 def print0(*args, **kwargs) -> None:
@@ -270,14 +272,23 @@ def teardown_runtime() -> None:
         # the store, destroys last, after every other rank's final store call.
         dist.barrier()
         store, n, rank = dist.distributed_c10d._get_default_store(), dist.get_world_size(), dist.get_rank()
+        deadline = time.monotonic() + TEARDOWN_WAIT_S
+
+        def wait_for(key: str, count: int) -> None:
+            while store.add(key, 0) < count:
+                if time.monotonic() > deadline:  # a peer died after the barrier: leave rather than spin forever
+                    print(f"picochat: warning (rank {rank} of {n}): teardown: only {store.add(key, 0)} of {count} "
+                          f"ranks reached {key!r} within {TEARDOWN_WAIT_S} s; leaving without them",
+                          file=sys.stderr, flush=True)
+                    return
+                time.sleep(0.005)
+
         store.add("picochat/teardown/left_barrier", 1)
-        while store.add("picochat/teardown/left_barrier", 0) < n:
-            time.sleep(0.005)
+        wait_for("picochat/teardown/left_barrier", n)
         if rank != 0:
             store.add("picochat/teardown/done", 1)  # this rank's last use of the store
         else:
-            while store.add("picochat/teardown/done", 0) < n - 1:
-                time.sleep(0.005)
+            wait_for("picochat/teardown/done", n - 1)
         dist.destroy_process_group()
 
 

@@ -162,8 +162,8 @@ def _run_synthetic(rank, world, out, global_batches, fsdp=False, state_out=None,
     from picochat.checkpoint import model_state_for_save
     from picochat.common import setup_runtime, teardown_runtime
     from picochat.config import PretrainConfig
-    from picochat.train.loop import Stage, shard_model, sync_params, train
-    from picochat.train.pretrain import make_optimizer, model_config_for
+    from picochat.train.loop import Stage, make_optimizer, shard_model, sync_params, train
+    from picochat.train.pretrain import model_config_for
     from picochat.model import GPT
 
     rt = setup_runtime("cpu", "fp32", 0)

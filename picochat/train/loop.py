@@ -1,7 +1,9 @@
 """The ONE supervised training loop, shared by pretraining, midtraining and SFT.
 
 Stages differ only in what they pass in a `Stage`: the batch source, the schedule unit (steps, or progress through
-the data), the periodic evaluations and the checkpoint directory/meta. The step itself reads top to bottom:
+the data), the periodic evaluations and the checkpoint directory/meta. Their setup is written once too, in
+`prepare()`: resume (or refuse a fresh run into a run folder with checkpoints) -> build the GPT -> load its weights ->
+sync ranks -> shard (--fsdp) -> optimizer -> load its state. The step itself reads top to bottom:
 
     for each step:  evaluate? -> set LR and Muon momentum -> fetch micro-batches -> count supervised targets
                     -> forward/backward each micro-batch -> optimizer step (reduce, clip, update) -> log -> save?
@@ -32,7 +34,9 @@ from picochat.checkpoint import OLD_LAYOUT, build_meta, check_compatible, checkp
     clear_run, list_runs, list_steps, load_checkpoint, model_state_for_save, run_dir, save_checkpoint
 from picochat.common import MetricsLogger, Runtime, UserError, autocast_ctx, get_base_dir, is_fsdp, \
     measure_matmul_flops, print0
-from picochat.config import TrainConfig
+from picochat.config import ModelConfig, TrainConfig
+from picochat.model import GPT
+from picochat.optim import build_optimizer
 from picochat.train.schedules import lr_factor, muon_momentum
 
 SAMPLE_PROMPTS = ["The capital of France is", "Once upon a time", "To be, or not to be,", "In the beginning"]
@@ -98,6 +102,52 @@ def resume_state(stage_name: str, run: str, cfg: TrainConfig, rt: Runtime, model
                         f"{rt.world_size}; optimizer shards and loader positions are per rank, so use the same count")
     print0(f"resuming from {ck['dir']} (step {ck['step']})")
     return ck
+
+
+@dataclass
+class Prepared:
+    """What `prepare` hands a stage: the model and optimizer ready to train, and the checkpoint resumed from."""
+
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    checkpoint: dict | None  # load_checkpoint's dict ("step", "meta", "loader" for the stage's loader), or None
+
+    @property
+    def start_step(self) -> int:
+        return self.checkpoint["step"] if self.checkpoint else 0
+
+    @property
+    def elapsed_s(self) -> float:
+        return self.checkpoint["meta"].get("elapsed_s", 0.0) if self.checkpoint else 0.0
+
+
+def prepare(stage_name: str, run: str, cfg: TrainConfig, rt: Runtime, model_config: ModelConfig,
+            tokenizer) -> Prepared:
+    """Every stage's setup, in the one order that works under torchrun and --fsdp: resume state -> build the GPT on
+    this rank's device -> init -> the checkpoint's weights (a full state dict, also from --fsdp runs, loaded on every
+    rank before sharding) -> rank 0's weights on every rank -> shard -> optimizer (it must see the sharded
+    parameters) -> the optimizer's state (this rank's shard)."""
+    ck = resume_state(stage_name, run, cfg, rt, model_config, tokenizer)
+    model = GPT(model_config).to(rt.device)
+    model.init_weights(cfg.seed)
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+    sync_params(model)
+    shard_model(model, cfg, rt)
+    opt = make_optimizer(model, cfg, rt)
+    if ck is not None:
+        opt.load_state_dict(ck["optim"])
+    return Prepared(model, opt, ck)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, rt: Runtime) -> torch.optim.Optimizer:
+    """MuonAdamW with the run's rates. After `shard_model`: an FSDP model's gradients are already averaged, so the
+    optimizer must not average them."""
+    fsdp = is_fsdp(model)
+    return build_optimizer(model.param_kinds(), n_embd=model.config.n_embd, matrix_lr=cfg.matrix_lr,
+                           embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr,
+                           weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip,
+                           distributed=rt.ddp and not fsdp, fsdp=fsdp)
 
 
 def _barrier() -> None:

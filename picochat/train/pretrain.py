@@ -2,7 +2,7 @@
 
     picochat pretrain --preset cpu                       # ~10 minutes on a laptop CPU (needs `picochat data prepare`
                                                          #   and `picochat tok-train` first)
-    picochat pretrain --depth 6 --num-steps 200 --resume # continue the latest base checkpoint
+    picochat pretrain --depth 6 --num-steps 200 --resume # continue run d6 (checkpoints/base/d6/)
     torchrun --nproc_per_node=8 -m picochat.train.pretrain --preset d20     # one node, 8 GPUs
     torchrun --nproc_per_node=8 -m picochat.train.pretrain --depth 32 --fsdp  # shard the model too (FSDP2)
     runs/multinode.sh                                                       # several nodes
@@ -14,16 +14,15 @@ with width inside the optimizer. Every resolved value is printed before training
 from __future__ import annotations
 
 
-from picochat.common import Runtime, UserError, autocast_ctx, fail_runtime, is_fsdp, print0, run_main, \
-    setup_runtime, teardown_runtime
+from picochat.common import Runtime, UserError, autocast_ctx, fail_runtime, print0, run_main, setup_runtime, \
+    teardown_runtime
 from picochat.config import PRETRAIN_PRESETS, ModelConfig, PretrainConfig, derive_model_config, log_config, \
     parse_config
 from picochat.data.loader import PackingLoader, ValidationSlice, corpus_tokens
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import GPT
-from picochat.optim import build_optimizer
 from picochat.tokenizer import get_tokenizer
-from picochat.train.loop import Stage, micro_batches, resume_state, shard_model, sync_params, train
+from picochat.train.loop import Stage, micro_batches, prepare, train
 
 
 def model_config_for(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
@@ -31,15 +30,6 @@ def model_config_for(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
                                            n_kv_head=cfg.n_kv_head, vocab_size=vocab_size,
                                            sequence_len=cfg.max_seq_len, window_pattern=cfg.window_pattern,
                                            value_embeds=cfg.value_embeds, resid_scalars=cfg.resid_scalars))
-
-
-def make_optimizer(model: GPT, cfg, rt: Runtime):
-    """After `shard_model`: an FSDP model's gradients are already averaged, so the optimizer must not average them."""
-    fsdp = is_fsdp(model)
-    return build_optimizer(model.param_kinds(), n_embd=model.config.n_embd, matrix_lr=cfg.matrix_lr,
-                           embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr,
-                           weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip,
-                           distributed=rt.ddp and not fsdp, fsdp=fsdp)
 
 
 def resolve(cfg: PretrainConfig, model: GPT, rt: Runtime) -> tuple[int, int]:
@@ -93,9 +83,8 @@ def run(argv=None) -> dict:
         tok = get_tokenizer()
         mcfg = model_config_for(cfg, tok.vocab_size)
         run = cfg.run or f"d{mcfg.depth}"  # checkpoints/base/<run>/: the depth tag unless --run names it
-        ck = resume_state("base", run, cfg, rt, mcfg, tok)
-        model = GPT(mcfg).to(rt.device)
-        model.init_weights(cfg.seed)
+        prep = prepare("base", run, cfg, rt, mcfg, tok)
+        model, ck = prep.model, prep.checkpoint
         num_steps, accum = resolve(cfg, model, rt)
         _, packing = plan_epochs(cfg, tok, num_steps)
         log_config(cfg, "pretrain config")
@@ -103,14 +92,6 @@ def run(argv=None) -> dict:
         params = model.num_params()
         print0(f"parameters: {params['total']:,} ({', '.join(f'{k} {v:,}' for k, v in params.items() if k != 'total')})"
                f"; FLOPs/token {model.estimate_flops()['total']:.3g}")
-        # the checkpoint's model.pt is a full state dict (also from --fsdp runs), loaded on every rank before sharding
-        if ck is not None:
-            model.load_state_dict(ck["model"])
-        sync_params(model)
-        shard_model(model, cfg, rt)
-        opt = make_optimizer(model, cfg, rt)
-        if ck is not None:
-            opt.load_state_dict(ck["optim"])
         B, T = cfg.device_batch_size, cfg.max_seq_len
         train_loader = PackingLoader(tok, "train", B, T, corpus=cfg.corpus, rank=rt.rank, world_size=rt.world_size,
                                      device=rt.device, packing=packing, state=ck["loader"] if ck else None)
@@ -128,11 +109,11 @@ def run(argv=None) -> dict:
         it = iter(train_loader)
         # --max-epochs: the share of the allowed passes already read is one more schedule unit
         data_progress = (lambda step: train_loader.epochs_done() / cfg.max_epochs) if cfg.max_epochs > 0 else None
-        stage = Stage(name="base", run=run, cfg=cfg, model=model, tokenizer=tok, optimizer=opt,
+        stage = Stage(name="base", run=run, cfg=cfg, model=model, tokenizer=tok, optimizer=prep.optimizer,
                       next_batch=lambda: next(it), progress=data_progress,
                       num_steps=num_steps, grad_accum=accum, loader_state=train_loader.state_dict,
                       evaluate=evaluate, run_config=cfg,
-                      start_step=ck["step"] if ck else 0, elapsed_s=ck["meta"].get("elapsed_s", 0.0) if ck else 0.0)
+                      start_step=prep.start_step, elapsed_s=prep.elapsed_s)
         return train(stage, rt)
     except BaseException as e:
         fail_runtime(e)  # under torchrun: print with the rank, abort the group (no barrier: it would hang)
