@@ -168,7 +168,10 @@ class Zero1(Local):
         def finish() -> None:
             handle.wait()
             # sums -> means; a Muon block's rows past its real matrices are padding, an unowned AdamW param has none
-            u.grads = list(mine[: len(u.params)].div_(ws).unbind(0)) if u.muon else [mine.div_(ws)] * len(u.params)
+            if u.muon:
+                u.grads = list(mine[: len(u.params)].div_(ws).unbind(0))
+            else:
+                u.grads = [mine.div_(ws)] if u.params else []
 
         return finish
 
@@ -203,8 +206,9 @@ class Fsdp(Local):
     """FSDP2 `fully_shard`: parameters are DTensors sharded on dim 0 and their gradients arrive averaged and sharded
     alike, so every rank updates the local rows of every parameter and the only collectives are the norm's
     all-reduce and the all-gather in whole_matrices(). Newton–Schulz needs whole matrices: the Nesterov update is
-    all-gathered and every rank orthogonalises ALL of them, redundantly. That costs world_size times the Muon FLOPs of ZeRO-1 (where
-    each rank orthogonalises only the matrices it owns); acceptable for an opt-in mode whose point is memory."""
+    all-gathered and every rank orthogonalises ALL of them, redundantly. That costs world_size times the Muon FLOPs
+    of ZeRO-1 (where each rank orthogonalises only the matrices it owns); acceptable for an opt-in mode whose point
+    is memory."""
 
     def __init__(self) -> None:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
