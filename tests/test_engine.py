@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from conftest import make_tiny_model, randomize_outputs
 from picochat.common import UserError
-from picochat.engine import Engine, SamplingParams, sample_rows
+from picochat.engine import Engine, GraphedSteps, SamplingParams, sample_rows
 from picochat.serve.scheduler import Scheduler
 from picochat.config import ModelConfig, derive_model_config
 
@@ -99,7 +99,7 @@ def test_two_level_inverse_cdf_picks_the_flat_searchs_token():
     cumsum + searchsorted over the vocabulary: zero-mass tokens and whole zero-mass blocks, u exactly on a cell
     boundary, vocabularies that are not a multiple of the block (zero padded) or smaller than one block. Integer
     masses and u = m / 4096 keep every sum and u * total exact, so both must agree token for token."""
-    from picochat.engine import _inverse_cdf
+    from picochat.engine.sampling import _inverse_cdf
 
     g = torch.Generator().manual_seed(0)
     for V in (1000, 384, 50):
@@ -131,7 +131,7 @@ def test_two_level_inverse_cdf_float_masses():
     """Softmax-like float masses with exact zeros: the two-level draw agrees with a float64 flat search (away from
     cell boundaries, where float32 sums may round either way) and never returns a zero-mass or out-of-range token,
     u just below 1 included (where float32 rounding can step past the row's mass)."""
-    from picochat.engine import _inverse_cdf
+    from picochat.engine.sampling import _inverse_cdf
 
     g = torch.Generator().manual_seed(1)
     n, V = 64, 1000
@@ -179,15 +179,15 @@ def test_compiled_sample_plain_greedy_rows_and_draws():
 def test_bf16_cache_with_per_row_positions(tiny_tokenizer, models):
     """Rows of different prompt lengths in one bf16 batch (the server's case on GPUs): the per-row cache write must
     cast k/v (fp32 after the rotary) to the cache dtype; it once raised in index_put."""
-    from picochat.engine import _Batch, _Request
+    from picochat.engine import Batch, Request
 
     tok = tiny_tokenizer
     engine = Engine(models[2], tok, dtype=torch.bfloat16)
-    batch = _Batch(engine, 4)
+    batch = Batch(engine, 4)
     events = []
     for rid, text in enumerate(["The", "To be, or not to be"]):
-        batch.add(_Request(rid, tok.encode(text, prepend=tok.bos_id), 1, SamplingParams(temperature=0, max_tokens=6),
-                           events.append))
+        batch.add([Request(rid, tok.encode(text, prepend=tok.bos_id), 1, SamplingParams(temperature=0, max_tokens=6),
+                            events.append)])
     while batch.rows:
         batch.step()
     assert engine.dtype == torch.bfloat16 and batch.cache.k.dtype == torch.bfloat16
@@ -389,12 +389,12 @@ def test_python_tool_failures_never_break_generation(tiny_tokenizer, code, expec
 
 def _tokens_by_request(engine, prompts, params):
     """Greedy tokens of each prompt, all sharing one batch at different positions (the server's case)."""
-    from picochat.engine import _Batch, _Request
+    from picochat.engine import Batch, Request
 
     out = {i: [] for i in range(len(prompts))}
-    batch = _Batch(engine, len(prompts) + 1)
+    batch = Batch(engine, len(prompts) + 1)
     for rid, ids in enumerate(prompts):
-        batch.add(_Request(rid, ids, 1, params, lambda ev, rid=rid: out[rid].append(ev.token)))
+        batch.add([Request(rid, ids, 1, params, lambda ev, rid=rid: out[rid].append(ev.token))])
     while batch.rows:
         batch.step()
     return out
@@ -412,8 +412,8 @@ def test_compiled_engine_matches_eager(tiny_tokenizer, models, aot):
     model = models[2]  # GQA: 4 query heads share 2 kv heads
     eager = Engine(model, tok, dtype=torch.float32)
     compiled = Engine(model, tok, dtype=torch.float32, compile=True)
-    assert compiled._aot_batch1  # fp32 on CPU
-    compiled._aot_batch1 = aot
+    assert compiled.step.aot_batch1  # fp32 on CPU
+    compiled.step.aot_batch1 = aot
     torch._dynamo.reset()  # dynamo caches graphs per code object: the other parametrization's would be reused
     graphs = counters["stats"]["unique_graphs"]
     prompts = [tok.encode(t, prepend=tok.bos_id) for t in ["The quick brown", "To be, or not to be, that", "def"]]
@@ -439,7 +439,7 @@ def test_compiled_engine_matches_eager(tiny_tokenizer, models, aot):
     scheduler.stop()
     # dynamo's graphs: batch >= 2, plus batch 1 unless that one was built ahead of time (once, by export)
     assert counters["stats"]["unique_graphs"] - graphs == (1 if aot else 2)
-    assert (compiled._aot is not None) == aot
+    assert (compiled.step.aot is not None) == aot
 
 
 def test_generate_reuses_its_cache_without_leaking_earlier_calls(tiny_tokenizer):
@@ -461,7 +461,7 @@ def test_generate_reuses_its_cache_without_leaking_earlier_calls(tiny_tokenizer)
 def test_batch1_kernel_choice_follows_the_weights_size():
     """max_autotune (inductor's C++ GEMVs) for the batch-1 graph: always in fp32 on CPU; in bf16 only while the
     weights fit in half the last-level cache (from memory its bf16 GEMV is slower than oneDNN's); never on CUDA."""
-    from picochat.engine import _autotune_batch1, _compile_options
+    from picochat.engine.steps import autotune_batch1 as _autotune_batch1, compile_options as _compile_options
 
     cpu, mb = torch.device("cpu"), 2**20
     assert _autotune_batch1(cpu, torch.float32, 55 * mb, 32 * mb)
@@ -482,7 +482,7 @@ def test_compiled_bf16_prefill_reads_cast_weights_with_the_same_result(tiny_toke
     ids = tok.encode("The quick brown fox", prepend=tok.bos_id)
     compiled = Engine(model, tok, dtype=torch.bfloat16, compile=True)  # prefill is eager: nothing compiles here
     plain = Engine(model, tok, dtype=torch.bfloat16)
-    assert compiled._cast_weights and not plain._cast_weights
+    assert compiled.cast_weights and not plain.cast_weights
     a, b = compiled.new_cache(1), plain.new_cache(1)
     assert torch.equal(compiled.prefill(ids, a, 0), plain.prefill(ids, b, 0))
     assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
@@ -496,8 +496,8 @@ def test_bf16_batch1_step_built_ahead_of_time_matches_compiled(tiny_tokenizer):
     model = randomize_outputs(make_tiny_model(tok.vocab_size, n_embd=64, head_dim=16, seed=3), seed=4).eval()
     aot = Engine(model, tok, dtype=torch.bfloat16, compile=True)
     dyn = Engine(model, tok, dtype=torch.bfloat16, compile=True)
-    assert aot._aot_batch1
-    dyn._aot_batch1 = False
+    assert aot.step.aot_batch1
+    dyn.step.aot_batch1 = False
     ids = (tok.encode("The quick brown fox", prepend=tok.bos_id) * 20)[: aot.context - 6]
     steps = []
     for e in (aot, dyn):
@@ -509,7 +509,7 @@ def test_bf16_batch1_step_built_ahead_of_time_matches_compiled(tiny_tokenizer):
                 logits, t = e.decode_one_token(t, cache, [len(ids) + i], z, z)
                 out.append(logits.float())
         steps.append(torch.cat(out))
-    assert aot._aot is not None and dyn._aot is None
+    assert aot.step.aot is not None and dyn.step.aot is None
     scale = steps[1].abs().max()
     assert torch.allclose(steps[0], steps[1], atol=0.02 * scale), (steps[0] - steps[1]).abs().max() / scale
     assert torch.equal(steps[0].argmax(-1), steps[1].argmax(-1))
@@ -604,14 +604,14 @@ def test_decode_n_chunks_match_single_steps(tiny_tokenizer, models):
 def test_row_finished_at_first_token_gets_one_event(tiny_tokenizer, models):
     """A request that ends at its first token (max_tokens=1) while another keeps the batch stepping emits exactly one
     event; it used to be stepped once more before leaving the batch and emitted a second, duplicate finish."""
-    from picochat.engine import _Batch, _Request
+    from picochat.engine import Batch, Request
 
     tok = tiny_tokenizer
-    batch = _Batch(Engine(models[0], tok), 4)
+    batch = Batch(Engine(models[0], tok), 4)
     events = {0: [], 1: []}
     ids = tok.encode("The", prepend=tok.bos_id)
-    batch.add(_Request(0, ids, 1, SamplingParams(temperature=0, max_tokens=6), events[0].append))
-    batch.add(_Request(1, ids, 1, SamplingParams(temperature=0, max_tokens=1), events[1].append))
+    batch.add([Request(0, ids, 1, SamplingParams(temperature=0, max_tokens=6), events[0].append)])
+    batch.add([Request(1, ids, 1, SamplingParams(temperature=0, max_tokens=1), events[1].append)])
     while batch.rows:
         batch.step()
     assert [e.finish_reason for e in events[1]] == ["length"]
@@ -636,12 +636,12 @@ def _replay_eagerly(fn, pool):
 
 def _staggered(engine, prompts, params, steps_between=4):
     """Tokens of each request when they join one batch one after another, `steps_between` decode steps apart."""
-    from picochat.engine import _Batch, _Request
+    from picochat.engine import Batch, Request
 
     out = {i: [] for i in range(len(prompts))}
-    batch = _Batch(engine, 4)
+    batch = Batch(engine, 4)
     for rid, ids in enumerate(prompts):
-        batch.add(_Request(rid, ids, 1, params, lambda ev, rid=rid: out[rid].append(ev.token)))
+        batch.add([Request(rid, ids, 1, params, lambda ev, rid=rid: out[rid].append(ev.token))])
         for _ in range(steps_between):
             batch.step()
     while batch.rows:
@@ -654,20 +654,18 @@ def test_graphed_steps_pad_and_bucket_without_changing_tokens(tiny_tokenizer, mo
     capture's warm-up writes into the cache. With requests joining a running batch (1 -> 2 -> 3 live rows, so 3 rows
     run in a bucket of 4 with one padding row) and positions crossing many kv buckets, every request gets the same
     tokens as the plain engine: greedy, and seeded sampling (the same uniforms reach the same rows)."""
-    from picochat.engine import GraphedSteps
-
     tok = tiny_tokenizer
     model = models[2]
     prompts = [tok.encode(t, prepend=tok.bos_id) for t in ["The quick brown", "To be, or not to be, that", "def"]]
     plain = Engine(model, tok, dtype=torch.float32)
     graphed = Engine(model, tok, dtype=torch.float32)
-    graphed._graphs = GraphedSteps(graphed, capture=_replay_eagerly, kv_step=8)
+    graphed.step = GraphedSteps(graphed.step, graphed.device, graphed.context, capture=_replay_eagerly, kv_step=8)
     for p in (SamplingParams(temperature=0, max_tokens=24), SamplingParams(temperature=1.0, max_tokens=24, seed=5)):
         want = _staggered(plain, prompts, p)
         assert _staggered(graphed, prompts, p) == want
         assert sum(len(t) for t in want.values()) > 40  # ran long enough to cross several kv buckets
-    assert {nb for nb, _ in graphed._graphs.graphs} == {1, 2, 4}
-    assert len({S for _, S in graphed._graphs.graphs}) >= 4
+    assert {nb for nb, _ in graphed.step.graphs} == {1, 2, 4}
+    assert len({S for _, S in graphed.step.graphs}) >= 4
     # generate() with decode_n chunks through the graphs: the same tokens too
     ids = prompts[1]
     p = SamplingParams(temperature=1.0, max_tokens=20, seed=3)
@@ -677,4 +675,143 @@ def test_graphed_steps_pad_and_bucket_without_changing_tokens(tiny_tokenizer, mo
 def test_cuda_graphs_need_cuda(tiny_tokenizer, models):
     with pytest.raises(UserError, match="needs a CUDA device"):
         Engine(models[0], tiny_tokenizer, cuda_graphs=True)
-    assert Engine(models[0], tiny_tokenizer, compile=True)._graphs is None  # the default: only on CUDA
+    assert not isinstance(Engine(models[0], tiny_tokenizer, compile=True).step, GraphedSteps)  # the default: only on CUDA
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# wrong results found in review (issue 13): each of these failed before the fix
+
+
+def _events(engine, ids, n=1, **kw):
+    return [ev for step in engine.generate(ids, n, SamplingParams(**kw)) for ev in step]
+
+
+def test_held_back_text_is_flushed_at_every_finish(tiny_tokenizer, models):
+    """Text held back because it could begin a stop string is emitted when the row ends on length or on
+    <|assistant_end|>; an incomplete UTF-8 tail is flushed (as U+FFFD, what decode gives) instead of dropped."""
+    tok = tiny_tokenizer
+    sid = tok.special_id
+    engine = Engine(models[0], tok)
+    ids = tok.encode("The quick", prepend=tok.bos_id)
+    events = _events(engine, ids, temperature=0, max_tokens=12)
+    full = "".join(ev.text for ev in events)
+    assert events[-1].finish_reason == "length" and full
+    held = _events(engine, ids, temperature=0, max_tokens=12, stop=(full[-1] + "☃",))
+    assert "".join(ev.text for ev in held) == full and held[-1].finish_reason == "length"
+    # ends on <|assistant_end|> right after a character that could begin the stop string
+    x = tok.encode("x")[0]
+    scripted = Engine(ScriptedModel(tok.vocab_size, {sid("<|assistant_start|>"): x, x: sid("<|assistant_end|>")},
+                                    default=x), tok)
+    prompt = [tok.bos_id, sid("<|assistant_start|>")]
+    ended = _events(scripted, prompt, temperature=0, stop=("x☃",))
+    assert "".join(ev.text for ev in ended) == "x" and ended[-1].finish_reason == "stop"
+    # the first byte of a two-byte character, then the length limit
+    lead = next(i for i in range(tok.vocab_size) if not tok.is_special(i) and tok.decode_bytes([i]) == b"\xc3")
+    cut = Engine(ScriptedModel(tok.vocab_size, {}, default=lead), tok)
+    tail = _events(cut, prompt, temperature=0, max_tokens=3)
+    assert "".join(ev.text for ev in tail) == tok.decode([lead] * 3) == "\ufffd" * 3
+
+
+def test_generate_batch_drops_the_stop_strings_tokens(tiny_tokenizer, models):
+    """generate_batch returns the tokens before the stop string (the streamed text never holds it): every token from
+    the one in which the stop string begins is dropped, with its mask."""
+    tok = tiny_tokenizer
+    engine = Engine(models[0], tok)
+    ids = tok.encode("The quick", prepend=tok.bos_id)
+    p = SamplingParams(temperature=0, max_tokens=30)
+    (toks,), _ = engine.generate_batch(ids, 1, p)
+    full = tok.decode(toks)
+    stop = full[4:7]
+    cut = full.find(stop)
+    keep = max(k for k in range(len(toks) + 1) if len(tok.decode(toks[:k])) <= cut)
+    (got,), (mask,) = engine.generate_batch(ids, 1, SamplingParams(temperature=0, max_tokens=30, stop=(stop,)))
+    assert got == toks[:keep] and len(mask) == keep
+    assert stop not in tok.decode(got) and full.startswith(tok.decode(got))
+
+
+def test_seeded_request_gives_the_same_tokens_alone_and_mixed(tiny_tokenizer, models):
+    """A seeded n > 1 request gets the same tokens alone and sharing the Scheduler's batch with other requests that
+    finish early (their rows' holes are filled by moving this request's rows), and as generate_batch gives them."""
+    tok = tiny_tokenizer
+    engine = Engine(models[2], tok)
+    ids = tok.encode("Once upon", prepend=tok.bos_id)
+    other = tok.encode("To be, or not", prepend=tok.bos_id)
+    p = SamplingParams(temperature=1.0, max_tokens=16, seed=9)
+
+    def run(requests):
+        sched = Scheduler(engine, max_batch=8)
+        outs = []
+        for prompt, n, params in requests:  # queued before start: admitted together in one round
+            out = {"rows": [[] for _ in range(n)], "done": threading.Event(), "left": n}
+
+            def on_event(ev, out=out):
+                if ev.token >= 0:
+                    out["rows"][ev.row].append(ev.token)
+                if ev.finish_reason:
+                    out["left"] -= 1
+                    if out["left"] == 0:
+                        out["done"].set()
+            sched.submit(prompt, params, n, on_event)
+            outs.append(out)
+        sched.start()
+        try:
+            assert all(o["done"].wait(30) for o in outs)
+        finally:
+            sched.stop()
+        return [o["rows"] for o in outs]
+
+    alone = run([(ids, 3, p)])[0]
+    early = SamplingParams(temperature=1.0, max_tokens=2, seed=1)
+    mixed = run([(other, 2, early), (ids, 3, p), (other, 1, SamplingParams(temperature=1.0, max_tokens=5))])[1]
+    assert mixed == alone
+    assert len({tuple(r) for r in alone}) == 3  # the rows differ from each other
+    seqs, _ = engine.generate_batch(ids, 3, p)
+    assert [s == r[: len(s)] for s, r in zip(seqs, alone)] == [True] * 3
+
+
+_KEY_SCRIPT = r"""
+import json, sys
+import torch
+keys = []
+for tree in sys.argv[1:]:
+    sys.path.insert(0, tree)
+    from picochat.config import ModelConfig
+    from picochat.engine.aot import aot_key
+    from picochat.model import GPT
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(depth=1, head_dim=16, n_embd=32, vocab_size=64, sequence_len=32))
+    model.init_weights(0)
+    keys.append(aot_key(model, 32, torch.float32, {"freezing": True}))
+    sys.path.pop(0)
+    for name in [m for m in sys.modules if m == "picochat" or m.startswith("picochat.")]:
+        del sys.modules[name]
+print(json.dumps(keys))
+"""
+
+
+def test_aot_cache_key_follows_the_code_that_feeds_the_graph(tmp_path):
+    """The ahead-of-time library's cache key changes when the model, attention or sampler source changes, or the
+    package version: after such an edit the cached library would give the old code's tokens."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import picochat
+
+    src = Path(picochat.__file__).parent
+    trees = [str(src.parent)]
+    for name, edit in [("model.py", "\n# edited\n"), ("attention.py", "\n# edited\n"),
+                       ("engine/sampling.py", "\n# edited\n"), ("__init__.py", "\n__version__ = '9.9'\n")]:
+        tree = tmp_path / name.replace("/", "_")
+        shutil.copytree(src, tree / "picochat", ignore=shutil.ignore_patterns("__pycache__"))
+        with open(tree / "picochat" / name, "a") as f:
+            f.write(edit)
+        trees.append(str(tree))
+    out = subprocess.run([sys.executable, "-c", _KEY_SCRIPT, trees[0], *trees], capture_output=True, text=True,
+                         timeout=120, env={**__import__("os").environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    keys = json.loads(out.stdout.strip().splitlines()[-1])
+    assert keys[0] == keys[1]  # the same tree twice: the same key
+    assert len(set(keys[1:])) == len(keys) - 1, keys

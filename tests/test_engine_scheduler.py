@@ -125,3 +125,135 @@ def test_load_is_read_under_the_lock(tiny_tokenizer, model):
             t.join()
     assert all(running == 0 and queued % 2 == 0 for running, queued in seen)
     assert seen[-1][1] > seen[0][1]
+
+
+class _Slow(torch.nn.Module):
+    """A scripted model (next token = table[last token]) that takes `delay` seconds per forward pass, so decoding
+    is spread over time as a real model's is."""
+
+    def __init__(self, scripted, delay):
+        super().__init__()
+        self.inner, self.delay, self.config = scripted, delay, scripted.config
+
+    def forward(self, idx, **kw):
+        time.sleep(self.delay)
+        return self.inner(idx, **kw)
+
+
+def test_a_slow_tool_call_does_not_stall_other_streams(tiny_tokenizer):
+    """Tool calls run off the decode loop: while one request's tool sleeps for 1 s, another request's tokens keep
+    arriving (they used to wait for the tool on the scheduler thread), and the first request then continues with
+    the tool's output."""
+    from test_engine import ScriptedModel
+
+    tok = tiny_tokenizer
+    sid = tok.special_id
+    c, q = tok.encode("1")[0], tok.encode("q")[0]
+    table = {sid("<|assistant_start|>"): sid("<|python_start|>"), sid("<|python_start|>"): c,
+             c: sid("<|python_end|>"), sid("<|output_end|>"): sid("<|assistant_end|>")}
+    model = _Slow(ScriptedModel(tok.vocab_size, table, default=q), delay=0.02)
+    window = []
+
+    def slow_tool(code):
+        window.append(time.monotonic())
+        time.sleep(1.0)
+        window.append(time.monotonic())
+        return "3"
+
+    sched = Scheduler(Engine(model, tok, tool=slow_tool), max_batch=4)
+    sched.start()
+    try:
+        a, a_done, on_a = _collect(1)
+        b, b_done, on_b = _collect(1)
+        sched.submit([tok.bos_id, q], SamplingParams(temperature=0, max_tokens=60), 1, on_b)
+        sched.submit([tok.bos_id, sid("<|assistant_start|>")], SamplingParams(temperature=0, max_tokens=20), 1, on_a)
+        assert a_done.wait(30) and b_done.wait(30)
+    finally:
+        sched.stop()
+    start, end = window
+    during = [t for t, ev in b if start < t < end]
+    assert len(during) >= 10, (len(during), len(b))  # ~0.02 s per step: ~45 in that second
+    assert "".join(ev.text for _, ev in a if ev.segment == "output") == "3"
+    assert a[-1][1].finish_reason == "stop" and a[-1][0] >= end
+
+
+class _Nudged(torch.nn.Module):
+    """A real GPT whose next token is pushed to table[last token] where the table has it (a tool call scripted into
+    a real model); elsewhere the GPT's own logits. Counts forward passes."""
+
+    def __init__(self, gpt, table):
+        super().__init__()
+        self.gpt, self.table, self.config, self.calls = gpt, table, gpt.config, 0
+
+    def forward(self, idx, kv_cache=None, last=False, **kw):
+        self.calls += 1
+        logits = self.gpt(idx, kv_cache=kv_cache, last=last, **kw)
+        fed = idx[:, -1:] if last else idx  # the tokens whose next-token logits these are
+        for b, t in (fed.view(-1)[:, None] == torch.tensor(list(self.table))).nonzero().tolist():
+            row, col = divmod(b, fed.size(1))
+            logits[row, col, self.table[list(self.table)[t]]] += 1000.0
+        return logits
+
+
+def _reference(model, tok, tool, prompt, max_tokens):
+    """One token at a time, a full forward each (no cache): the tool's output block appended after <|python_end|>."""
+    sid = tok.special_id
+    seq, code = list(prompt), None
+    while len(seq) - len(prompt) < max_tokens and len(seq) < model.config.sequence_len:
+        with torch.no_grad():
+            t = int(model(torch.tensor([seq]))[0, -1].argmax())
+        if t in (sid("<|assistant_end|>"), tok.bos_id):
+            break
+        seq.append(t)
+        if t == sid("<|python_start|>"):
+            code = []
+        elif t == sid("<|python_end|>") and code is not None:
+            seq += [sid("<|output_start|>"), *tok.encode(tool(tok.decode(code))), sid("<|output_end|>")]
+            code = None
+        elif code is not None:
+            code.append(t)
+    return seq[len(prompt): len(prompt) + max_tokens]
+
+
+def test_forced_tool_output_is_fed_as_one_extend(tiny_tokenizer):
+    """The tool's output block (k forced tokens) is fed to the model in one forward pass, not k decode steps; the
+    tokens after it equal a one-token-at-a-time full-forward reference, alone and while another request decodes."""
+    tok = tiny_tokenizer
+    sid = tok.special_id
+    c = tok.encode("1")[0]
+    table = {sid("<|assistant_start|>"): sid("<|python_start|>"), sid("<|python_start|>"): c,
+             c: sid("<|python_end|>")}
+    gpt = randomize_outputs(make_tiny_model(tok.vocab_size, n_embd=64, head_dim=16, seed=4), seed=14).eval()
+    model = _Nudged(gpt, table)
+
+    def tool(code):
+        return "the answer is 12345 and more text"
+
+    engine = Engine(model, tok, tool=tool)
+    prompt = [tok.bos_id, sid("<|user_start|>"), *tok.encode("To be"), sid("<|user_end|>"), sid("<|assistant_start|>")]
+    want = _reference(model, tok, tool, prompt, 40)
+    out_block = 2 + len(tok.encode(tool("")))
+    assert want[3 : 3 + out_block][0] == sid("<|output_start|>") and len(want) == 40
+    engine.chunk = 1  # one decode step per sampled token: the forward passes are easy to count
+    model.calls = 0
+    (got,), (mask,) = engine.generate_batch(prompt, 1, SamplingParams(temperature=0, max_tokens=40))
+    assert got == want and mask == [1] * 3 + [0] * out_block + [1] * (40 - 3 - out_block)
+    # one forward per sampled token (the prefill gives the first): the token after the output block comes from ONE
+    # pass over <|python_end|> and the block, not from one decode step per forced token (40 passes before)
+    sampled = 40 - out_block
+    assert model.calls == sampled, model.calls
+    # with another request decoding in the same batch, at other positions
+    other = tok.encode("In the beginning God created", prepend=tok.bos_id)
+    want_other = _reference(model, tok, tool, other, 30)
+    sched = Scheduler(engine, max_batch=4)
+    got_a, done_a, on_a = _collect(1)
+    got_b, done_b, on_b = _collect(1)
+    sched.submit(other, SamplingParams(temperature=0, max_tokens=30), 1, on_b)
+    sched.submit(prompt, SamplingParams(temperature=0, max_tokens=40), 1, on_a)
+    sched.start()
+    try:
+        assert done_a.wait(30) and done_b.wait(30)
+    finally:
+        sched.stop()
+    assert [ev.token for _, ev in got_a] == want
+    assert [ev.token for _, ev in got_b][: len(want_other)] == want_other

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model, randomize_outputs
-from picochat.engine import Engine, SamplingParams
+from picochat.engine import Engine, GraphedSteps, SamplingParams
 from test_engine import _staggered, naive_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -29,13 +29,13 @@ def test_cuda_graphs_give_the_plain_engines_tokens(tiny_tokenizer, gpu_model, co
     tok = tiny_tokenizer
     plain = Engine(gpu_model, tok, dtype=torch.float32, cuda_graphs=False)
     graphed = Engine(gpu_model, tok, dtype=torch.float32, compile=compile, cuda_graphs=True)
-    graphed._graphs.kv_step = 16  # cross several kv buckets within a short generation
+    graphed.step.kv_step = 16  # cross several kv buckets within a short generation
     prompts = _prompts(tok)
     for p in (SamplingParams(temperature=0, max_tokens=40), SamplingParams(temperature=1.0, max_tokens=40, seed=5)):
         want = _staggered(plain, prompts, p)
         assert _staggered(graphed, prompts, p) == want
         assert sum(len(t) for t in want.values()) > 60
-    assert {nb for nb, _ in graphed._graphs.graphs} >= {1, 2, 4}
+    assert {nb for nb, _ in graphed.step.graphs} >= {1, 2, 4}
     p = SamplingParams(temperature=1.0, max_tokens=30, seed=3)
     assert graphed.generate_batch(prompts[1], 3, p) == plain.generate_batch(prompts[1], 3, p)
     seqs, _ = plain.generate_batch(prompts[0], 1, SamplingParams(temperature=0, max_tokens=20))
@@ -48,7 +48,7 @@ def test_bf16_graphed_step_matches_fp32_logits(tiny_tokenizer, gpu_model):
     tok = tiny_tokenizer
     fast = Engine(gpu_model, tok, compile=True, dtype=torch.bfloat16)  # tests set PICOCHAT_DTYPE=fp32
     ref = Engine(gpu_model, tok, dtype=torch.float32)
-    assert fast._graphs is not None
+    assert isinstance(fast.step, GraphedSteps)
     ids = _prompts(tok)[1]
     for n in (1, 3):
         logits = []

@@ -15,19 +15,25 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Union
 
 import torch
 
 from picochat.common import UserError
-from picochat.engine import Engine, Event, SamplingParams
-from picochat.engine import _Batch, _Request
+from picochat.engine import Batch, Engine, Event, Request, SamplingParams
 
 log = logging.getLogger("picochat.serve")
 
 ScoreResult = tuple[list[Union[float, None]], list[list[tuple[int, float]]]]
 
+# a round admits new requests while their prompts, padded to the longest, stay within this many tokens (at least
+# one request): their prefill runs before the next decode step, so this bounds how long a burst of arrivals
+# stalls the streams already decoding
+PREFILL_TOKENS_PER_ROUND = 512
+# tool calls run on this many threads: a slow tool (the python sandbox: up to its timeout) stalls only its own row
+TOOL_WORKERS = 4
 # a round scores queued prompts until this many tokens (at least one prompt), then decodes a step: a queue of long
 # scoring requests (an evaluation client) must not stall the streams that are decoding
 SCORE_TOKENS_PER_ROUND = 2048
@@ -60,7 +66,7 @@ class Scheduler:
         self.on_step = on_step  # called on the scheduler thread after each round (admissions + one step)
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self._queue: deque[_Request | _Score] = deque()
+        self._queue: deque[Request | _Score] = deque()
         self._queued_rows = 0  # sum of n over the queue; both under _cv
         self._running = 0  # live rows of the batch, as of the end of the last round; under _cv
         self._cancel: set[int] = set()
@@ -69,7 +75,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._dead: str | None = None
-        self._batch: _Batch | None = None
+        self._batch: Batch | None = None
+        self._tools: ThreadPoolExecutor | None = None
         self._threads = torch.get_num_threads()
         self.steps = 0
         self.compile_seconds = 0.0
@@ -81,7 +88,8 @@ class Scheduler:
         scheduler thread."""
         if self._thread is None:
             self.compile_seconds = self.engine.warmup(self.max_batch)
-            self._batch = _Batch(self.engine, self.max_batch)
+            self._tools = ThreadPoolExecutor(TOOL_WORKERS, thread_name_prefix="picochat-tool")
+            self._batch = Batch(self.engine, self.max_batch, run_tool=self._run_tool)
             self._thread = threading.Thread(target=self._run, name="picochat-scheduler", daemon=True)
             self._thread.start()
 
@@ -92,6 +100,9 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        if self._tools is not None:
+            self._tools.shutdown(wait=False, cancel_futures=True)
+            self._tools = None
 
     @property
     def dead(self) -> str | None:
@@ -112,7 +123,7 @@ class Scheduler:
         self.engine.check_prompt(prompt_ids)
         if n < 1 or n > self.max_batch:
             raise UserError(f"n={n} must be between 1 and the server's max batch {self.max_batch}")
-        return self._enqueue(lambda rid: _Request(rid, list(prompt_ids), n, params, on_event))
+        return self._enqueue(lambda rid: Request(rid, list(prompt_ids), n, params, on_event))
 
     def submit_score(self, ids: list[int], top: int,
                      on_done: Callable[[Union[ScoreResult, BaseException]], None]) -> int:
@@ -121,7 +132,7 @@ class Scheduler:
         self.engine.check_score(ids, top)
         return self._enqueue(lambda rid: _Score(rid, list(ids), top, on_done))
 
-    def _enqueue(self, make: Callable[[int], _Request | _Score]) -> int:
+    def _enqueue(self, make: Callable[[int], Request | _Score]) -> int:
         with self._cv:
             if self.dead is not None:
                 raise EngineDied(self.dead)
@@ -151,11 +162,7 @@ class Scheduler:
                 queued, self._queue, self._queued_rows, self._running = list(self._queue), deque(), 0, 0
             for item in queued:
                 _fail(item, why)
-            for r in self._batch.rows:
-                if not r.done:
-                    r.done = True
-                    r.request.on_event(Event(r.index, -1, False, r.segment, why, "error"))
-            self._batch.rows = []
+            self._batch.fail(why)
             log.error("%s; failed %d queued request(s)", why, len(queued), exc_info=exc)
 
     def _loop(self) -> None:
@@ -165,39 +172,30 @@ class Scheduler:
         b = self._batch
         while True:
             with self._cv:
-                while not self._stop and not b.rows and not self._queue:
+                while not self._stop and not b.busy and not self._queue:
                     self._cv.wait()
                 if self._stop:
                     return
-                admit, scores, keep = [], [], deque()
-                budget, free, blocked = SCORE_TOKENS_PER_ROUND, b.free, False
-                for item in self._queue:  # generation in order of arrival; scores do not wait for rows
-                    if isinstance(item, _Score) and budget > 0:
-                        scores.append(item)
-                        budget -= len(item.ids)
-                    elif isinstance(item, _Request) and not blocked and item.n <= free:
-                        admit.append(item)
-                        free -= item.n
-                    else:
-                        blocked = blocked or isinstance(item, _Request)
-                        keep.append(item)
-                self._queue = keep
-                self._queued_rows -= sum(q.n for q in admit) + len(scores)
+                admit, scores = self._take(b.free)
                 cancel, self._cancel = self._cancel, set()
             for job in scores:
-                if job.rid in cancel:
-                    continue
+                if job.rid not in cancel:
+                    try:
+                        result: ScoreResult | BaseException = self.engine.score(job.ids, job.top)
+                    except Exception as exc:  # noqa: BLE001 - handed to the caller, which answers the client
+                        result = exc
+                    job.on_done(result)
+            for req in [r for r in admit if r.rid in cancel]:
+                for i in range(req.n):
+                    req.on_event(Event(i, -1, False, "text", "", "cancelled"))
+            admit = [r for r in admit if r.rid not in cancel]
+            if admit:
                 try:
-                    result: ScoreResult | BaseException = self.engine.score(job.ids, job.top)
-                except Exception as exc:  # noqa: BLE001 - handed to the caller, which answers the client
-                    result = exc
-                job.on_done(result)
-            for req in admit:
-                if req.rid in cancel:
-                    for i in range(req.n):
-                        req.on_event(Event(i, -1, False, "text", "", "cancelled"))
-                    continue
-                self._guard(req, lambda: b.add(req))
+                    b.add(admit)
+                except Exception as exc:  # a failed prefill fails its requests, never the server
+                    b.rows = [r for r in b.rows if all(r.request is not q for q in admit)]
+                    for req in admit:
+                        _fail(req, f"{exc}")
             for r in b.rows:
                 if r.request.rid in cancel:
                     r.request.cancelled = True
@@ -206,10 +204,7 @@ class Scheduler:
                     b.step()
                     self.steps += 1
                 except Exception as exc:  # a failed step fails its rows' requests, never the server
-                    for r in b.rows:
-                        r.done = True
-                        r.request.on_event(Event(r.index, -1, False, r.segment, f"{exc}", "error"))
-                    b._compact()
+                    b.fail(f"{exc}")
             with self._cv:
                 self._running = len(b.rows)
                 # a request cancelled while queued also needs its cancel remembered
@@ -217,16 +212,45 @@ class Scheduler:
             if self.on_step is not None:
                 self.on_step()
 
-    def _guard(self, req: _Request, fn) -> None:
-        try:
-            fn()
-        except Exception as exc:
-            for i in range(req.n):
-                req.on_event(Event(i, -1, False, "text", f"{exc}", "error"))
-            self._batch.rows = [r for r in self._batch.rows if r.request is not req]
+    def _take(self, free: int) -> tuple[list[Request], list[_Score]]:
+        """Under the lock: the generation requests to admit this round (in order of arrival, while they fit in the
+        free rows and, after the first, in `PREFILL_TOKENS_PER_ROUND` padded prompt tokens) and the scoring requests
+        to run (up to `SCORE_TOKENS_PER_ROUND` tokens; they take no rows, so they do not wait for them)."""
+        admit: list[Request] = []
+        scores: list[_Score] = []
+        keep: deque[Request | _Score] = deque()
+        score_budget, blocked = SCORE_TOKENS_PER_ROUND, False
+        for item in self._queue:
+            if isinstance(item, _Score):
+                if score_budget > 0:
+                    scores.append(item)
+                    score_budget -= len(item.ids)
+                    continue
+            elif not blocked and item.n <= free:
+                longest = max(len(r.prompt) for r in admit + [item])
+                if not admit or (len(admit) + 1) * longest <= PREFILL_TOKENS_PER_ROUND:
+                    admit.append(item)
+                    free -= item.n
+                    continue
+                blocked = True
+            else:
+                blocked = True  # first come, first served: a later small request does not overtake a big one
+            keep.append(item)
+        self._queue = keep
+        self._queued_rows -= sum(q.n for q in admit) + len(scores)
+        return admit, scores
+
+    def _run_tool(self, code: str, deliver: Callable[[str], None]) -> None:
+        """The Batch's tool runner: the tool runs on the pool; its row waits while the others keep decoding."""
+        def job() -> None:
+            output = self.engine.run_tool(code)
+            deliver(output)
+            with self._cv:  # wake the loop if every row is waiting
+                self._cv.notify_all()
+        self._tools.submit(job)
 
 
-def _fail(item: _Request | _Score, why: str) -> None:
+def _fail(item: Request | _Score, why: str) -> None:
     if isinstance(item, _Score):
         item.on_done(EngineDied(why))
     else:
