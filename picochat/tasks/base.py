@@ -1,0 +1,213 @@
+"""The Task contract, mixtures and curricula of tasks, and the scoring helpers the task families share.
+
+A Task is a dataset of conversations plus a scorer. SFT/midtraining batches read `task[i]`, chat evaluation calls
+`evaluate(conversation, completion)` and RL calls `reward(...)`, which is the same scorer as a float, so a scorer is
+written once. Conversations are the schema `picochat.tokenizer.Tokenizer.render_conversation` reads:
+
+    {"messages": [{"role": "user", "content": "..."},
+                  {"role": "assistant", "content": "..." | [{"type": "text" | "python" | "python_output",
+                                                              "text": "..."}, ...]}]}
+
+Multiple-choice conversations also carry "letters" (the choice letters, so a categorical evaluator can compare the
+logits of just those tokens); task families may add other keys, which rendering ignores.
+
+    from picochat.tasks import get_task, TaskMixture
+    mix = TaskMixture([get_task("spellingbee", "train", size=1000), get_task("identity", "train")], seed=0)
+    conv = mix[0]
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
+
+from picochat.common import UserError
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class Task:
+    """A start/stop/step view over a dataset of conversations.
+
+    Subclasses implement `num_examples()` and `get_example(i)` over the whole dataset, set `eval_type` and override
+    `evaluate`. `task[i]` is example `range(start, stop, step)[i]`, so `Task(start=0, stop=100)` is the first 100
+    and `step=2` every other one; negative indices count from the end as for lists.
+    """
+
+    eval_type: str = "generative"  # "categorical": the answer is one of the "letters"; "generative": free text
+
+    def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
+        if start < 0 or (stop is not None and stop < start) or step < 1:
+            raise UserError(f"{type(self).__name__}: bad slice start={start} stop={stop} step={step}; need "
+                            f"0 <= start <= stop and step >= 1")
+        self.start, self.stop, self.step = start, stop, step
+
+    def num_examples(self) -> int:
+        raise NotImplementedError
+
+    def get_example(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def _range(self) -> range:
+        n = self.num_examples()
+        return range(self.start, n if self.stop is None else min(self.stop, n), self.step)
+
+    def __len__(self) -> int:
+        return len(self._range())
+
+    def __getitem__(self, i: int) -> dict:
+        return self.get_example(self._range()[i])  # range indexing raises IndexError past the end
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        """Is `completion` (the assistant's reply as text) a correct answer to `conversation`'s question?"""
+        raise NotImplementedError
+
+    def reward(self, conversation: dict, completion: str) -> float:
+        """The RL reward: the evaluation as a float (1.0 right, 0.0 wrong)."""
+        return float(self.evaluate(conversation, completion))
+
+
+class TaskSequence(Task):
+    """Tasks one after another (a curriculum): every example of tasks[0], then of tasks[1], ..."""
+
+    def __init__(self, tasks: Sequence[Task], **slice_kw):
+        super().__init__(**slice_kw)
+        if not tasks:
+            raise UserError("TaskSequence needs at least one task")
+        self.tasks = list(tasks)
+        self._offsets = [0]
+        for t in self.tasks:
+            self._offsets.append(self._offsets[-1] + len(t))
+
+    def num_examples(self) -> int:
+        return self._offsets[-1]
+
+    def locate(self, index: int) -> tuple[Task, int]:
+        """(task, index within it) of example `index` of the whole sequence."""
+        for k, t in enumerate(self.tasks):
+            if index < self._offsets[k + 1]:
+                return t, index - self._offsets[k]
+        raise IndexError(index)
+
+    def get_example(self, index: int) -> dict:
+        task, j = self.locate(index)
+        return task[j]
+
+
+class TaskMixture(TaskSequence):
+    """All examples of all tasks in one deterministic shuffled order (`seed`); a task listed twice is seen twice
+    as often (oversampled), since each listing contributes all of its examples."""
+
+    def __init__(self, tasks: Sequence[Task], seed: int = 0, **slice_kw):
+        super().__init__(tasks, **slice_kw)
+        self.seed = seed
+        self._order = list(range(self._offsets[-1]))
+        random.Random(seed).shuffle(self._order)  # a private generator: the global random state is not touched
+
+    def locate(self, index: int) -> tuple[Task, int]:
+        return super().locate(self._order[index])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# multiple choice
+
+
+def render_mc(question: str, choices: Sequence[str], letters: Sequence[str] | None = None) -> str:
+    """The user message of a multiple-choice question whose answer is one letter.
+
+    Each choice sits on its own line as "A. text". The letter there is a pre-token of its own under the split
+    pattern (a newline is never joined to the letter that follows it), and the assistant's reply is the bare letter
+    with nothing before it, so both are the letter's single byte token in any byte-level BPE: the letter the model
+    reads next to a choice is the very token it must write (tests/test_tasks.py checks this with a trained
+    tokenizer)."""
+    letters = list(letters) if letters is not None else list(LETTERS[:len(choices)])
+    if len(letters) != len(choices) or not 2 <= len(choices) <= len(LETTERS):
+        raise UserError(f"a multiple-choice question needs 2-{len(LETTERS)} choices, one letter each "
+                        f"(got {len(choices)} choices, {len(letters)} letters): {question[:60]!r}")
+    lines = [question.strip(), ""] + [f"{letter}. {str(c).strip()}" for letter, c in zip(letters, choices)]
+    lines += ["", "Answer with the letter of the correct choice."]
+    return "\n".join(lines)
+
+
+def mc_conversation(question: str, choices: Sequence[str], answer: int, letters: Sequence[str] | None = None,
+                    **extra) -> dict:
+    """A multiple-choice conversation: user = render_mc(...), assistant = the answer's letter alone."""
+    letters = list(letters) if letters is not None else list(LETTERS[:len(choices)])
+    if not 0 <= answer < len(choices):
+        raise UserError(f"answer index {answer} is outside the {len(choices)} choices of {question[:60]!r}")
+    return {"messages": [{"role": "user", "content": render_mc(question, choices, letters)},
+                         {"role": "assistant", "content": letters[answer]}],
+            "letters": letters, **extra}
+
+
+def extract_letter(completion: str, letters: Sequence[str]) -> str | None:
+    """The choice letter a reply gives, or None when it gives none or several.
+
+    Accepted: the letter alone ("B", " b.", "(B)"), "answer is B" / "answer: B", or text in which exactly one of
+    `letters` stands alone as a capital ("I think B is right"). "A" is also an English word, so "A guess: C" has
+    two standalone letters and gives None, while "A good answer is C" resolves through the "answer is" phrasing."""
+    text = completion.strip()
+    valid = {x.upper() for x in letters}
+    bare = text.strip("()[]{}.:*` \n\t").upper()
+    if bare in valid:
+        return bare
+    m = re.search(r"answer\s*(?:is|:)?\s*[(\[]?([A-Za-z])\b", text, flags=re.IGNORECASE)
+    if m and m.group(1).upper() in valid:
+        return m.group(1).upper()
+    found = {w for w in re.findall(r"\b([A-Z])\b", text) if w in valid}
+    return found.pop() if len(found) == 1 else None
+
+
+def mc_correct(conversation: dict, completion: str) -> bool:
+    """Does `completion` give the letter of an `mc_conversation`'s answer?"""
+    return extract_letter(completion, conversation["letters"]) == conversation["messages"][-1]["content"]
+
+
+class MultipleChoiceTask(Task):
+    """A categorical task whose conversations come from `mc_conversation`; scoring compares letters."""
+
+    eval_type = "categorical"
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        return mc_correct(conversation, completion)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# numbers
+
+
+_NUMBER = re.compile(r"[-\u2212]?\$?\d[\d,]*(?:\.\d+)?|[-\u2212]?\.\d+")
+
+
+def parse_number(text: str) -> Decimal | None:
+    """A number as written in an answer: "1,234", "-5", "\u22125" (Unicode minus), "$18", "3.50", "18." all parse;
+    anything else is None. Decimal, so "0.1" + "0.2" style float noise never decides a comparison."""
+    s = text.strip().rstrip(".").replace(",", "").replace("$", "").replace("\u2212", "-")
+    try:
+        value = Decimal(s)
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() else None
+
+
+def last_number(text: str) -> Decimal | None:
+    """The last number written in `text` (None if there is none)."""
+    found = _NUMBER.findall(text)
+    return parse_number(found[-1]) if found else None
+
+
+def marked_number(text: str, marker: str = "####") -> Decimal | None:
+    """The number right after the last `marker` (GSM8K's "#### 72"); None without a marker."""
+    if marker not in text:
+        return None
+    line = text.rsplit(marker, 1)[1].split("\n", 1)[0]
+    found = _NUMBER.search(line)
+    return parse_number(found.group()) if found else None
+
+
+def seeded(seed: int, index: int) -> random.Random:
+    """A generator for example `index` of a generated task: the same example for the same (seed, index) on every
+    machine and in every process, independent of which examples were drawn before."""
+    return random.Random(f"{seed}:{index}")

