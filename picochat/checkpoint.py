@@ -284,7 +284,7 @@ def pick_run(stage: str, run: str | None = None, base_dir: str | Path | None = N
     """(run name, folder) to load from: `run` when given, else the stage's most recently written run, said on stderr
     (stdout may be a one-shot reply)."""
     runs = list_runs(stage, base_dir)
-    named = ", ".join(sorted(r for r in runs if r != OLD_LAYOUT)) or "none"
+    named = ", ".join(sorted(r or "(old layout)" for r in runs)) or "none"
     if run is not None:
         d = run_dir(stage, run, base_dir)
         if not list_steps(d):

@@ -176,7 +176,7 @@ def test_runs_old_layout_and_run_names(tmp_path, tiny_tokenizer, capsys):
     assert ck.list_runs("base", tmp_path) == [ck.OLD_LAYOUT, "a", "b"]
     _, _, meta = ck.load_model(base_dir=tmp_path)  # source auto: base, the only stage
     assert (meta["source"], meta["run"], meta["step"]) == ("base", "b", 3)
-    assert "run 'b', the most recently written of a, b (pick one with --run)" in capsys.readouterr().err
+    assert "run 'b', the most recently written of (old layout), a, b (pick one with --run)" in capsys.readouterr().err
     assert ck.load_model("base", base_dir=tmp_path, run="a")[2]["step"] == 5
     for bad in ("../x", ".hidden", "step_000001", "a/b", " "):
         with pytest.raises(UserError, match="a run name is"):
