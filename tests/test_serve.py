@@ -596,19 +596,22 @@ def test_max_tokens_that_does_not_fit_is_400_like_openai(served):
     r = post_chat(served, messages=msgs, max_tokens=room + 1)
     # the fixture caps replies at 64: asking for more is refused too, naming the cap
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
-    big = create_app(tiny_model(served.tokenizer), served.tokenizer, model_name="tiny", max_tokens=1000,
-                     engine_process=False)
+    model = tiny_model(served.tokenizer)
+    big = create_app(model, served.tokenizer, model_name="tiny", max_tokens=1000, engine_process=False)
     with ServerThread(big) as srv:
+        srv.model, srv.tokenizer = model, served.tokenizer
         r = post_chat(srv, messages=msgs, max_tokens=room + 1)
         err = r.json()["error"]
         assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "max_tokens"
         assert "maximum context length is 256 tokens" in err["message"]
         assert f"{prompt} in the prompt, {room + 1} in the completion" in err["message"]
-        # exactly what fits is served, and binds: every one of those tokens is generated
-        r = post_chat(srv, messages=msgs, max_tokens=room, temperature=1.0, seed=3)
+        # exactly what fits is served, and the limit binds: this greedy reply runs to the last position of the context
+        r = post_chat(srv, messages=msgs, max_tokens=room)
         assert r.status_code == 200
         usage, choice = r.json()["usage"], r.json()["choices"][0]
-        assert (choice["finish_reason"], usage["completion_tokens"]) in (("length", room), ("stop", usage["completion_tokens"]))
+        assert (choice["finish_reason"], usage["completion_tokens"], usage["total_tokens"]) == ("length", room, 256)
+        assert choice["message"]["content"] == engine_greedy(srv, served.tokenizer.render_for_completion(
+            {"messages": msgs}), room)
         # without max_tokens a reply gets what fits (here less than the 1000 cap), not an error
         r = post_chat(srv, messages=msgs, max_tokens=None)
         assert r.status_code == 200 and r.json()["usage"]["total_tokens"] <= 256
@@ -733,3 +736,35 @@ def test_openai_client_seeded_n_reproduces_under_load(served):
                 joined[c.index] += c.delta.content or ""
         [f.result() for f in others]
     assert loaded == alone and joined == alone
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the protocol's pure functions, without a server
+
+
+def test_protocol_parsing_and_shaping_without_a_server(tiny_tokenizer):
+    from picochat.serve import protocol as P
+
+    limits = P.Limits(max_batch=4, max_tokens=50, context=100)
+    req = P.sampling({"temperature": 0.7, "top_p": 0, "n": 2, "seed": 5, "stop": "x"}, [1] * 30, limits, "messages")
+    assert (req.params.temperature, req.params.top_p, req.params.max_tokens, req.n) == (0.0, None, 50, 2)
+    assert P.sampling({}, [1] * 90, limits, "messages").params.max_tokens == 10  # what fits, under the cap
+    with pytest.raises(P.ApiError, match="at most 50") as e:
+        P.sampling({"max_tokens": 51}, [1] * 10, limits, "messages")
+    assert e.value.param == "max_tokens"
+    assert P.sampling({"max_tokens": 0}, [1] * 100, limits, "prompt", allow_zero=True).params.max_tokens == 0
+    conv = P.conversation({"messages": [{"role": "developer", "content": "d"}, {"role": "user", "content": "u1"},
+                                        {"role": "assistant", "content": "a"}, {"role": "assistant", "content": None},
+                                        {"role": "user", "content": [{"type": "text", "text": "u2"}]}]})
+    assert conv == {"messages": [{"role": "user", "content": "d\n\nu1"},
+                                 {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
+                                 {"role": "user", "content": "u2"}]}
+    ids, as_text = P.prompts({"prompt": [[1, 2], [3]]}, 320, None)
+    assert (ids, as_text) == ([[1, 2], [3]], False)
+    # two tokens that are each part of one character must not share a name (top_logprobs is keyed by it)
+    tok = tiny_tokenizer
+    names = P.token_strings(tok, list(range(256)))  # ids 0..255 are the single bytes
+    assert len(set(names)) == 256 and names[0xc3].startswith("bytes:\\x")
+    assert P.text_offsets(tok, tok.encode("aé b"), 3)[-1] == 3 + len("aé")
+    assert P.encode_with_specials(tok, "x<|bos|><|user_start|>") == [*tok.encode("x"), tok.bos_id,
+                                                                   tok.special_id("<|user_start|>")]

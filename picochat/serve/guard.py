@@ -57,7 +57,7 @@ def default_allowed_hosts(bind: str) -> tuple[str, ...]:
         names |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
     except OSError:  # no resolvable name: the machine's name alone
         pass
-    return (*LOOPBACK_NAMES, *sorted(names))
+    return tuple(dict.fromkeys([*LOOPBACK_NAMES, *sorted(names)]))
 
 
 def parse_allowed_hosts(value: str, bind: str) -> tuple[str, ...]:
