@@ -108,7 +108,7 @@ def test_mc_answer_letter_is_the_same_single_token_in_prompt_and_reply():
 
 
 @pytest.mark.parametrize("completion,want", [
-    ("B", "B"), (" b.", "B"), ("(B)", "B"), ("The answer is B.", "B"), ("answer: b", "B"),
+    ("B", "B"), (" b.", "B"), ("(B)", "B"), ("The answer is B.", "B"), ("Answer: (B)", "B"), ("the answer is a mammal", None),
     ("I think B is right", "B"), ("A", "A"), ("A or B", None), ("", None), ("E", None), ("Banana", None),
     ("A good answer is C", "C"),
 ])

