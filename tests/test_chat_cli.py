@@ -53,7 +53,8 @@ def test_one_shot_prints_engine_greedy_reply(base_dir):
     proc = run_cli(base_dir, ["-p", "hello there", "--temperature", "0", "--max-tokens", str(MAX_TOKENS)])
     assert proc.returncode == 0, proc.stderr
     # shown with control characters escaped (this random model's reply has some)
-    assert proc.stdout == chat_cli.printable(greedy_reply(base_dir, [{"role": "user", "content": "hello there"}])) + "\n"
+    reply = greedy_reply(base_dir, [{"role": "user", "content": "hello there"}])
+    assert proc.stdout == chat_cli.printable(reply) + "\n"
 
 
 def test_interactive_clear_and_exit(base_dir):

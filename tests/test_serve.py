@@ -431,7 +431,8 @@ def test_cross_site_and_rebinding_requests_are_refused(served):
     assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
     assert raw_post(served.url, CHAT, body, **{"content-type": "application/json", "origin": "null"}).status_code == 403
     # the served page itself (same origin) and plain clients under the loopback names are served
-    for headers in ({"origin": served.url}, {"host": f"localhost:{port}"}, {"content-type": "application/json; charset=utf-8"}):
+    for headers in ({"origin": served.url}, {"host": f"localhost:{port}"},
+                    {"content-type": "application/json; charset=utf-8"}):
         r = raw_post(served.url, CHAT, body, **{"content-type": "application/json", **headers})
         assert r.status_code == 200, (headers, r.text)
 
@@ -543,7 +544,8 @@ def test_developer_and_system_messages_anywhere_and_consecutive_users(served):
          [{"role": "user", "content": "one\n\ntwo"}]),
         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}, {"role": "system", "content": "s"},
           {"role": "user", "content": "q2"}],
-         [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}, {"role": "user", "content": "s\n\nq2"}]),
+         [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"},
+          {"role": "user", "content": "s\n\nq2"}]),
         ([{"role": "user", "content": "q"}, {"role": "system", "content": "late"}],
          [{"role": "user", "content": "q\n\nlate"}]),
     ]

@@ -137,7 +137,9 @@ def test_regenerate_edit_stop_and_new_chat(page):
     # arrive after all 300 tokens when the machine is loaded
     page.evaluate("""() => new MutationObserver((_, obs) => {
         const b = document.querySelectorAll('.msg.assistant');
-        if (b.length === 2 && b[1].textContent.length > 3) { obs.disconnect(); document.getElementById('stop').click(); }
+        if (b.length === 2 && b[1].textContent.length > 3) {
+            obs.disconnect(); document.getElementById('stop').click();
+        }
     }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true})""")
     send(page, "a long answer please")
     page.wait_for_selector('.msg.assistant[data-state="stopped"]')
