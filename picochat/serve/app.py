@@ -417,8 +417,8 @@ async def _no_rows(n: int) -> list[P.RowText]:
 
 def set_model_threads(device, threads: int) -> int:
     """On CPU, give the model `threads` cores (0: all but one). Why: the event loop that streams tokens shares the
-    machine with the model's OpenMP threads, and every parallel region waits for its slowest thread; on 2 cores a
-    server with one model thread streamed 1,264 tok/s to one client vs 448 with two (8 clients: 2,420 vs 1,332)."""
+    machine with the model's OpenMP threads, and every parallel region waits for its slowest thread: on 2 cores one
+    model thread streamed ~2.8x faster to one client than two threads did (README, Measured: serving)."""
     if device.type == "cpu":
         torch.set_num_threads(threads if threads > 0 else max(1, (os.cpu_count() or 1) - 1))
     return torch.get_num_threads()

@@ -1,9 +1,9 @@
-"""The server's engine in its own process: `EngineProcess` is a drop-in for `Scheduler` (submit / cancel / load /
-start / stop) whose Engine and Scheduler run in a child process, fed over a pipe.
+"""The server's engine in its own process: `EngineProcess` is a drop-in for `Scheduler` (submit / submit_score /
+cancel / load / dead / start / stop) whose Engine and Scheduler run in a child process, fed over a pipe.
 
 Why a process: in one process the scheduler thread (decode steps) and the event loop (HTTP, JSON, SSE) take turns
-holding the GIL, so the server used ~1 of 2 cores however many clients streamed (measured `server_cores` 0.91 at 8
-clients, benchmarks/serve.py), and each decode step waited for the event loop's Python. Here the child decodes on its
+holding the GIL, so the server used ~1 of 2 cores however many clients streamed (`server_cores` of
+benchmarks/serve.py; README, Measured: serving), and each decode step waited for the event loop's Python. Here the child decodes on its
 own core and the parent's event loop only parses requests and writes chunks.
 
     parent (uvicorn, event loop)                       child (spawned: model, Engine, Scheduler thread)
@@ -36,7 +36,7 @@ from picochat.serve.scheduler import EngineDied, OverloadedError, Scheduler
 
 log = logging.getLogger("picochat.serve")
 
-READY_TIMEOUT_S = 900.0  # model transfer + torch.compile of both decode graphs; 20-45 s on 2 cores
+READY_TIMEOUT_S = 900.0  # model transfer + torch.compile of both decode graphs (tens of seconds on 2 cores: README)
 
 
 def _child(conn, model, tokenizer, tool, compile: bool, max_batch: int, threads: int) -> None:
