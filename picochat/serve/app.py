@@ -379,7 +379,6 @@ async def _text_completion(state: ServerState, request: Request, head: dict, req
     """/v1/completions without streaming: every prompt's rows generated (together: they share decode steps), then,
     for echo/logprobs, each prompt + completion scored in one forward (Engine.score): the logprobs of the tokens as
     the model sees them, the prompt's exactly as given. Choice i * n + j is prompt i's sample j."""
-    tok = state.tokenizer
     jobs = [state.bridge.submit(r, param="prompt") if r.params.max_tokens > 0 else None for r in reqs]
     rows = await asyncio.gather(*[_collect(state, j, r.n, request) if j is not None else _no_rows(r.n)
                                   for j, r in zip(jobs, reqs)])
@@ -387,24 +386,7 @@ async def _text_completion(state: ServerState, request: Request, head: dict, req
     if top is not None:
         scores = await asyncio.gather(*[state.bridge.score(r.prompt_ids + row.token_ids, top)
                                         for r, rs in zip(reqs, rows) for row in rs])
-    choices, prompt_tokens = [], 0
-    for i, (r, rs) in enumerate(zip(reqs, rows)):
-        prompt_tokens += len(r.prompt_ids)
-        prompt_text = tok.decode(r.prompt_ids)
-        for j, row in enumerate(rs):
-            text = (prompt_text if echo else "") + row.plain_text()
-            logprobs = None
-            if scores is not None:
-                lps, tops = scores[i * r.n + j]
-                start = 0 if echo else len(r.prompt_ids)
-                ids = (r.prompt_ids + row.token_ids)[start:]
-                logprobs = P.logprobs_object(tok, ids, lps[start:], tops[start:], 0 if echo else len(prompt_text))
-            reason = P.finish(row.finish_reason) if row.finish_reason is not None else "length"
-            choices.append({"index": i * r.n + j, "text": text, "logprobs": logprobs, "finish_reason": reason})
-    completion = sum(row.tokens for rs in rows for row in rs)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-             "total_tokens": prompt_tokens + completion}
-    return {**head, "object": "text_completion", "choices": choices, "usage": usage}
+    return P.text_response(head, state.tokenizer, reqs, rows, scores, echo)
 
 
 async def _no_rows(n: int) -> list[P.RowText]:

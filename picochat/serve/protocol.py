@@ -435,6 +435,31 @@ def chat_response(head: dict, prompt_tokens: int, rows: list[RowText]) -> dict:
     return {**head, "object": "chat.completion", "choices": choices, "usage": usage(prompt_tokens, rows)}
 
 
+def text_response(head: dict, tokenizer, reqs: list[GenRequest], rows: list[list[RowText]],
+                  scores: list | None, echo: bool) -> dict:
+    """A non-streamed /v1/completions response: choice i * n + j is prompt i's sample j; with `echo` its text and
+    logprobs start at the prompt; `scores` holds Engine.score of each prompt + completion (None: no logprobs)."""
+    choices, prompt_tokens = [], 0
+    for i, (r, rs) in enumerate(zip(reqs, rows)):
+        prompt_tokens += len(r.prompt_ids)
+        prompt_text = tokenizer.decode(r.prompt_ids)
+        for j, row in enumerate(rs):
+            logprobs = None
+            if scores is not None:
+                lps, tops = scores[i * r.n + j]
+                start = 0 if echo else len(r.prompt_ids)
+                ids = (r.prompt_ids + row.token_ids)[start:]
+                logprobs = logprobs_object(tokenizer, ids, lps[start:], tops[start:], 0 if echo else len(prompt_text))
+            choices.append({"index": i * r.n + j, "text": (prompt_text if echo else "") + row.plain_text(),
+                            "logprobs": logprobs,
+                            # a row that never ran (max_tokens 0: scoring only) ended at its length limit
+                            "finish_reason": "length" if row.finish_reason is None else finish(row.finish_reason)})
+    completion = sum(row.tokens for rs in rows for row in rs)
+    return {**head, "object": "text_completion", "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion}}
+
+
 def token_strings(tokenizer, ids: list[int]) -> list[str]:
     """Each token's own text; a token that is not whole UTF-8 on its own (part of a character) is written as its
     bytes, "bytes:\\xe2\\x80", as OpenAI's API does, so different tokens never share a name in top_logprobs."""
