@@ -167,7 +167,8 @@ def main(argv=None) -> None:
     peak = measure_matmul_flops("bfloat16" if dtype == torch.bfloat16 else "float32", device.type)
     print(json.dumps({
         "device": str(device), "depth": cfg.depth, "n_embd": cfg.n_embd, "vocab": cfg.vocab_size,
-        "dtype": str(dtype).removeprefix("torch."), "compile": args.compile, "cuda_graphs": isinstance(engine.step, GraphedSteps),
+        "dtype": str(dtype).removeprefix("torch."), "compile": args.compile,
+        "cuda_graphs": isinstance(engine.step, GraphedSteps),
         "threads": torch.get_num_threads(),
         "prefill_tok_per_s": round(prefill_tok_s, 1),
         "decode_tok_per_s_batch1": round(tok_s_1, 1),

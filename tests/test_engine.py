@@ -178,21 +178,24 @@ def test_compiled_sample_plain_greedy_rows_and_draws():
 
 def test_bf16_cache_with_per_row_positions(tiny_tokenizer, models):
     """Rows of different prompt lengths in one bf16 batch (the server's case on GPUs): the per-row cache write must
-    cast k/v (fp32 after the rotary) to the cache dtype; it once raised in index_put."""
+    cast k/v (fp32 after the rotary) to the cache dtype (it once raised in index_put), and each row gets the tokens
+    its request gets alone."""
     from picochat.engine import Batch, Request
 
     tok = tiny_tokenizer
     engine = Engine(models[2], tok, dtype=torch.bfloat16)
+    prompts = [tok.encode(t, prepend=tok.bos_id) for t in ["The", "To be, or not to be"]]
+    p = SamplingParams(temperature=0, max_tokens=10)
+    alone = [[ev.token for step in engine.generate(ids, 1, p) for ev in step] for ids in prompts]
     batch = Batch(engine, 4)
-    events = []
-    for rid, text in enumerate(["The", "To be, or not to be"]):
-        batch.add([Request(rid, tok.encode(text, prepend=tok.bos_id), 1, SamplingParams(temperature=0, max_tokens=6),
-                            events.append)])
+    got = {0: [], 1: []}
+    for rid, ids in enumerate(prompts):  # one after the other: the second joins at another position
+        batch.add([Request(rid, ids, 1, p, lambda ev, rid=rid: got[rid].append(ev.token))])
+        batch.step()
     while batch.rows:
         batch.step()
     assert engine.dtype == torch.bfloat16 and batch.cache.k.dtype == torch.bfloat16
-    finished = [e for e in events if e.finish_reason]
-    assert len(finished) == 2 and all(e.finish_reason in ("stop", "length") for e in finished)
+    assert [got[0], got[1]] == alone and len(alone[1]) == 10
 
 
 def test_prompt_too_long(tiny_tokenizer, models):
@@ -675,7 +678,7 @@ def test_graphed_steps_pad_and_bucket_without_changing_tokens(tiny_tokenizer, mo
 def test_cuda_graphs_need_cuda(tiny_tokenizer, models):
     with pytest.raises(UserError, match="needs a CUDA device"):
         Engine(models[0], tiny_tokenizer, cuda_graphs=True)
-    assert not isinstance(Engine(models[0], tiny_tokenizer, compile=True).step, GraphedSteps)  # the default: only on CUDA
+    assert not isinstance(Engine(models[0], tiny_tokenizer, compile=True).step, GraphedSteps)  # default: CUDA only
 
 
 # ---------------------------------------------------------------------------------------------------------------------

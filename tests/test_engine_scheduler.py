@@ -257,3 +257,55 @@ def test_forced_tool_output_is_fed_as_one_extend(tiny_tokenizer):
         sched.stop()
     assert [ev.token for _, ev in got_a] == want
     assert [ev.token for _, ev in got_b][: len(want_other)] == want_other
+
+
+def test_prefill_batch_equals_one_prompt_at_a_time(tiny_tokenizer, model):
+    """Several prompts of different lengths prefilled together (right-padded, then their last tokens at each row's
+    own position) give each row the logits and cache entries of its own batch-1 prefill."""
+    tok = tiny_tokenizer
+    engine = Engine(model, tok)
+    prompts = [tok.encode(t, prepend=tok.bos_id) for t in ["The", "To be, or not to be, that is", "def add(a, b):"]]
+    prompts.append([tok.bos_id])  # a one-token prompt: nothing before its last token
+    together = engine.new_cache(len(prompts))
+    logits = engine.prefill_batch(prompts, together, 0)
+    for i, p in enumerate(prompts):
+        alone = engine.new_cache(1)
+        want = engine.prefill(p, alone, 0)
+        assert torch.allclose(logits[i], want[0], atol=1e-5), i
+        assert torch.allclose(together.k[:, i, : len(p)], alone.k[:, 0, : len(p)], atol=1e-5)
+        assert torch.allclose(together.v[:, i, : len(p)], alone.v[:, 0, : len(p)], atol=1e-5)
+
+
+def test_a_burst_of_admissions_does_not_stall_decoding(tiny_tokenizer, model):
+    """Twelve long prompts arriving at once while a stream decodes are prefilled a few per round (a padded-token
+    budget per round), with decode steps between: the stream keeps getting tokens while they are admitted (all twelve
+    used to be prefilled one by one before its next token)."""
+    tok = tiny_tokenizer
+    engine = Engine(model, tok)
+    order = []  # (request, event) in the order the scheduler thread emitted them
+    sched = Scheduler(engine, max_batch=16)
+    sched.start()
+    try:
+        first = threading.Event()
+        ids = tok.encode("In the beginning", prepend=tok.bos_id)
+        sched.submit(ids, SamplingParams(temperature=0, max_tokens=100), 1,
+                     lambda ev: (order.append(("stream", ev)), first.set()))
+        assert first.wait(30)
+        long = (tok.encode("To be, or not to be, that is the question. ", prepend=tok.bos_id) * 10)[:100]
+        left, done = [12], threading.Event()
+
+        def on_event(ev, i):
+            order.append((i, ev))
+            if ev.finish_reason:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+        with sched._cv:  # all twelve queued at one instant
+            for i in range(12):
+                sched.submit(long, SamplingParams(temperature=0, max_tokens=2), 1, lambda ev, i=i: on_event(ev, i))
+        assert done.wait(60)
+    finally:
+        sched.stop()
+    firsts = [next(k for k, (who, _) in enumerate(order) if who == i) for i in range(12)]
+    between = [who for who, _ in order[min(firsts) : max(firsts)]]
+    assert between.count("stream") >= 2, between  # budget 512: at most 5 prompts of 100 tokens a round

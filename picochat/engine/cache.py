@@ -47,7 +47,7 @@ class CacheView:
 class StepView:
     """The compiled decode step's view of the cache: per-layer (B, S, Hkv, D) slices of the rows and of the first
     S = longest row's position + 1 entries, and a (B,) tensor of positions. S and B are dynamic dimensions of the
-    compiled graph, so one graph serves every step (a graph per kv length recompiled at every token, measured 144 tok/s).
+    compiled graph, so one graph serves every step (a graph per kv length would recompile at every token).
     Per-layer inputs rather than one (L, B, S, ..) slice: writing into `k[i]` of a single input made the compiled
     graph copy the whole input back (an index_put into a view of an input); into an input itself it is done in place.
     """

@@ -129,8 +129,9 @@ class Engine:
 
     def new_cache(self, rows: int) -> KVCache:
         """A cache for `rows` rows, always of the whole context (the compiled step's guards include the cache's time
-        length: its slices are views) and made of inference tensors: the compiled step then writes it in place (on
-        normal tensors a batch-1 step ran ~2x slower), and every caller's cache has the same dispatch keys."""
+        length: its slices are views) and made of inference tensors: the compiled step then writes it in place, and
+        every caller's cache has the same dispatch keys."""
+        # on normal tensors the compiled step copied the cache slices it writes: a batch-1 step ran ~2x slower
         cfg = self.model.config
         with torch.inference_mode():
             return KVCache(cfg.depth, rows, self.context, cfg.n_kv_head, cfg.head_dim, self.device, self.dtype)

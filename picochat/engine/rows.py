@@ -3,9 +3,9 @@
 A row's life: prefill gives its first token; then each token it accepts (sampled, or forced by a tool's output) is
 queued in `feed` until the next forward pass writes it into the cache. The tool state machine:
 
-    text ──<|python_start|>──► python (code collected) ──<|python_end|>──► WAIT (the tool runs, maybe on another
-    thread; the row sits out the decode steps) ──output──► <|output_start|> result <|output_end|> queued as forced
-    tokens, fed in ONE forward pass (an extend) ──► text
+    text ─<|python_start|>─► python (code collected) ─<|python_end|>─► WAIT (the tool runs, maybe on another
+    thread; the row sits out the decode steps) ─output─► <|output_start|> result <|output_end|> queued as forced
+    tokens, fed in ONE forward pass (an extend) ─► text
 
 A row finishes on <|assistant_end|> or <|bos|>, a stop string, max_tokens or the context's end.
 """

@@ -26,15 +26,15 @@ class SamplingParams:
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 0) -> torch.Tensor:
     """probs (n, V) >= 0 (unnormalised is fine; every row with some mass), u (n,) in [0, 1) -> (n,) int64: the first
-    token whose cumulative mass exceeds u * total. One uniform number per row: torch.multinomial draws an exponential
-    per vocabulary entry on one thread (131k draws per step at 16 rows x 8k vocab: 18% of a 16-sample decode step on
-    2 CPU cores).
+    token whose cumulative mass exceeds u * total. One uniform number per row, where torch.multinomial draws an
+    exponential per vocabulary entry on one thread (figures: README, "Compiled decode step").
 
     block = 0: one cumsum over the vocabulary (eager: the fewest ops). block > 0, for the compiled step: inductor has
-    no CPU cumsum, so the flat one runs as a scalar aten call (55 us at 8 rows x 8k vocab); instead sum blocks of
-    `block` tokens (one vectorised pass), pick the block by the cumsum of the block sums, then the token by the cumsum
-    within that block (two cumsums of 64 and 128 entries per row: ~3-4 us together). Where rounding would step past
-    the row's mass (t at the total, or past the block's own sum), it stops at the last token with mass."""
+    no CPU cumsum, so the flat one would run as a scalar aten call; instead sum blocks of `block` tokens (one
+    vectorised pass), pick the block by the cumsum of the block sums, then the token by the cumsum within that block
+    (two short cumsums per row). Where rounding would step past the row's mass (t at the total, or past the block's
+    own sum), it stops at the last token with mass."""
+    # measured at 8 rows x 8k vocab, compiled: the flat aten cumsum 55 us, the two short ones ~3-4 us together
     n, V = probs.shape
     if block <= 0:
         cdf = probs.cumsum(dim=-1)  # (n, V)
@@ -67,16 +67,16 @@ def sample_plain(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tenso
     """Temperature sampling (<= 0: greedy) per row, without data-dependent branches, so the compiled decode step
     runs it inside its graph. logits (n, V) fp32, temperature (n,), u (n,) -> (n,) int64.
 
-    Compiled, the same draw in fewer passes over the vocabulary (a microbenchmark at 8 rows x 8k vocab: 114 -> ~50 us
-    on top of the model's softcap, the aten cumsum included):
+    Compiled, the same draw in fewer passes over the vocabulary (figures: README, "Compiled decode step"):
     - the probabilities stay unnormalised, exp(z - max z): the inverse CDF scales u by the total, so no sum and
       divide passes. z - max z is taken as logits/T - (max logits)/T (equal: 1/T > 0): written as
       `z - amax(z)`, inductor adds passes that check every entry for inf/nan;
     - a greedy row draws u = 0 from the indicator of its maxima, i.e. its first maximum, which is what argmax returns:
-      no argmax pass (13 us);
+      no argmax pass;
     - the two-level inverse CDF (`_inverse_cdf` with block > 0).
-    Eager keeps softmax + argmax + the flat cumsum: there the cost is the number of ops (this formulation run eagerly
-    took a batch-1 draw from 33 to 84 us)."""
+    Eager keeps softmax + argmax + the flat cumsum: there the cost is the number of ops."""
+    # measured at 8 rows x 8k vocab: compiled 114 -> ~50 us (the argmax pass alone was 13 us); run eagerly, this
+    # formulation took a batch-1 draw from 33 to 84 us
     if not torch.compiler.is_compiling():
         return _pick(logits, temperature, torch.softmax(logits / temperature.clamp(min=1e-6)[:, None], dim=-1), u)
     greedy = temperature <= 0
@@ -89,7 +89,7 @@ def sample_plain(logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tenso
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: list, top_p: list,
                 u: torch.Tensor) -> torch.Tensor:
     """One token per row, each row with its own settings, in one pass over the batch (the server's rows belong to
-    different requests; sampling them request by request cost ~70 us per request per step).
+    different requests; sampling them request by request cost a few small ops per request per step: README).
 
     logits (n, V) fp32; temperature (n,) (<= 0: greedy); top_k, top_p: per-row lists (None = off); u (n,) uniforms
     in [0, 1), drawn by the caller from each row's own generator -> (n,) int64."""
