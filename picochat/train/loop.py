@@ -205,6 +205,8 @@ def train(stage: Stage, rt: Runtime) -> dict:
     """Runs the loop to the end of the schedule; returns the summary (also printed as the final JSON line)."""
     cfg, model, opt = stage.cfg, stage.model, stage.optimizer
     fwd = torch.compile(model) if cfg.compile else model
+    if stage.checkpoints and not stage.run:  # run "" is the old layout's stage folder: never write there
+        raise ValueError("Stage.run must name the run when the stage writes checkpoints")
     ckpt_dir = run_dir(stage.name, stage.run) if stage.checkpoints else None
     logger = MetricsLogger(cfg.metrics or get_base_dir() / "logs" / f"{stage.name}.jsonl",
                            enabled=rt.is_master and (stage.checkpoints or bool(cfg.metrics)))
