@@ -10,6 +10,6 @@ PC=".venv/bin/picochat"
 $PC data prepare
 $PC tok-train
 $PC tok-eval
-$PC pretrain --preset cpu --max-minutes "${MAX_MINUTES:-10}"
+$PC pretrain --preset cpu --max-minutes "${MAX_MINUTES:-10}" --overwrite  # a re-run starts over (use --resume to continue)
 $PC chat --source base --temperature 0 -p "The king said"
 echo "done: talk to it with  .venv/bin/picochat chat  or serve it with  .venv/bin/picochat serve"
