@@ -86,6 +86,7 @@ from picochat.serve.guard import LOOPBACK_NAMES, Guard, is_loopback, parse_allow
 from picochat.serve.protocol import ApiError
 from picochat.serve.scheduler import Scheduler
 from picochat.serve.worker import EngineProcess
+from picochat.tools import TOOL_HELP, TOOL_KINDS
 
 log = logging.getLogger("picochat.serve")
 ENGINE_PROCESS = {"auto": None, "true": True, "false": False}  # --engine-process -> create_app(engine_process=...)
@@ -104,9 +105,7 @@ class ServeConfig(CheckpointSource):
     max_batch: int = f(32, "most sample rows decoded together; also the largest n a request may ask for")
     max_queue: int = f(256, "most rows waiting for a batch slot; beyond that requests get HTTP 429")
     max_tokens: int = f(512, "default and per-request cap of generated tokens")
-    tool: str = f("calculator", "tool the model may call: calculator, python (sandboxed) or none (calls are "
-                  "answered 'disabled')",
-                  choices=["calculator", "python", "none"])
+    tool: str = f("calculator", TOOL_HELP, choices=list(TOOL_KINDS))
     model_name: str = f("picochat", "model id reported by /v1/models and accepted in requests")
     threads: int = f(0, "CPU threads for the model; 0 = all cores but one, which is left to the HTTP side")
     # a server runs long enough to repay the warm-up; --compile false starts at once

@@ -22,6 +22,7 @@ from picochat.common import UserError, run_main
 from picochat.config import CheckpointSource, f, parse_config
 from picochat.engine import Engine, Event, SamplingParams
 from picochat.serve.protocol import SEGMENT_PART
+from picochat.tools import TOOL_HELP, TOOL_KINDS
 
 # C0 controls but tab and newline, DEL, and C1 controls (\x9b is a one-byte CSI on some terminals): what the model or
 # a tool could use to drive the user's terminal (clear it, retitle it, overwrite a line after \r)
@@ -35,9 +36,7 @@ class ChatConfig(CheckpointSource):
     top_k: int = f(50, "sample among the k most likely tokens; 0 = all")
     max_tokens: int = f(512, "most tokens per reply")
     seed: int | None = f(None, "sampling seed for reproducible replies")
-    tool: str = f("calculator", "tool the model may call: calculator, python (sandboxed) or none (calls are "
-                  "answered 'disabled')",
-                  choices=["calculator", "python", "none"])
+    tool: str = f("calculator", TOOL_HELP, choices=list(TOOL_KINDS))
 
 
 def printable(text: str) -> str:

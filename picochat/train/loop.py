@@ -147,7 +147,7 @@ def make_optimizer(model: GPT, cfg: TrainConfig, rt: Runtime) -> torch.optim.Opt
     return build_optimizer(model.param_kinds(), n_embd=model.config.n_embd, matrix_lr=cfg.matrix_lr,
                            embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr,
                            weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip,
-                           distributed=rt.ddp and not fsdp, fsdp=fsdp)
+                           distributed=rt.ddp and not fsdp, fsdp=fsdp, named_params=model.named_parameters())
 
 
 def _barrier() -> None:
@@ -276,7 +276,7 @@ def train(stage: Stage, rt: Runtime) -> dict:
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * lrf
             if g.get("kind") == "muon":
-                g["momentum"] = muon_momentum(step)
+                g["momentum"] = muon_momentum(step, end=g["initial_momentum"])
         micro = [stage.next_batch() for _ in range(stage.grad_accum)]
         n_targets = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in micro)), device=rt.device)
         if rt.ddp:
