@@ -2,7 +2,7 @@
 and the loader's own time per row. Prints one JSON line.
 
     PICOCHAT_BASE_DIR=... python benchmarks/loader.py            # needs `picochat data prepare` and `tok-train`
-    python benchmarks/loader.py --docs 2000 --passes 2           # quicker
+    python benchmarks/loader.py --docs 1000 --passes 2           # quicker
 
 Two length distributions, each measured at T = 256, 512, 2048 under both policies:
   embedded   the token lengths of the embedded corpus's training documents (tokenized once with your tokenizer),
@@ -13,7 +13,8 @@ emitted token names its document and the figures need no trust in the loader's o
                   pieces still buffered at the end count as lost: a slight underestimate),
   starts_min/max  how often the least / most emitted document started in the first `passes` passes' worth of
                   document starts (ideal: `passes` for every document; +-1 at the passes' edges),
-  max_wait_docs   the most arrivals any document waited in the 256-document buffer (bounded: no starvation),
+  max_wait_rows   the most rows any document waited in the 256-document buffer (bounded: no starvation), against
+  rows_per_pass   the rows one pass of the corpus fills when every token is used,
   pack_us_per_row the packing alone, per row (the counting tokenizer costs next to nothing).
 Then us_per_row_T256: the real loader (real tokenizer, background thread) on the embedded corpus at T = 256, B = 16.
 """
@@ -57,14 +58,15 @@ def measure(corpus: str, lengths: list[int], T: int, packing: str, passes: int, 
     """Rows until `passes` passes' worth of document starts were emitted; used fraction and start counts from them."""
     loader = PackingLoader(CountingTokenizer(), "train", B, T, corpus=corpus, packing=packing, tokenizer_threads=1)
     n_docs = len(lengths)
-    starts, content, wait, busy, rows_done = [], 0, 0, 0.0, 0
+    starts, content, wait, busy, rows_done, seen = [], 0, 0, 0.0, 0, {}
     while len(starts) < passes * n_docs:
         t0 = time.perf_counter()
         x, y = next(loader)
         busy += time.perf_counter() - t0
         rows_done += B
-        p = loader.packer
-        wait = max(wait, p.seq - min(seq for _, seq in p.keys))  # arrivals the oldest buffered document has waited
+        for _, seq in loader.packer.keys:  # the row count when each buffered document was first seen there
+            seen.setdefault(seq, rows_done)
+        wait = max(wait, rows_done - seen[min(seq for _, seq in loader.packer.keys)])
         rows = np.concatenate([x.numpy(), y[:, -1:].numpy()], axis=1)  # (B, T+1)
         tok = rows[rows > 0]
         starts += (tok[tok % STRIDE == 1] // STRIDE).tolist()
@@ -75,7 +77,7 @@ def measure(corpus: str, lengths: list[int], T: int, packing: str, passes: int, 
     started = np.bincount(starts, minlength=n_docs) @ np.asarray(lengths)
     loader.close()
     return {"used_frac": round(content / started, 4), "starts_min": int(counts.min()),
-            "starts_max": int(counts.max()), "max_wait_docs": int(wait),
+            "starts_max": int(counts.max()), "max_wait_rows": int(wait), "rows_per_pass": round(sum(lengths) / (T + 1)),
             "pack_us_per_row": round(busy / rows_done * 1e6, 1)}
 
 
@@ -85,8 +87,8 @@ def write_lengths(name: str, lengths: list[int]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--docs", type=int, default=4000, help="documents in the long-tailed corpus")
-    ap.add_argument("--passes", type=int, default=4, help="passes measured per setting")
+    ap.add_argument("--docs", type=int, default=2000, help="documents in the long-tailed corpus")
+    ap.add_argument("--passes", type=int, default=3, help="passes measured per setting")
     args = ap.parse_args()
 
     from picochat.tokenizer import get_tokenizer

@@ -73,17 +73,20 @@ def test_rows_full_bos_aligned_and_made_of_documents():
     assert n_crop > 0 and n_whole > 0
 
 
-HAND_ROWS = {  # tokens per doc (BOS + bytes): a 5, b 8, c 3, d 2, e 10, f 13; rows of T+1 = 10, 3 docs buffered
+# tokens per doc (BOS + bytes): a 5, b 8, c 3, d 2, e 10, f 13; rows of T+1 = 10, 3 docs buffered; the clock ticks
+# at each arrival and placement, and a document more than 12 ticks old (4 buffers) starts the next row
+HAND_ROWS = {
     "crop": ["|bbbbbbb|d",  # b (8) is the largest that fits; then only d (2) fits the 2 left
              "|eeeeeeeee",  # e fills the row exactly
-             "|fffffffff",  # f is longer than a row: it starts one (and crop drops its last 3)
-             "|aaaa|aaaa",  # a (5) then the second epoch's a (5)
-             "|bbbbbbb|d"],  # b (8), then the second epoch's d (2)
+             "|fffffffff",  # f is longer than a row: under crop it starts one (and its last 3 are dropped)
+             "|aaaa|aaaa",  # a (5), then the second epoch's a (5)
+             "|cc|cc|d|b"],  # c is 13 ticks old: it starts the row; c' and d' fit; nothing fits 2: b' is cropped
     "split": ["|bbbbbbb|d", "|eeeeeeeee",
-              "|fffffffff",  # f's last 3 go back as a 4-token piece |fff
-              "|aaaa|aaaa",
-              "|bbbbbbb|c",  # nothing fits 2: the shortest (the older c, 3) fills it and its rest goes back as |c
-              "|fff|cc|c|"],  # the |fff piece, the new c, the |c piece; the last slot takes the BOS of d
+              "|aaaa|aaaa",  # f (13) waits: split has no long-first rule, it will be split anyway
+              "|bbbbbbb|c",  # nothing fits 2: the shortest (the older c, 3) fills it, its rest goes back as |c
+              "|c|cc|d|ee",  # the |c piece is 14 ticks old and starts the row; e' (10) is split to fill the last 3
+              "|fffffffff",  # f is 15 ticks old: its first 10, then
+              "|fff|aaaa|"],  # its |fff piece (same age) starts the next row; one slot left: a BOS, not a document
 }
 
 
@@ -100,7 +103,7 @@ def test_best_fit_order_hand_built(packing):
 
     rows = [row() for _ in HAND_ROWS[packing]]
     assert rows == HAND_ROWS[packing]
-    assert loader.epoch == 2
+    assert loader.epoch == (2 if packing == "crop" else 3)
 
 
 def test_best_fit_ties_go_to_the_oldest_document():
@@ -379,29 +382,35 @@ def test_corpus_tokens_exact_when_small_and_estimated_when_large():
     docs = random_docs(400, seed=8, lo=20, hi=400)
     write_corpus("size", docs, rows_per_group=10, val_docs=40)
     exact = sum(len(d.encode()) + 1 for d in docs[:-40])  # byte tokens + a BOS each
-    assert corpus_tokens(ByteTokenizer(), "train", "size") == (exact, "exact")
-    n, how = corpus_tokens(ByteTokenizer(), "train", "size", sample_bytes=8000)
+    assert corpus_tokens(ByteTokenizer(), "train", "size") == (exact, "exact", 1.0)
+    n, how, _ = corpus_tokens(ByteTokenizer(), "train", "size", sample_bytes=8000)
     assert how.startswith("estimated from") and "bytes/token" in how
     assert abs(n - exact) / exact < 0.05  # footer sizes x tokens per byte of a tenth of the row groups
+    crop = sum(min(len(d.encode()) + 1, 101) for d in docs[:-40]) / exact  # what rows of 101 can keep
+    assert corpus_tokens(ByteTokenizer(), "train", "size", row=101).crop_frac == pytest.approx(crop)
 
 
 def test_pretrain_plan_warns_refuses_and_picks_packing(capsys):
     """Planned tokens against the corpus: a warning above 4 passes, a refusal above --allow-epochs (one line naming
-    the flag), --max-epochs caps the plan, and packing=auto picks split only when the run reads the corpus more
-    than once."""
+    the flag), --max-epochs caps the plan, and packing=auto picks crop only while crop would read every document at
+    most once (planned tokens <= what crop keeps of a pass), else split."""
     from picochat.config import PretrainConfig
     from picochat.train.pretrain import plan_epochs
 
     docs = random_docs(100, seed=9, lo=50, hi=150)
     write_corpus("default", docs, rows_per_group=10, val_docs=10)
     n = sum(len(d.encode()) + 1 for d in docs[:-10])
-    cfg = PretrainConfig(total_batch_size=n // 10, packing="auto")  # 10 steps = one pass
-    assert plan_epochs(cfg, ByteTokenizer(), 5) == (pytest.approx(0.5, rel=0.01), "crop")
-    assert plan_epochs(cfg, ByteTokenizer(), 30) == (pytest.approx(3.0, rel=0.01), "split")
+    keep = sum(min(len(d.encode()) + 1, 101) for d in docs[:-10]) / n  # crop's share at rows of T + 1 = 101
+    cfg = PretrainConfig(total_batch_size=n // 100, max_seq_len=100, packing="auto")  # 100 steps = one pass
+    steps = int(keep * 100)
+    assert plan_epochs(cfg, ByteTokenizer(), steps - 1) == (pytest.approx((steps - 1) / 100, rel=0.02), "crop")
+    assert plan_epochs(cfg, ByteTokenizer(), steps + 2)[1] == "split"
+    assert plan_epochs(cfg, ByteTokenizer(), 300) == (pytest.approx(3.0, rel=0.02), "split")
     assert "warning" not in capsys.readouterr().out
-    assert plan_epochs(cfg, ByteTokenizer(), 60)[0] == pytest.approx(6.0, rel=0.01)
-    assert "warning: 6.0 passes over the training corpus" in capsys.readouterr().out
-    with pytest.raises(UserError, match="plans 30.0 passes over corpus 'default'.*raise --allow-epochs"):
-        plan_epochs(cfg, ByteTokenizer(), 300)
-    capped = PretrainConfig(total_batch_size=n // 10, max_epochs=2.0, allow_epochs=1000.0)
-    assert plan_epochs(capped, ByteTokenizer(), 300)[0] == 2.0
+    assert plan_epochs(cfg, ByteTokenizer(), 600)[0] == pytest.approx(6.0, rel=0.02)
+    assert f"warning: {600 * (n // 100) / n:.1f} passes over the training corpus" in capsys.readouterr().out
+    with pytest.raises(UserError, match=f"plans {3000 * (n // 100) / n:.1f} passes over corpus 'default'.*raise "
+                                        f"--allow-epochs"):
+        plan_epochs(cfg, ByteTokenizer(), 3000)
+    capped = PretrainConfig(total_batch_size=n // 100, max_epochs=2.0, allow_epochs=1000.0)
+    assert plan_epochs(capped, ByteTokenizer(), 3000)[0] == 2.0

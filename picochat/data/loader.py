@@ -7,7 +7,7 @@ in-order validation slice, and the corpus-size count that pretraining plans its 
     loader.stats()                            # {"loader_used_frac": ..., "epochs": ...}
     val = ValidationSlice(tokenizer, B=8, T=512, tokens=65536, rank=rt.rank, world_size=rt.world_size)
     for x, y in val.batches(device): ...      # the same tokens on every call; y == -1 is padding
-    corpus_tokens(tokenizer, "train")         # (tokens, how it was counted)
+    corpus_tokens(tokenizer, "train", row=513)   # CorpusSize(tokens, how it was counted, crop's share at most)
 
 Used by picochat/train/pretrain.py; tests in tests/test_loader.py; figures from benchmarks/loader.py.
 """
@@ -17,10 +17,11 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,13 +35,12 @@ PACKING = ("split", "crop")
 # Prefetch depth in tokenized chunks: enough to hide a row group read + tokenization behind a few training steps,
 # small enough that read-ahead memory stays at a few chunks of documents.
 QUEUE_CHUNKS = 4
-# A buffered document older than this many buffers' worth of arrivals starts the next row, whatever its length.
-# Best-fit alone let over-long documents sit until nothing else was left (the 61 longest of the embedded corpus were
-# never emitted in 4 passes while others were emitted 5+ times). Measured with crop over 2 passes of the embedded
-# and a FineWeb-like corpus at T = 256 and 2,048: with no age limit the longest waits were 2-3 passes and some
-# documents never started a row; at 1, 2, 4, 8 buffers the longest wait is that limit (+2%) and the used fraction
-# moves by at most 4 points (T = 2,048: 86.6, 87.5, 88.6, 90.5%). 4 keeps a wait under a pass for corpora of more than
-# ~5 buffers of documents (the embedded one has 1,968).
+# A buffered document older than this many buffers' worth of clock ticks (arrivals + placements) starts the next
+# row, whatever its length. Best-fit alone let over-long documents sit until nothing else was left (the 61 longest of
+# the embedded corpus were never emitted in 4 passes while others were emitted 5+ times). Measured over 2 passes of
+# the embedded and a FineWeb-like corpus at T = 256 and 2,048 (benchmarks/loader.py): with no age limit the longest
+# waits were 1.5-2.3 passes and some documents never started a row; at 4 buffers the longest wait is 256-1,840 rows,
+# under a quarter of a pass, and crop's used fraction is within 1.2 points of 8 buffers (T = 2,048: 87.5 vs 88.7%).
 MAX_AGE_BUFFERS = 4
 
 
@@ -48,11 +48,12 @@ class Packer:
     """The best-fit buffer, shared by the training loader and the validation slice.
 
     Items are (ref, offset, seq, tokens): `tokens` a whole document (its BOS first), `offset` how much of it already
-    went into rows, `seq` its arrival number. An item's piece is tokens[offset:], led by a BOS when offset > 0.
-    Filling a row of n tokens:
-      row start:  the oldest item if it arrived more than `max_age` arrivals ago (no document waits longer); else the
-                  oldest item longer than the row (it fills the row whole: under crop that is the most of it any row
-                  can keep); else best fit;
+    went into rows, `seq` its arrival time on a clock that ticks at every arrival and every placement (unique per
+    document, and it keeps advancing while rows are filled from the buffer alone). An item's piece is
+    tokens[offset:], led by a BOS when offset > 0. Filling a row of n tokens:
+      row start:  the oldest item if it arrived more than `max_age` ticks ago (no document waits longer: its pieces
+                  keep its seq, so a long document then fills consecutive rows); else, under crop, the oldest item
+                  longer than the row (it fills the row whole: the most of it any row can keep); else best fit;
       best fit:   the LARGEST piece that fits the space left (oldest first among equal lengths);
       none fits:  the SHORTEST piece fills the space; "crop" drops its tail (every token then sees its document's
                   start: nanochat's trade), "split" puts the tail back as a BOS-led piece with the same seq. A last
@@ -66,7 +67,7 @@ class Packer:
         self.policy, self.buffer_docs, self.max_age, self.bos = policy, buffer_docs, max_age, bos
         self.keys: list[tuple[int, int]] = []  # sorted (piece length, seq) ...
         self.items: list[tuple[tuple[int, int], int, int, np.ndarray]] = []  # ... aligned: (ref, offset, seq, tokens)
-        self.seq = 0  # arrivals so far
+        self.seq = 0  # the clock: arrivals + placements so far
         self.used = self.dropped = 0
 
     def add(self, ref: tuple[int, int], tokens: np.ndarray, offset: int = 0, seq: int | None = None) -> None:
@@ -85,7 +86,7 @@ class Packer:
             if self.seq - keys[oldest][1] > self.max_age:
                 return oldest
             long = bisect_right(keys, (space, math.inf))
-            if long < len(keys):
+            if self.policy == "crop" and long < len(keys):
                 return min(range(long, len(keys)), key=lambda i: keys[i][1])
         last = bisect_right(keys, (space, math.inf)) - 1
         if last >= 0:
@@ -112,6 +113,7 @@ class Packer:
             at = 0 if at is None else at
             self.keys.pop(at)
             ref, offset, seq, tokens = self.items.pop(at)
+            self.seq += 1
             piece = tokens if offset == 0 else np.concatenate(([self.bos], tokens[offset:]))
             take = min(len(piece), n - filled)
             out[filled:filled + take] = piece[:take]
@@ -415,13 +417,20 @@ class ValidationSlice:
 # corpus size
 
 
-def corpus_tokens(tokenizer, split: str = "train", corpus: str = "default",
-                  sample_bytes: int = 4 << 20) -> tuple[int, str]:
-    """Tokens (BOS included) in `split`, and how they were counted. Splits of up to `sample_bytes` of text are
-    tokenized whole ("exact"); larger ones are estimated from the parquet footers: the `text` column's uncompressed
-    size in every row group, times the tokens per footer byte measured on whole row groups spread evenly over the
-    split (about `sample_bytes` of them; the ratio absorbs the page headers and length prefixes the footer size
-    includes). Reading the footers costs milliseconds per shard; the sample ~1 s per 4 MB on 2 cores."""
+class CorpusSize(NamedTuple):
+    tokens: int  # BOS included
+    how: str  # "exact", or how it was estimated
+    crop_frac: float  # sum(min(L, row)) / sum(L) over the documents counted: at most what crop keeps of a pass
+
+
+def corpus_tokens(tokenizer, split: str = "train", corpus: str = "default", sample_bytes: int = 4 << 20,
+                  row: int = 0) -> CorpusSize:
+    """Tokens in `split`, how they were counted, and (for rows of `row` tokens) the share of them crop can keep.
+    Splits of up to `sample_bytes` of text are tokenized whole ("exact"); larger ones are estimated from the parquet
+    footers: the `text` column's uncompressed size in every row group, times the tokens per footer byte measured on
+    whole row groups spread evenly over the split (about `sample_bytes` of them; the ratio absorbs the page headers
+    and length prefixes the footer size includes). Reading the footers costs milliseconds per shard; the sample ~1 s
+    per 4 MB on 2 cores."""
     groups = row_groups(split, corpus)
     footers: dict[Path, object] = {}
     sizes = []
@@ -435,15 +444,18 @@ def corpus_tokens(tokenizer, split: str = "train", corpus: str = "default",
     order = list(range(len(groups)))
     if total > sample_bytes:  # every step-th row group: a spread of the split's sources and positions
         order = order[::max(1, round(total / sample_bytes))]
-    n_tok = n_bytes = n_footer = 0
+    n_tok = n_bytes = n_footer = n_crop = 0
     for i in order:
         path, index, _ = groups[i]
         texts = read_row_group(path, index, corpus)
-        n_tok += sum(len(t) for t in tokenizer.encode(texts, prepend=tokenizer.bos_id))
+        lengths = [len(t) for t in tokenizer.encode(texts, prepend=tokenizer.bos_id)]
+        n_tok += sum(lengths)
+        n_crop += sum(min(n, row) for n in lengths) if row > 0 else sum(lengths)
         n_bytes += sum(len(t.encode("utf-8")) for t in texts)
         n_footer += sizes[i]
+    crop_frac = n_crop / max(1, n_tok)
     if len(order) == len(groups):
-        return n_tok, "exact"
-    return round(total * n_tok / max(1, n_footer)), (f"estimated from the shard footers ({total / 1e6:,.1f} MB) "
-                                                     f"at {n_bytes / max(1, n_tok):.2f} bytes/token measured on "
-                                                     f"{len(order)} of {len(groups)} row groups")
+        return CorpusSize(n_tok, "exact", crop_frac)
+    return CorpusSize(round(total * n_tok / max(1, n_footer)),
+                      f"estimated from the shard footers ({total / 1e6:,.1f} MB) at {n_bytes / max(1, n_tok):.2f} "
+                      f"bytes/token measured on {len(order)} of {len(groups)} row groups", crop_frac)

@@ -49,26 +49,26 @@ def resolve(cfg: PretrainConfig, model: GPT, rt: Runtime) -> tuple[int, int]:
 # --allow-epochs. 4: repeating data up to ~4 times costs little (Muennighoff et al. 2023, "Scaling Data-Constrained
 # Language Models"); the CPU preset's 4 passes of the crop loader still lowered validation bpb at every eval.
 WARN_EPOCHS = 4.0
-# packing=auto picks split above this many planned passes (planned tokens / corpus tokens), else crop
-AUTO_SPLIT_EPOCHS = 1.0
-
-
 def plan_epochs(cfg: PretrainConfig, tok, num_steps: int) -> tuple[float, str]:
     """Planned passes over the training corpus and the packing policy; warns above WARN_EPOCHS and refuses above
     --allow-epochs with one line. Epochs here are planned tokens / corpus tokens (--max-epochs caps them): crop
-    reads the documents more often than that, as it keeps only part of the longer ones."""
+    reads the documents more often than that, as it keeps only part of the longer ones.
+    packing=auto: crop while it would read each document at most once (planned tokens <= the share of a pass crop
+    keeps), split beyond: at equal steps crop was ahead while its data was fresh and fell behind once it repeated
+    (README: Measured)."""
     planned = num_steps * cfg.total_batch_size
-    n_tok, how = corpus_tokens(tok, "train", cfg.corpus)
-    epochs = planned / max(1, n_tok)
+    size = corpus_tokens(tok, "train", cfg.corpus, row=cfg.max_seq_len + 1)
+    epochs = planned / max(1, size.tokens)
     if cfg.max_epochs > 0:
         epochs = min(epochs, cfg.max_epochs)
-    packing = cfg.packing if cfg.packing != "auto" else ("split" if epochs > AUTO_SPLIT_EPOCHS else "crop")
-    print0(f"data plan: {planned:,} tokens = {epochs:.2f} epochs of corpus '{cfg.corpus}' ({n_tok:,} training tokens, "
-           f"{how}); packing {packing}" + (" (auto)" if cfg.packing == "auto" else ""))
+    packing = cfg.packing if cfg.packing != "auto" else ("crop" if epochs <= size.crop_frac else "split")
+    print0(f"data plan: {planned:,} tokens = {epochs:.2f} epochs of corpus '{cfg.corpus}' ({size.tokens:,} training "
+           f"tokens, {size.how}; crop keeps at most {size.crop_frac:.0%} of a pass); packing {packing}"
+           + (" (auto)" if cfg.packing == "auto" else ""))
     if epochs > cfg.allow_epochs:
-        raise UserError(f"the run plans {epochs:.1f} passes over corpus '{cfg.corpus}' ({n_tok:,} tokens), more than "
-                        f"--allow-epochs {cfg.allow_epochs:g}: add data (`picochat data download --num-shards N`), "
-                        f"train fewer steps, or raise --allow-epochs")
+        raise UserError(f"the run plans {epochs:.1f} passes over corpus '{cfg.corpus}' ({size.tokens:,} tokens), more "
+                        f"than --allow-epochs {cfg.allow_epochs:g}: add data (`picochat data download --num-shards "
+                        f"N`), train fewer steps, or raise --allow-epochs")
     if epochs > WARN_EPOCHS:
         print0(f"warning: {epochs:.1f} passes over the training corpus; beyond ~{WARN_EPOCHS:g} repeated data adds "
                f"little (more data: `picochat data download --num-shards N`)")
