@@ -163,8 +163,7 @@ class Batch:
                     break
             if r.done:
                 continue
-            i = self.rows.index(r)
-            logits = e.extend(r.feed, self.cache, i, r.pos)  # (1, V)
+            logits = e.extend(r.feed, self.cache, self.rows.index(r), r.pos)  # (1, V)
             r.pos, r.feed = r.pos + len(r.feed), []
             self._sample_and_accept([r], logits)
 

@@ -87,7 +87,7 @@ class TextStream:
         return hold
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two requests with the same fields are still two
 class Request:
     rid: int
     prompt: list[int]
@@ -118,11 +118,11 @@ class Uniforms:
             self.gen = torch.Generator(device=device)
             self.gen.manual_seed(row_seed(seed, index))
         self.device = device
-        self.buf = torch.zeros(0, device=device)
+        self.buf = torch.zeros(0 if self.gen is not None else self.BLOCK, device=device)  # greedy: zeros, kept
 
     def peek(self, k: int) -> torch.Tensor:
         if self.gen is None:
-            return torch.zeros(k, device=self.device)
+            return self.buf[:k] if k <= self.BLOCK else torch.zeros(k, device=self.device)
         if self.buf.numel() < k:
             more = torch.rand(max(k, self.BLOCK), generator=self.gen, device=self.device)
             self.buf = torch.cat([self.buf, more])
@@ -133,7 +133,7 @@ class Uniforms:
             self.buf = self.buf[m:]
 
 
-@dataclass
+@dataclass(eq=False)
 class Row:
     request: Request
     index: int  # sample index within its request

@@ -193,7 +193,7 @@ class Scheduler:
                 try:
                     b.add(admit)
                 except Exception as exc:  # a failed prefill fails its requests, never the server
-                    b.rows = [r for r in b.rows if all(r.request is not q for q in admit)]
+                    b.rows = [r for r in b.rows if r.request not in admit]
                     for req in admit:
                         _fail(req, f"{exc}")
             for r in b.rows:
