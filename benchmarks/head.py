@@ -1,10 +1,11 @@
 """The fused head + loss against the plain path: forward + backward time and peak memory of the head alone.
 
-    python benchmarks/head.py                                  # 8 x 512 rows, width 512, vocab 8,192 and 65,536
-    python benchmarks/head.py --group-mb 32,64,128,256,512     # the fused head at several group budgets
+    python benchmarks/head.py                                  # 4 x 512 rows, width 256, vocab 8,192 and 65,536
+    python benchmarks/head.py --group-mb 64,256 --chunk-m 1,4,16 # the fused head at several group and chunk sizes
 
 plain: logits = x @ wᵀ (autocast), .float(), softcap, F.cross_entropy, backward (what an unfused model does).
-fused: model.head_loss, the training path, with the model's chunking (`head_rows`) at each group budget.
+fused: model.head_loss, the training path, chunked by `head_rows` at each group budget (MB of logits in the compute
+dtype) and element-wise chunk (millions of fp32 logits); the defaults are the model's.
 The dtype is the one training picks on this machine (bf16 where the CPU has native bf16) unless --dtype says. Times:
 one process runs every path in turn, --reps rounds after a warm-up, best of each (on a shared machine, alternating
 keeps the ratio fair). Peak memory: each path once in its own process, the rise of its RSS high-water mark over the
@@ -25,13 +26,18 @@ import torch
 import torch.nn.functional as F
 
 from picochat.common import pick_dtype
-from picochat.model import head_loss, head_rows, softcap
+from picochat.model import HEAD_CHUNK_ELEMS, HEAD_GROUP_BYTES, head_loss, head_rows, softcap
 
 CAP = 15.0  # the model's default logit soft cap
-CHUNK_ELEMS = 1 << 20  # the model's default element-wise chunk on CPU
 
 
-def make_paths(rows: int, width: int, vocab: int, dtype: str, budgets: list[int]) -> dict:
+def variants(args) -> dict[str, tuple[int, int]]:
+    """{name: (group bytes, chunk elements)} of the fused paths asked for; "fused" alone for the model's defaults."""
+    sizes = [(int(g) << 20, int(c) << 20) for g in args.group_mb.split(",") for c in args.chunk_m.split(",")]
+    return {"fused" if len(sizes) == 1 else f"fused_g{g >> 20}mb_c{c >> 20}m": (g, c) for g, c in sizes}
+
+
+def make_paths(rows: int, width: int, vocab: int, dtype: str, sizes: dict[str, tuple[int, int]]) -> tuple:
     """{name: fn} where fn() runs one forward + backward of the head; `rows_of` gives the fused paths' chunking."""
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     g = torch.Generator().manual_seed(0)
@@ -45,9 +51,9 @@ def make_paths(rows: int, width: int, vocab: int, dtype: str, budgets: list[int]
             loss = F.cross_entropy(softcap(F.linear(x, w)[:, :vocab].float(), CAP), t, reduction="sum")
         return loss
 
-    def fused(mb):
+    def fused(group_bytes, chunk_elems):
         with torch.autocast(**ac):
-            return head_loss(x, w, t, vocab, CAP, *head_rows(x, vocab, mb << 20, CHUNK_ELEMS), True)
+            return head_loss(x, w, t, vocab, CAP, *head_rows(x, vocab, group_bytes, chunk_elems), True)
 
     def run(loss_fn):
         def step():
@@ -56,18 +62,17 @@ def make_paths(rows: int, width: int, vocab: int, dtype: str, budgets: list[int]
         return step
 
     paths = {"plain": run(plain)}
-    for mb in budgets:
-        paths[f"fused_{mb}mb"] = run(lambda mb=mb: fused(mb))
+    for name, size in sizes.items():
+        paths[name] = run(lambda size=size: fused(*size))
     with torch.autocast(**ac):
-        rows_of = {mb: head_rows(x, vocab, mb << 20, CHUNK_ELEMS) for mb in budgets}
+        rows_of = {name: head_rows(x, vocab, *size) for name, size in sizes.items()}
     return paths, rows_of
 
 
 def child(args) -> dict:
-    budgets = [int(m) for m in args.group_mb.split(",")]
     vocab = int(args.vocab)
     if args.one == "time":
-        paths, rows_of = make_paths(args.rows, args.width, vocab, args.dtype, budgets)
+        paths, rows_of = make_paths(args.rows, args.width, vocab, args.dtype, variants(args))
         best = {name: float("inf") for name in paths}
         for r in range(args.reps + 1):
             for name, step in paths.items():
@@ -75,9 +80,8 @@ def child(args) -> dict:
                 step()
                 if r > 0:  # round 0 is the warm-up
                     best[name] = min(best[name], time.perf_counter() - t0)
-        return {"ms": {k: round(v * 1000, 1) for k, v in best.items()}, "rows": {f"fused_{mb}mb": rows_of[mb]
-                for mb in budgets}}
-    paths, _ = make_paths(args.rows, args.width, vocab, args.dtype, budgets)
+        return {"ms": {k: round(v * 1000, 1) for k, v in best.items()}, "rows": rows_of}
+    paths, _ = make_paths(args.rows, args.width, vocab, args.dtype, variants(args))
     inputs_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     paths[args.one]()
     return {"peak_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - inputs_kb) / 1024)}
@@ -85,21 +89,27 @@ def child(args) -> dict:
 
 def run_child(args, one: str, vocab: int) -> dict:
     cmd = [sys.executable, __file__, "--one", one, "--vocab", str(vocab), "--rows", str(args.rows), "--width",
-           str(args.width), "--dtype", args.dtype, "--reps", str(args.reps), "--group-mb", args.group_mb]
+           str(args.width), "--dtype", args.dtype, "--reps", str(args.reps), "--group-mb", args.group_mb,
+           "--chunk-m", args.chunk_m, "--threads", str(args.threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, default=8 * 512, help="rows (tokens) of the micro-batch: 8 x 512")
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--rows", type=int, default=4 * 512, help="rows (tokens) of the micro-batch: 4 x 512")
+    p.add_argument("--width", type=int, default=256)
     p.add_argument("--vocab", default="8192,65536", help="comma-separated vocabulary sizes")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--group-mb", default="256", help="comma-separated group budgets of the fused head, MB")
+    p.add_argument("--group-mb", default=str(HEAD_GROUP_BYTES >> 20), help="comma-separated group budgets, MB")
+    p.add_argument("--chunk-m", default=str(HEAD_CHUNK_ELEMS >> 20),
+                   help="comma-separated element-wise chunks, millions of fp32 logits")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # a child: "time", or a path name for its peak memory
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.dtype == "auto":
         args.dtype = "bf16" if pick_dtype(torch.device("cpu")) == torch.bfloat16 else "fp32"
     if args.one:
@@ -114,7 +124,7 @@ def main(argv=None) -> None:
             res[f"{name}_peak_mb"] = run_child(args, name, vocab)["peak_mb"]
             if name != "plain":
                 res[f"{name}_ratio"] = round(ms / timed["ms"]["plain"], 3)
-                res[f"{name}_group_chunk_rows"] = timed["rows"][name]
+                res[f"{name}_rows"] = timed["rows"][name]  # (group, chunk)
         out[str(vocab)] = res
     print(json.dumps(out))
 

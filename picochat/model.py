@@ -161,14 +161,20 @@ def head_losses(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: 
     return losses, gx, gw
 
 
+# A group's logits (rows x vocab in the compute dtype) fill HEAD_GROUP_BYTES: 256 MB is 2,048 rows at vocab 65,536 in
+# bf16 (32 groups for a 32 x 2,048 micro-batch, so dw's fp32 read-modify-write is ~32 x V x C, not the old 1,024 x, and
+# rows enough for the matmuls to run at speed) and 16,384 at 8,192; the logits' memory stays a fixed budget however
+# large the micro-batch. A chunk on CPU is HEAD_CHUNK_ELEMS fp32 logits: two 16 MB temporaries fit the 32 MB L3 of the
+# 2-core Zen 5, where 4M ran as fast as 1M with one thread and faster with two on a loaded machine (fewer, larger
+# parallel regions; benchmarks/head.py, README).
+HEAD_GROUP_BYTES = 256 << 20
+HEAD_CHUNK_ELEMS = 4 << 20
+
+
 def head_rows(x: torch.Tensor, vocab: int, group_bytes: int, chunk_elems: int) -> tuple[int, int]:
-    """(group, chunk): rows per group and per element-wise chunk of `head_losses` for x (N, C).
-    A group's logits (rows x vocab in the compute dtype) fill `group_bytes`: the default 256 MB is 2,048 rows at vocab
-    65,536 in bf16 (32 groups for a 32 x 2,048 micro-batch, so dw's fp32 read-modify-write is ~32 x V x C, not the old
-    1,024 x; rows enough for the matmuls to run at speed) and 16,384 at 8,192 (measured: benchmarks/head.py, README).
-    A chunk on CPU is `chunk_elems` fp32 logits (1M = 4 MB per temporary stays in cache; 1M-2M ran 1.3-1.5x faster
-    than 8M on the 2-core Zen 5); on a GPU it is the whole group (element-wise kernels stream memory anyway, and
-    16-row chunks at vocab 65k would be ~10 kernel launches per 16 rows)."""
+    """(group, chunk): rows per group and per element-wise chunk of `head_losses` for x (N, C) (see HEAD_GROUP_BYTES).
+    On a GPU a chunk is the whole group: element-wise kernels stream memory anyway, and 64-row chunks at vocab 65k
+    would launch ~11 kernels per 64 rows."""
     group = max(1, group_bytes // (vocab * torch.finfo(compute_dtype(x)).bits // 8))
     chunk = group if x.is_cuda else max(1, chunk_elems // vocab)
     return group, min(chunk, group)
@@ -228,8 +234,8 @@ class GPT(nn.Module):
             self.resid_lambdas = nn.Parameter(torch.ones(cfg.depth))  # scales the residual stream entering block i
             self.x0_lambdas = nn.Parameter(torch.zeros(cfg.depth))  # mixes the first embedding back in
         # the fused head + loss (see head_rows): logits bytes per group, and fp32 logits per element-wise chunk on CPU
-        self.head_group_bytes = 256 << 20
-        self.head_chunk_elems = 1 << 20
+        self.head_group_bytes = HEAD_GROUP_BYTES
+        self.head_chunk_elems = HEAD_CHUNK_ELEMS
         cos, sin = self._rotary(cfg.sequence_len)
         self.register_buffer("cos", cos, persistent=False)  # (T, D/2)
         self.register_buffer("sin", sin, persistent=False)

@@ -110,13 +110,13 @@ def test_fused_head_at_65k_vocab_casts_the_weight_once_and_accumulates_dw_once()
 def test_eval_losses_go_through_the_chunked_head():
     """Issue 12 item 6: evaluation (`loss_reduction='none'`, no grad) built the full (N, V) fp32 logits (17 GB at d20
     shapes). Now no tensor exceeds a group's logits and, under bf16 autocast, no fp32 one exceeds an element-wise
-    chunk (16 rows at this vocab), the losses unchanged."""
+    chunk (64 rows at this vocab), the losses unchanged."""
     model = _vocab_65k_model()
     V = 65536
     model.head_group_bytes = 64 * V * 4  # 64 fp32 or 128 bf16 rows per group: 4 or 2 groups for 256 rows
     x, y = torch.randint(0, V, (4, 64)), torch.randint(0, V, (4, 64))
     y[2, 10:] = -1
-    for dtype, group, fp32_rows in ((torch.float32, 64, 64), (torch.bfloat16, 128, 16)):
+    for dtype, group, fp32_rows in ((torch.float32, 64, 64), (torch.bfloat16, 128, 64)):
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             ref = F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1), ignore_index=-1, reduction="none")
             with OpLog() as log:
