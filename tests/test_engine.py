@@ -204,11 +204,17 @@ def test_prompt_too_long(tiny_tokenizer, models):
         list(engine.generate([1] * 500))
 
 
-def test_max_tokens_and_context_limit(tiny_tokenizer, models):
-    engine = Engine(models[0], tiny_tokenizer)
-    events = [e for step in engine.generate([tiny_tokenizer.bos_id] * 120, 1, SamplingParams(temperature=1, seed=0,
-              max_tokens=100)) for e in step]
-    assert events[-1].finish_reason in ("length", "stop") and len(events) <= 8
+def test_max_tokens_and_context_limit(tiny_tokenizer):
+    """A model that never ends its reply: max_tokens binds exactly, and a prompt near the context's end stops with
+    "length" at the context's last position (each new token's position must exist), whatever max_tokens says."""
+    tok = tiny_tokenizer
+    q = tok.encode("q")[0]
+    engine = Engine(ScriptedModel(tok.vocab_size, {}, default=q), tok)  # context 64
+    events = _events(engine, [tok.bos_id], temperature=1, seed=0, max_tokens=5)
+    assert [ev.token for ev in events] == [q] * 5 and events[-1].finish_reason == "length"
+    assert [ev.finish_reason for ev in events[:-1]] == [None] * 4
+    events = _events(engine, [tok.bos_id] * 60, temperature=1, seed=0, max_tokens=100)
+    assert len(events) == engine.context - 60 == 4 and events[-1].finish_reason == "length"
 
 
 class ScriptedModel(nn.Module):
