@@ -81,17 +81,14 @@ class Packer:
     def _pick(self, space: int, row_start: bool) -> int | None:
         """Index of the item to place next, or None when nothing fits."""
         keys = self.keys
+        fits = bisect_right(keys, (space, math.inf))  # keys[:fits] fit the space
         if row_start:
             oldest = min(range(len(keys)), key=lambda i: keys[i][1])
             if self.seq - keys[oldest][1] > self.max_age:
                 return oldest
-            long = bisect_right(keys, (space, math.inf))
-            if self.policy == "crop" and long < len(keys):
-                return min(range(long, len(keys)), key=lambda i: keys[i][1])
-        last = bisect_right(keys, (space, math.inf)) - 1
-        if last >= 0:
-            return bisect_left(keys, (keys[last][0], -1))
-        return None
+            if self.policy == "crop" and fits < len(keys):
+                return min(range(fits, len(keys)), key=lambda i: keys[i][1])
+        return bisect_left(keys, (keys[fits - 1][0], -1)) if fits else None
 
     def fill(self, out: np.ndarray, pull: Callable[[], tuple[tuple[int, int], np.ndarray] | None]) -> int:
         """Fill `out` (1-D) from the buffer, topping it up from `pull` (None: no more documents) before each pick.
@@ -118,7 +115,7 @@ class Packer:
             take = min(len(piece), n - filled)
             out[filled:filled + take] = piece[:take]
             filled += take
-            self.used += take - (offset > 0 and take > 0)
+            self.used += take - (offset > 0)
             if take < len(piece):
                 if self.policy == "split":
                     self.add(ref, tokens, offset + take - (offset > 0), seq)
