@@ -165,8 +165,9 @@ def head_losses(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: 
 # bf16 (32 groups for a 32 x 2,048 micro-batch, so dw's fp32 read-modify-write is ~32 x V x C, not the old 1,024 x, and
 # rows enough for the matmuls to run at speed) and 16,384 at 8,192; the logits' memory stays a fixed budget however
 # large the micro-batch. A chunk on CPU is HEAD_CHUNK_ELEMS fp32 logits: two 16 MB temporaries fit the 32 MB L3 of the
-# 2-core Zen 5, where 4M ran as fast as 1M with one thread and faster with two on a loaded machine (fewer, larger
-# parallel regions; benchmarks/head.py, README).
+# 2-core Zen 5. benchmarks/head.py there (vocab 8k / 65k): 4M ran at 0.35-0.65x the plain path's time in every run; 1M
+# was best on one thread (0.33x / 0.43x) but 1.11x at 8k on two threads of the loaded machine (every op is a parallel
+# region that waits for both threads: 4x the regions), 16M 0.38-0.68x.
 HEAD_GROUP_BYTES = 256 << 20
 HEAD_CHUNK_ELEMS = 4 << 20
 
