@@ -59,7 +59,7 @@ class Batch:
 
         def row(req: Request, i: int) -> Row:
             p = req.params
-            return Row(req, i, len(req.prompt), TextStream(p.stop), Uniforms(p.seed, i, p.temperature, e.device))
+            return Row(req, i, len(req.prompt), TextStream(p.stop), Uniforms(p.seed, i, p.temperature))
 
         new_rows, row_logits = [row(req, 0) for req in reqs], list(logits)
         for j, req in enumerate(reqs):  # the other samples' rows follow the m prefilled ones
@@ -86,7 +86,7 @@ class Batch:
             tokens = torch.tensor([r.feed[-1] for r in self.rows], dtype=torch.long, device=e.device)
             positions = [r.pos for r in self.rows]
             temps = self._temperatures(self.rows)
-            u = torch.stack([r.uniforms.peek(k) for r in self.rows], 1)  # (k, n)
+            u = self._uniforms(self.rows, k)  # (k, n)
             if k == 1:
                 logits, sampled = e.decode_one_token(tokens, self.cache, positions, temps, u[0])
                 for r in live:
@@ -118,6 +118,10 @@ class Batch:
         room = min(min(r.request.params.max_tokens - r.produced, self.e.context - 1 - r.pos) for r in self.rows)
         return max(1, min(max_steps, room))
 
+    def _uniforms(self, rows: list[Row], k: int) -> torch.Tensor:
+        """(k, n): the next k uniforms of each row, from its own generator."""
+        return torch.tensor(list(zip(*(r.uniforms.peek(k) for r in rows))), dtype=torch.float32, device=self.e.device)
+
     def _temperatures(self, rows: list[Row]) -> torch.Tensor:
         return torch.tensor([r.request.params.temperature for r in rows], dtype=torch.float32, device=self.e.device)
 
@@ -128,7 +132,7 @@ class Batch:
         params = [r.request.params for r in rows]
         if temps is None:
             temps = self._temperatures(rows)
-            u = torch.stack([r.uniforms.peek(1)[0] for r in rows])
+            u = self._uniforms(rows, 1)[0]
         if sampled is None or any(p.filtered for p in params):
             sampled = sample_rows(logits.float(), temps, [p.top_k for p in params], [p.top_p for p in params], u)
         for r, t in zip(rows, sampled.tolist()):

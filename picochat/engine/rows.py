@@ -108,29 +108,29 @@ def row_seed(seed: int | None, index: int) -> int:
 class Uniforms:
     """A row's uniform numbers in [0, 1), drawn from its own generator in blocks and handed out in order: `peek(k)`
     the next k, `take(m)` the first m of them used. A row that used fewer than it peeked (it stopped for a tool
-    mid-chunk) gets the rest next time, so the draws do not depend on the chunk size. Greedy rows draw nothing."""
+    mid-chunk) gets the rest next time, so the draws do not depend on the chunk size. Greedy rows draw nothing.
+    Kept as Python floats on the CPU: the batch builds one (k, n) tensor from every row's list in one call (a
+    torch.stack of 32 per-row slices cost ~3x as much), and a seed gives the same numbers on every device."""
 
     BLOCK = 256  # numbers per draw: one torch.rand call per row per 256 sampled tokens
 
-    def __init__(self, seed: int | None, index: int, temperature: float, device: torch.device):
+    def __init__(self, seed: int | None, index: int, temperature: float):
         self.gen = None
         if temperature > 0:
-            self.gen = torch.Generator(device=device)
+            self.gen = torch.Generator()
             self.gen.manual_seed(row_seed(seed, index))
-        self.device = device
-        self.buf = torch.zeros(0 if self.gen is not None else self.BLOCK, device=device)  # greedy: zeros, kept
+        self.buf: list[float] = [] if self.gen is not None else [0.0] * self.BLOCK  # greedy: zeros, kept
 
-    def peek(self, k: int) -> torch.Tensor:
+    def peek(self, k: int) -> list[float]:
         if self.gen is None:
-            return self.buf[:k] if k <= self.BLOCK else torch.zeros(k, device=self.device)
-        if self.buf.numel() < k:
-            more = torch.rand(max(k, self.BLOCK), generator=self.gen, device=self.device)
-            self.buf = torch.cat([self.buf, more])
+            return self.buf[:k] if k <= self.BLOCK else [0.0] * k
+        if len(self.buf) < k:
+            self.buf += torch.rand(max(k, self.BLOCK), generator=self.gen).tolist()
         return self.buf[:k]
 
     def take(self, m: int) -> None:
         if self.gen is not None:
-            self.buf = self.buf[m:]
+            del self.buf[:m]
 
 
 @dataclass(eq=False)
