@@ -1,6 +1,6 @@
 """The GPT: token embedding -> pre-norm blocks (attention + ReLU² MLP) -> final norm -> untied lm_head.
 
-Only the network lives here: no sampling loop (that is engine.py) and no optimizer algorithm (optim.py).
+Only the network lives here: no sampling loop (that is the engine/ package) and no optimizer algorithm (optim.py).
 Choices, each for a reason:
 - RMSNorm without parameters (fewer things to tune; what modern small GPTs use).
 - Rotary position embeddings, precomputed cos/sin, offset by the KV-cache position; QK RMSNorm keeps attention

@@ -1,6 +1,6 @@
 """Tools the model can call between <|python_start|> and <|python_end|>: a calculator and sandboxed Python.
 
-The engine (picochat/engine.py) builds one callable with `make_tool(kind)` and, when the model closes a tool call,
+The engine (picochat/engine/) builds one callable with `make_tool(kind)` and, when the model closes a tool call,
 forces `<|output_start|> tool(code) <|output_end|>` into the sequence:
 
     from picochat.tools import make_tool, calculator
