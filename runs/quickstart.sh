@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline that exists today, on the embedded offline corpus, on whatever this machine has (~10 min on a
-# 2-core laptop CPU): set up .venv, build the corpus, train the tokenizer, pretrain the base model (4 passes over the
-# embedded corpus' documents, at most 10 minutes), then sample from it. Artifacts go to $PICOCHAT_BASE_DIR (default ~/.cache/picochat).
+# 2-core laptop CPU): set up .venv, build the corpus, train the tokenizer, pretrain the base model (one pass over the
+# embedded corpus' 2.15M training tokens with split packing, at most 10 minutes), then sample from it. Artifacts go to
+# $PICOCHAT_BASE_DIR (default ~/.cache/picochat).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash runs/setup.sh
