@@ -49,6 +49,8 @@ def resolve(cfg: PretrainConfig, model: GPT, rt: Runtime) -> tuple[int, int]:
 # --allow-epochs. 4: repeating data up to ~4 times costs little (Muennighoff et al. 2023, "Scaling Data-Constrained
 # Language Models"); the CPU preset's 4 passes of the crop loader still lowered validation bpb at every eval.
 WARN_EPOCHS = 4.0
+
+
 def plan_epochs(cfg: PretrainConfig, tok, num_steps: int) -> tuple[float, str]:
     """Planned passes over the training corpus and the packing policy; warns above WARN_EPOCHS and refuses above
     --allow-epochs with one line. Epochs here are planned tokens / corpus tokens (--max-epochs caps them): crop
