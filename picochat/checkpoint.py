@@ -150,7 +150,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -184,12 +184,12 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, o
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         clean_leftovers(ckpt_dir)  # e.g. a .tmp_ folder of this very step from a crash during an earlier save
         tmp.mkdir()
-    _barrier()
+    barrier()
     if optim_state is not None:
         _fsync_write(tmp / f"optim_rank{rank}.pt", lambda f: torch.save(optim_state, f))
     if loader_state is not None:
         _fsync_write(tmp / f"loader_rank{rank}.json", lambda f: f.write(json.dumps(loader_state).encode()))
-    _barrier()
+    barrier()
     if rank == 0:
         _fsync_write(tmp / "model.pt", lambda f: torch.save(strip_compile_prefix(model_state), f))
         meta = {**meta, "step": step, "files": {p.name: p.stat().st_size for p in tmp.iterdir()}}
@@ -205,7 +205,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_state: dict | None, o
         _fsync_dir(ckpt_dir)
         for old in list_steps(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(ckpt_dir / f"step_{old:06d}", ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 

@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from picochat.attention import describe_backend
-from picochat.checkpoint import OLD_LAYOUT, build_meta, check_compatible, checkpoint_dir, clean_leftovers, \
-    clear_run, list_runs, list_steps, load_checkpoint, model_state_for_save, run_dir, save_checkpoint
+from picochat.checkpoint import OLD_LAYOUT, barrier, build_meta, check_compatible, checkpoint_dir, \
+    clean_leftovers, clear_run, list_runs, list_steps, load_checkpoint, model_state_for_save, run_dir, save_checkpoint
 from picochat.common import MetricsLogger, Runtime, UserError, autocast_ctx, get_base_dir, is_fsdp, \
     measure_matmul_flops, print0
 from picochat.config import ModelConfig, TrainConfig
@@ -72,7 +72,7 @@ def resume_state(stage_name: str, run: str, cfg: TrainConfig, rt: Runtime, model
     d = run_dir(stage_name, run)
     if rt.is_master:
         clean_leftovers(d)
-    _barrier()  # every rank lists the folder after rank 0 has put back or removed a crash's leftovers
+    barrier()  # every rank lists the folder after rank 0 has put back or removed a crash's leftovers
     steps = list_steps(d)
     if not cfg.resume:
         if steps and not cfg.overwrite:
@@ -82,7 +82,7 @@ def resume_state(stage_name: str, run: str, cfg: TrainConfig, rt: Runtime, model
         if steps:
             if rt.is_master:
                 clear_run(d)
-            _barrier()
+            barrier()
             print0(f"--overwrite: deleted {len(steps)} checkpoint(s) of {d}")
         return None
     if not steps:
@@ -148,11 +148,6 @@ def make_optimizer(model: GPT, cfg: TrainConfig, rt: Runtime) -> torch.optim.Opt
                            embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr,
                            weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip,
                            distributed=rt.ddp and not fsdp, fsdp=fsdp, named_params=model.named_parameters())
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def sync_params(model: torch.nn.Module) -> None:
