@@ -293,8 +293,12 @@ class PackingLoader:
         self.packer.seq, self.packer.used, self.packer.dropped = seq, used, dropped
 
     def close(self) -> None:
-        """Stop the prefetch thread (it also stops by itself when the loader is garbage-collected)."""
+        """Stop the prefetch thread and wait for it (it also stops by itself when the loader is garbage-collected):
+        a daemon thread still inside the tokenizer's native code at interpreter exit aborted a process once
+        ("terminate called without an active exception", SIGABRT after a finished --stop-at run)."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
     def __del__(self):
         stop = getattr(self, "_stop", None)  # absent when __init__ raised early

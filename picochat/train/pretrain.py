@@ -116,7 +116,10 @@ def run(argv=None) -> dict:
                       num_steps=num_steps, grad_accum=accum, loader_state=train_loader.state_dict,
                       evaluate=evaluate, run_config=cfg,
                       start_step=prep.start_step, elapsed_s=prep.elapsed_s)
-        return train(stage, rt)
+        try:
+            return train(stage, rt)
+        finally:
+            train_loader.close()
     except BaseException as e:
         fail_runtime(e)  # under torchrun: print with the rank, abort the group (no barrier: it would hang)
         raise
