@@ -13,6 +13,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tok-train": ("picochat.tok_train", "train the BPE tokenizer on the corpus"),
     "tok-eval": ("picochat.tok_eval", "compare compression (bytes/token) with the GPT-2 and GPT-4 tokenizers"),
     "pretrain": ("picochat.train.pretrain", "pretrain the base model (single process or torchrun)"),
+    "midtrain": ("picochat.train.midtrain", "midtrain base -> mid: conversations, multiple choice, tool use"),
+    "sft": ("picochat.train.sft", "supervised fine-tuning mid (or base) -> sft, loss on assistant tokens only"),
+    "rl": ("picochat.train.rl", "reinforcement learning sft -> rl with GRPO on tasks with a reward"),
+    "eval": ("picochat.evals.run", "evaluate: base (bpb, CORE, HellaSwag) or chat (ARC, MMLU, GSM8K, ...)"),
+    "report": ("picochat.report", "write the run's report card (markdown + plots); report reset starts a new one"),
+    "export": ("picochat.export", "export a checkpoint for Hugging Face transformers (safetensors + config)"),
+    "speedrun": ("picochat.speedrun", "the whole pipeline in one resumable command (--preset cpu|d12|d20|d26)"),
     "chat": ("picochat.serve.chat_cli", "chat with a trained model in the terminal"),
     "serve": ("picochat.serve.app", "web chat UI and OpenAI-compatible API"),
 }

@@ -184,3 +184,54 @@ def choose_rows(source: str, hub: tuple[str, str, str], offline: Callable[[], li
             hint = str(e)
         return hub_rows(repo, config, split, offline_hint=hint), "hub"
     return hub_rows(repo, config, split, data_dir=data_dir), str(data_dir) if data_dir is not None else "hub"
+
+
+# BIG-bench ships its tasks only inside the `bigbench==1.0.0` sdist on PyPI (358 MB); `pip download` no longer
+# fetches it (pip 26 builds its metadata, which needs a `file://` dependency). So the sdist is fetched straight from
+# PyPI's file host, checked against the sha256 PyPI publishes, and only the task folders asked for are unpacked.
+BIGBENCH_SDIST = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc"
+                  "721c157/bigbench-1.0.0.tar.gz")
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+_BIGBENCH_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+
+
+def bigbench_tasks(names: list[str], *, sdist: str | Path | None = None) -> dict[str, Path]:
+    """{task name: its folder (holding task.json, or one subfolder per subtask)} for BIG-bench tasks, unpacked once
+    into `<base dir>/tasks/bigbench/`. The sdist is `sdist`, else $PICOCHAT_BIGBENCH_SDIST, else
+    `<base dir>/tasks/bigbench-1.0.0.tar.gz`, downloaded there from PyPI when missing (sha256-checked)."""
+    import tarfile
+
+    root = get_base_dir() / "tasks" / "bigbench"
+    missing = [n for n in names if not (root / n / ".complete").is_file()]
+    if missing:
+        path = Path(sdist or os.environ.get("PICOCHAT_BIGBENCH_SDIST") or
+                    get_base_dir() / "tasks" / "bigbench-1.0.0.tar.gz")
+        if not path.is_file():
+            from picochat.data.download import download_file
+
+            print(f"downloading the bigbench==1.0.0 sdist (358 MB, once) to {path}", flush=True)
+            download_file(BIGBENCH_SDIST, path, sha256=BIGBENCH_SHA256)
+        found: set[str] = set()
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                for member in tar:
+                    if not member.name.startswith(_BIGBENCH_PREFIX) or not member.isfile():
+                        continue
+                    rel = member.name[len(_BIGBENCH_PREFIX):]
+                    task = rel.split("/", 1)[0]
+                    if task in missing and ".." not in rel.split("/"):
+                        dest = root / rel
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        with tar.extractfile(member) as src, open(dest, "wb") as out:
+                            out.write(src.read())
+                        found.add(task)
+        except (OSError, tarfile.TarError, EOFError) as e:
+            raise UserError(f"cannot read the bigbench sdist {path} ({type(e).__name__}: {e}); delete it to download "
+                            f"it again") from None
+        unknown = sorted(set(missing) - found)
+        if unknown:
+            raise UserError(f"no BIG-bench task {', '.join(unknown)} in {path}; the task names are the folders "
+                            f"under bigbench/benchmark_tasks/")
+        for n in missing:
+            (root / n / ".complete").touch()
+    return {n: root / n for n in names}
