@@ -200,6 +200,8 @@ class TrainConfig:
     fsdp: bool = f(False, "under torchrun, shard parameters, gradients and optimizer state with FSDP2 (for models "
                           "that do not fit one device; costs more communication)")
     seed: int = f(0, "random seed (weights init, sampling)")
+    deterministic: bool = f(False, "bit-identical losses for the same seed on the same hardware: deterministic "
+                                   "kernels only, cuBLAS workspace pinned (slower; README: Measured)")
     device_batch_size: int = f(16, "sequences per micro-batch per device")
     total_batch_size: int = f(16384, "tokens per optimizer step across all ranks (gradient accumulation fills it)")
     num_steps: int = f(-1, "optimizer steps; -1 = derived by the stage (data ratio, or one pass over the data)")
