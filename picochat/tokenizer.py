@@ -228,7 +228,7 @@ class Tokenizer:
         target: assistant text, python calls including their <|python_start|>/<|python_end|>, and
         <|assistant_end|>. BOS, user turns, <|assistant_start|> and tool output (written by the tool, not the
         model) are 0."""
-        ids, mask = self._render(_validated_turns(conv))
+        ids, mask = self._render(validated_turns(conv))
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conv: dict) -> list[int]:
@@ -237,7 +237,7 @@ class Tokenizer:
         messages = _messages(conv)
         if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
             messages = messages[:-1]
-        turns = _validated_turns({"messages": messages})
+        turns = validated_turns({"messages": messages})
         if turns[-1][1] != "user":
             raise UserError(f"message {turns[-1][0]}: a completion prompt must end with a user message")
         ids, _ = self._render(turns)
@@ -279,7 +279,7 @@ def _messages(conv: dict) -> list:
     return conv["messages"]
 
 
-def _validated_turns(conv: dict) -> list[tuple[int, str, str | list]]:
+def validated_turns(conv: dict) -> list[tuple[int, str, str | list]]:
     """Check the schema and return (original message index, role, content) turns with the system message merged
     into the first user message and assistant content normalized to a list of parts."""
     messages = _messages(conv)
@@ -313,6 +313,9 @@ def _validated_turns(conv: dict) -> list[tuple[int, str, str | list]]:
     if not turns:
         raise UserError("the conversation has no user message")
     return turns
+
+
+_validated_turns = validated_turns  # the old private name, kept for code written against it
 
 
 def _assistant_parts(i: int, content) -> list[dict]:

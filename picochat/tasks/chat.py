@@ -17,7 +17,7 @@ from pathlib import Path
 from picochat.common import UserError
 from picochat.tasks.base import Task
 from picochat.tasks.sources import choose_rows, package_dir
-from picochat.tokenizer import _validated_turns  # the renderer's own schema check, so both accept the same files
+from picochat.tokenizer import validated_turns  # the renderer's own schema check, so both accept the same files
 
 
 class ChatTask(Task):
@@ -67,7 +67,7 @@ class CustomJSON(ChatTask):
                 try:
                     row = json.loads(line)
                     conv = {"messages": row} if isinstance(row, list) else row
-                    _validated_turns(conv)
+                    validated_turns(conv)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{lineno}: not JSON ({e.msg}); each line must be one conversation") \
                         from None
