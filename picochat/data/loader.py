@@ -45,38 +45,43 @@ MAX_AGE_BUFFERS = 4
 
 
 class Packer:
-    """The best-fit buffer, shared by the training loader and the validation slice.
+    """The best-fit buffer, shared by the training loader, the validation slice and the conversation loader
+    (picochat/data/conversations.py).
 
-    Items are (ref, offset, seq, tokens): `tokens` a whole document (its BOS first), `offset` how much of it already
-    went into rows, `seq` its arrival time on a clock that ticks at every arrival and every placement (unique per
-    document, and it keeps advancing while rows are filled from the buffer alone). An item's piece is
-    tokens[offset:], led by a BOS when offset > 0. Filling a row of n tokens:
+    Items are (ref, offset, seq, tokens, mask): `tokens` a whole document (its BOS first), `mask` None or an array
+    beside it (conversations: 1 where the token is a training target), `offset` how much of it already went into
+    rows, `seq` its arrival time on a clock that ticks at every arrival and every placement (unique per document,
+    and it keeps advancing while rows are filled from the buffer alone). An item's piece is tokens[offset:], led by
+    a BOS when offset > 0 (that BOS's mask is 0: it is no target). Filling a row of n tokens:
       row start:  the oldest item if it arrived more than `max_age` ticks ago (no document waits longer: its pieces
                   keep its seq, so a long document then fills consecutive rows); else, under crop, the oldest item
                   longer than the row (it fills the row whole: the most of it any row can keep); else best fit;
       best fit:   the LARGEST piece that fits the space left (oldest first among equal lengths);
-      none fits:  the SHORTEST piece fills the space; "crop" drops its tail (every token then sees its document's
-                  start: nanochat's trade), "split" puts the tail back as a BOS-led piece with the same seq. A last
-                  single slot gets a BOS instead: it is only a target (the end-of-document prediction), and cropping
-                  a document to its BOS would lose all of it.
-    `used` and `dropped` count corpus tokens that reached a row or were cropped away (a split piece's added BOS is
-    not a corpus token).
+      none fits:  "pad" ends the row there (the caller pads it; for items that never exceed a row, so every piece
+                  stays whole); otherwise the SHORTEST piece fills the space: "crop" drops its tail (every token
+                  then sees its document's start: nanochat's trade), "split" puts the tail back as a BOS-led piece
+                  with the same seq. A last single slot gets a BOS instead: it is only a target (the
+                  end-of-document prediction), and cropping a document to its BOS would lose all of it.
+    `used` and `dropped` count document tokens that reached a row or were cropped away (a split piece's added BOS
+    is not a document token).
     """
 
     def __init__(self, policy: str, buffer_docs: int, max_age: int, bos: int):
         self.policy, self.buffer_docs, self.max_age, self.bos = policy, buffer_docs, max_age, bos
         self.keys: list[tuple[int, int]] = []  # sorted (piece length, seq) ...
-        self.items: list[tuple[tuple[int, int], int, int, np.ndarray]] = []  # ... aligned: (ref, offset, seq, tokens)
+        # ... aligned with them: (ref, offset, seq, tokens, mask)
+        self.items: list[tuple[tuple, int, int, np.ndarray, np.ndarray | None]] = []
         self.seq = 0  # the clock: arrivals + placements so far
         self.used = self.dropped = 0
 
-    def add(self, ref: tuple[int, int], tokens: np.ndarray, offset: int = 0, seq: int | None = None) -> None:
+    def add(self, ref: tuple, tokens: np.ndarray, mask: np.ndarray | None = None, offset: int = 0,
+            seq: int | None = None) -> None:
         if seq is None:
             seq, self.seq = self.seq, self.seq + 1
         key = (len(tokens) - offset + (offset > 0), seq)
         at = bisect_left(self.keys, key)
         self.keys.insert(at, key)
-        self.items.insert(at, (ref, offset, seq, tokens))
+        self.items.insert(at, (ref, offset, seq, tokens, mask))
 
     def _pick(self, space: int, row_start: bool) -> int | None:
         """Index of the item to place next, or None when nothing fits."""
@@ -90,9 +95,11 @@ class Packer:
                 return min(range(fits, len(keys)), key=lambda i: keys[i][1])
         return bisect_left(keys, (keys[fits - 1][0], -1)) if fits else None
 
-    def fill(self, out: np.ndarray, pull: Callable[[], tuple[tuple[int, int], np.ndarray] | None]) -> int:
-        """Fill `out` (1-D) from the buffer, topping it up from `pull` (None: no more documents) before each pick.
-        Returns how many tokens were written: len(out), or fewer once `pull` and the buffer are both empty."""
+    def fill(self, out: np.ndarray, pull: Callable[[], tuple | None], out_mask: np.ndarray | None = None) -> int:
+        """Fill `out` (1-D) from the buffer, topping it up from `pull` (None: no more documents; else the arguments
+        of `add`: (ref, tokens) or (ref, tokens, mask)) before each pick; with `out_mask` (beside `out`) the items'
+        masks are written there. Returns how many tokens were written: len(out), or fewer once `pull` and the
+        buffer are both empty or, under "pad", when no piece fits the rest of the row."""
         filled, n = 0, len(out)
         while filled < n:
             while len(self.keys) < self.buffer_docs:
@@ -103,28 +110,54 @@ class Packer:
             if not self.keys:
                 break
             at = self._pick(n - filled, filled == 0)
+            if at is None and self.policy == "pad":
+                break
             if at is None and filled == n - 1:  # a BOS, not the first token of a document lost to crop
                 out[filled] = self.bos
+                if out_mask is not None:
+                    out_mask[filled] = 0
                 filled += 1
                 continue
             at = 0 if at is None else at
             self.keys.pop(at)
-            ref, offset, seq, tokens = self.items.pop(at)
+            ref, offset, seq, tokens, mask = self.items.pop(at)
             self.seq += 1
-            piece = tokens if offset == 0 else np.concatenate(([self.bos], tokens[offset:]))
-            take = min(len(piece), n - filled)
-            out[filled:filled + take] = piece[:take]
+            take = min(len(tokens) - offset + (offset > 0), n - filled)
+            for dst, src, lead in ((out, tokens, self.bos), (out_mask, mask, 0)):
+                if dst is not None and src is not None:  # the piece: src[offset:], led by `lead` when offset > 0
+                    piece = src if offset == 0 else np.concatenate(([lead], src[offset:]))
+                    dst[filled:filled + take] = piece[:take]
             filled += take
             self.used += take - (offset > 0)
-            if take < len(piece):
+            if take < len(tokens) - offset + (offset > 0):
                 if self.policy == "split":
-                    self.add(ref, tokens, offset + take - (offset > 0), seq)
+                    self.add(ref, tokens, mask, offset + take - (offset > 0), seq)
                 else:
-                    self.dropped += len(piece) - take
+                    self.dropped += len(tokens) - offset + (offset > 0) - take
         return filled
 
     def arrival_order(self) -> list[int]:
         return sorted(range(len(self.keys)), key=lambda i: self.keys[i][1])
+
+    def state_dict(self) -> dict:
+        """The clock, the token counts and the buffered pieces as [*ref, offset, seq] in arrival order (the tokens
+        themselves are not saved: the owner re-reads them by ref)."""
+        return {"seq": self.seq, "used": self.used, "dropped": self.dropped,
+                "buffer": [[*self.items[i][0], self.items[i][1], self.items[i][2]] for i in self.arrival_order()]}
+
+    @staticmethod
+    def parse_state(state: dict) -> tuple[list[tuple[tuple[int, ...], int, int]], tuple[int, int, int]]:
+        """([(ref, offset, seq), ...], (seq, used, dropped)) from a state_dict; KeyError/TypeError/ValueError when
+        malformed (the owner turns that into its UserError)."""
+        refs = [(tuple(int(x) for x in r[:-2]), int(r[-2]), int(r[-1])) for r in state["buffer"]]
+        return refs, (int(state["seq"]), int(state["used"]), int(state["dropped"]))
+
+    def load(self, pieces: list[tuple[tuple, int, int, np.ndarray, np.ndarray | None]],
+             counts: tuple[int, int, int]) -> None:
+        """Restore a parsed state: `pieces` as (ref, offset, seq, tokens, mask) with the tokens re-read."""
+        for ref, offset, seq, tokens, mask in pieces:
+            self.add(ref, tokens, mask, offset, seq)
+        self.seq, self.used, self.dropped = counts
 
 
 class PackingLoader:
@@ -239,22 +272,15 @@ class PackingLoader:
         rows = np.empty((self.B, self.T + 1), dtype=np.int64)
         for b in range(self.B):
             self.packer.fill(rows[b], self._pull)
-        inputs = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))  # (B, T)
-        targets = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))  # (B, T)
-        if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
-            return (inputs.pin_memory().to(self.device, non_blocking=True),
-                    targets.pin_memory().to(self.device, non_blocking=True))
-        return inputs.to(self.device), targets.to(self.device)
+        return to_device(rows[:, :-1], rows[:, 1:], self.device)  # (B, T) each
 
     def state_dict(self) -> dict:
         """JSON-serialisable position: reader (epoch, group, row), the pass's token counts and the buffered pieces
         as [row group, row, offset, seq] in arrival order."""
-        p = self.packer
         return {"version": STATE_VERSION, "corpus": self.corpus, "split": self.split, "rank": self.rank,
                 "world_size": self.world_size, "fingerprint": self.fingerprint, "packing": self.packing,
-                "buffer_docs": self.buffer_docs, "epoch": self.epoch, "pos": list(self._pos), "seq": p.seq,
-                "used": p.used, "dropped": p.dropped,
-                "buffer": [[*p.items[i][0], p.items[i][1], p.items[i][2]] for i in p.arrival_order()]}
+                "buffer_docs": self.buffer_docs, "epoch": self.epoch, "pos": list(self._pos),
+                **self.packer.state_dict()}
 
     def _load_state(self, state: dict) -> None:
         want = {"version": STATE_VERSION, "corpus": self.corpus, "split": self.split, "rank": self.rank,
@@ -263,8 +289,9 @@ class PackingLoader:
         try:
             got = {k: state.get(k) for k in want}
             epoch, pos = int(state["epoch"]), tuple(int(x) for x in state["pos"])
-            seq, used, dropped = int(state["seq"]), int(state["used"]), int(state["dropped"])
-            refs = [(int(g), int(d), int(o), int(s)) for g, d, o, s in state["buffer"]]
+            refs, counts = Packer.parse_state(state)
+            if any(len(ref) != 2 for ref, _, _ in refs):
+                raise ValueError("a buffered piece is not [row group, row, offset, seq]")
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise UserError(f"loader state is malformed ({e!r}); start without it or use a matching "
                             f"checkpoint") from None
@@ -277,7 +304,7 @@ class PackingLoader:
         self.epoch, self._pos = epoch, pos
         local = {g: k for k, (g, *_) in enumerate(self.groups)}
         wanted: dict[int, list[int]] = defaultdict(list)
-        for g, d, _, _ in refs:
+        for (g, d), _, _ in refs:
             if g not in local or d >= self.groups[local[g]][3]:
                 raise UserError(f"loader state names row {d} of row group {g}, which this rank does not have")
             wanted[g].append(d)
@@ -286,11 +313,10 @@ class PackingLoader:
             _, path, index, _ = self.groups[local[g]]
             rows = read_row_group(path, index, self.corpus)
             texts.update({(g, d): rows[d] for d in wanted[g]})
-        ids = self.tokenizer.encode([texts[(g, d)] for g, d, _, _ in refs], prepend=self.tokenizer.bos_id,
+        ids = self.tokenizer.encode([texts[ref] for ref, _, _ in refs], prepend=self.tokenizer.bos_id,
                                     num_threads=self.tokenizer_threads) if refs else []
-        for (g, d, offset, s), tokens in zip(refs, ids):
-            self.packer.add((g, d), np.asarray(tokens, dtype=np.int64), offset, s)
-        self.packer.seq, self.packer.used, self.packer.dropped = seq, used, dropped
+        self.packer.load([(ref, offset, s, np.asarray(tokens, dtype=np.int64), None)
+                          for (ref, offset, s), tokens in zip(refs, ids)], counts)
 
     def close(self) -> None:
         """Stop the prefetch thread and wait for it (it also stops by itself when the loader is garbage-collected):
@@ -347,7 +373,60 @@ def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
 # validation
 
 
-class ValidationSlice:
+class DealtRows:
+    """Packed rows dealt round-robin to ranks (row i to rank i % world_size), each rank's share padded with ignored
+    rows (targets -1) to the same number of batches, so the union over ranks does not depend on the rank count.
+    Attributes after `_deal`: `rows` (over all ranks), `steps` (batches per rank)."""
+
+    def _deal(self, x: np.ndarray, y: np.ndarray, B: int, rank: int, world_size: int, pad: int) -> None:
+        """x, y: (rows, T) inputs and targets of all ranks."""
+        self.rows, self.B = len(x), B
+        self.steps = math.ceil(math.ceil(len(x) / world_size) / B)
+        mine = slice(rank, None, world_size)
+        self._x = np.full((self.steps * B, x.shape[1]), pad, dtype=np.int64)  # (steps * B, T)
+        self._y = np.full((self.steps * B, x.shape[1]), -1, dtype=np.int64)  # (steps * B, T); -1 = not scored
+        self._x[:len(x[mine])], self._y[:len(y[mine])] = x[mine], y[mine]
+
+    def batches(self, device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's `steps` batches of (inputs, targets), each (B, T) int64 on `device`."""
+        for a in range(0, len(self._x), self.B):
+            yield (torch.from_numpy(self._x[a:a + self.B]).to(device),
+                   torch.from_numpy(self._y[a:a + self.B]).to(device))
+
+
+def pack_all(packer: Packer, pull: Callable[[], tuple | None], row: int,
+             pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every row `packer` fills from `pull` until both run dry: the rows (N, row) with unfilled slots set to `pad`,
+    their masks (N, row; 0 where unfilled or the items carry none) and how many tokens each row holds (N,)."""
+    rows, masks, filled = [], [], []
+    while True:
+        r, m = np.full(row, pad, dtype=np.int64), np.zeros(row, dtype=np.int8)
+        n = packer.fill(r, pull, m)
+        if n == 0:
+            return (np.array(rows, dtype=np.int64).reshape(-1, row), np.array(masks, dtype=np.int8).reshape(-1, row),
+                    np.array(filled, dtype=np.int64))
+        rows.append(r)
+        masks.append(m)
+        filled.append(n)
+
+
+def shift(rows: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets), each (N, T), from packed rows and their masks (N, T+1): inputs = rows[:, :-1]; targets =
+    rows[:, 1:] where that token's mask is 1, else -1 (ignored by the loss)."""
+    return rows[:, :-1], np.where(masks[:, 1:] != 0, rows[:, 1:], -1)
+
+
+def to_device(inputs: np.ndarray, targets: np.ndarray,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both (B, T) int64 arrays as tensors on `device`."""
+    x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.int64))
+    y = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
+    if device.type == "cuda":  # pinned host memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+class ValidationSlice(DealtRows):
     """The first `tokens` tokens' worth of the validation split, whole documents in document order, packed once into
     BOS-led rows of T+1 in that order (the split rule with a one-document buffer: a document that does not fit the
     row's rest continues at the next row's start), so every document token is a target exactly once and every call
@@ -382,31 +461,9 @@ class ValidationSlice:
             got = next(feed, None)
             return None if got is None else ((0, got[0]), got[1])
 
-        packer = Packer("split", 1, 0, tokenizer.bos_id)
-        rows = []
-        while True:
-            row = np.full(T + 1, tokenizer.bos_id, dtype=np.int64)
-            n = packer.fill(row, pull)
-            if n == 0:
-                break
-            rows.append((row, n))
-            if n < T + 1:
-                break
-        self.rows = len(rows)
-        mine = rows[rank::world_size]
-        self.steps = math.ceil(math.ceil(len(rows) / world_size) / B)
-        self._x = np.full((self.steps * B, T), tokenizer.bos_id, dtype=np.int64)  # (steps * B, T)
-        self._y = np.full((self.steps * B, T), -1, dtype=np.int64)  # (steps * B, T); -1 = not scored
-        for i, (row, n) in enumerate(mine):
-            self._x[i] = row[:-1]
-            self._y[i, :n - 1] = row[1:n]
-        self.B = B
-
-    def batches(self, device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's `steps` batches of (inputs, targets), each (B, T) int64 on `device`."""
-        for a in range(0, len(self._x), self.B):
-            yield (torch.from_numpy(self._x[a:a + self.B]).to(device),
-                   torch.from_numpy(self._y[a:a + self.B]).to(device))
+        rows, _, filled = pack_all(Packer("split", 1, 0, tokenizer.bos_id), pull, T + 1, tokenizer.bos_id)
+        targets = np.arange(T + 1) < filled[:, None]  # (rows, T+1): every token in a row is a target
+        self._deal(*shift(rows, targets), B, rank, world_size, tokenizer.bos_id)
 
     def describe(self) -> str:
         part = "all" if self.docs == self.split_docs else f"the first {self.docs:,}"
