@@ -24,7 +24,7 @@ from picochat.common import _cpu_flags, measure_matmul_flops, setup_runtime
 from picochat.config import ModelConfig, derive_model_config
 from picochat.model import GPT
 from picochat.optim import build_optimizer
-from picochat.train.loop import Stage, micro_batches, train
+from picochat.train.loop import Prepared, Stage, micro_batches, train
 from picochat.config import PretrainConfig
 
 
@@ -51,16 +51,17 @@ def bench(args, dtype: str) -> dict:
         state["i"] += 1
         return row[:, :-1], row[:, 1:]
 
-    stage = Stage(name="base", cfg=cfg, model=model, tokenizer=None, optimizer=opt, next_batch=next_batch,
-                  num_steps=args.steps, grad_accum=micro_batches(cfg, T, rt.world_size), checkpoints=False)
+    stage = Stage(name="base", cfg=cfg, next_batch=next_batch, num_steps=args.steps,
+                  grad_accum=micro_batches(cfg, T, rt.world_size), checkpoints=False)
+    prep = Prepared(model, opt, None)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            summary = train(stage, rt)
+            summary = train(stage, prep, rt)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
     else:
-        summary = train(stage, rt)
+        summary = train(stage, prep, rt)
     fl = model.estimate_flops()
     tok_s = summary["tok_per_s"]
     return {"dtype": dtype, "tok_per_s": round(tok_s, 1), "ms_per_step": round(cfg.total_batch_size / tok_s * 1000, 1),

@@ -153,18 +153,27 @@ def log_config(cfg, title: str) -> None:
         print0(f"  {fl.name:24s} = {getattr(cfg, fl.name)!r}")
 
 
-def inherit(child, parent_values: dict, explicit: dict, inheritable: list[str], title: str = "config"):
-    """Later stages inherit hyperparameters from the parent checkpoint's meta; explicit flags win.
-    Prints what was inherited and what was overridden, then returns the merged config."""
+def inherit(child, parent_values: dict, explicit: dict, inheritable: list[str], source: str = "the parent",
+            title: str = "config"):
+    """A later stage's config from its parent checkpoint's resolved run config (`parent_values`, its meta's
+    "run_config"): every name in `inheritable` takes the parent's value unless `explicit` (the flags and the preset
+    the user gave) sets it, where the explicit value wins. Prints one line per inherited and per overridden value,
+    naming `source`, and returns the merged config; `child` itself is not changed."""
+    names = {fl.name for fl in fields(child)}
+    unknown = [n for n in inheritable if n not in names]
+    if unknown:  # a typo here would silently inherit nothing
+        raise ValueError(f"{type(child).__name__} has no fields {unknown}")
     c = dataclasses.replace(child)
+    print0(f"{title}: inheriting from {source}")
     for name in inheritable:
+        if name not in parent_values:
+            continue
         if name in explicit:
-            if name in parent_values and parent_values[name] != explicit[name]:
+            if parent_values[name] != explicit[name]:
                 print0(f"  {title}.{name}: overridden {parent_values[name]!r} -> {explicit[name]!r}")
             continue
-        if name in parent_values:
-            setattr(c, name, parent_values[name])
-            print0(f"  {title}.{name}: inherited {parent_values[name]!r}")
+        setattr(c, name, parent_values[name])
+        print0(f"  {title}.{name}: inherited {parent_values[name]!r}")
     return c
 
 
@@ -229,7 +238,7 @@ class TrainConfig:
                      "also the wandb run's name")
     overwrite: bool = f(False, "start a fresh run even where this run's folder holds checkpoints: delete them first")
     wandb: bool = f(False, "log metrics to wandb (needs `pip install wandb` and a login)")
-    metrics: str = f("", "JSONL metrics path; empty = <base>/logs/<stage>.jsonl")
+    metrics: str = f("", "JSONL metrics path; empty = <base>/logs/<stage>/<run>.jsonl")
     corpus: str = f("default", "corpus name under <base>/corpus (see `picochat data`)")
 
 
@@ -282,3 +291,53 @@ def preset_d26() -> dict:
 
 
 PRETRAIN_PRESETS = {"cpu": preset_cpu, "d12": preset_d12, "d20": preset_d20, "d26": preset_d26}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the chat stages: midtraining (base -> mid) and SFT (mid or base -> sft) share one config; their defaults differ
+
+
+@dataclass
+class ChatStageConfig(TrainConfig):
+    """`picochat midtrain` / `picochat sft`: the model shape comes from the parent checkpoint, the hyperparameters in
+    CHAT_INHERITABLE are inherited from its meta unless given (printed either way), and --num-steps -1 means one pass
+    over the mixture (--num-epochs)."""
+
+    parent_run: str = f("", "run of the parent stage to start from (empty = its most recently written run)")
+    parent_step: int | None = f(None, "step of the parent checkpoint (default: the latest of that run)")
+    init_lr_frac: float = f(1.0, "the LRs inherited from the parent are multiplied by this (an explicit --matrix-lr "
+                                 "etc. is used as given)")
+    max_seq_len: int = f(0, "training sequence length (inherited; 0 = the model's context length)")
+    num_epochs: float = f(1.0, "passes over the training mixture when --num-steps is -1")
+    scale: float = f(1.0, "multiplies the size of every component of the default mixture")
+    data: str = f("", "a JSONL of your own conversations ({\"messages\": [...]} per line) added to the mixture")
+    source: str = f("auto", "where task data is read from: auto (a downloaded hub copy, else the offline packages), "
+                            "hub (download) or offline", choices=["auto", "hub", "offline"])
+    val_conversations: int = f(256, "held-out conversations for the validation loss and bpb")
+    mc_eval: str = f("arc-easy", "multiple-choice task for the quick categorical accuracy (its validation split; "
+                                 "'' = off)")
+    mc_eval_n: int = f(100, "questions of --mc-eval scored at each evaluation")
+    eval_every: int = f(50, "evaluate every N steps (and at the end; 0 = only the end)")
+    warmup_steps: int = f(0, "linear LR warmup steps (the parent is trained: none needed)")
+
+
+@dataclass
+class MidtrainConfig(ChatStageConfig):
+    """`picochat midtrain`: base -> mid, at the parent's LRs, warmdown over the last 20% (as nanochat's)."""
+
+    warmdown_ratio: float = f(0.2, "fraction of training spent decaying the LR to final_lr_frac")
+
+
+@dataclass
+class SFTConfig(ChatStageConfig):
+    """`picochat sft`: mid (or base) -> sft at 2% of the parent's LRs, decaying linearly to 0 (as nanochat's)."""
+
+    init_lr_frac: float = f(0.02, "the LRs inherited from the parent are multiplied by this (an explicit "
+                                  "--matrix-lr etc. is used as given)")
+    warmdown_ratio: float = f(1.0, "fraction of training spent decaying the LR to final_lr_frac (1 = linear decay "
+                                   "from the first step)")
+
+
+# what a chat stage takes from its parent's run config unless given; the model shape always comes from the parent
+CHAT_INHERITABLE = ["dtype", "compile", "fsdp", "device_batch_size", "total_batch_size", "max_seq_len", "matrix_lr",
+                    "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "grad_clip"]

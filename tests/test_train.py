@@ -163,7 +163,7 @@ def _run_synthetic(rank, world, out, global_batches, fsdp=False, state_out=None,
     from picochat.checkpoint import model_state_for_save
     from picochat.common import setup_runtime, teardown_runtime
     from picochat.config import PretrainConfig
-    from picochat.train.loop import Stage, make_optimizer, shard_model, sync_params, train
+    from picochat.train.loop import Prepared, Stage, make_optimizer, shard_model, sync_params, train
     from picochat.train.pretrain import model_config_for
     from picochat.model import GPT
 
@@ -199,9 +199,9 @@ def _run_synthetic(rank, world, out, global_batches, fsdp=False, state_out=None,
 
         opt.step = recording_step
 
-    stage = Stage(name="base", cfg=cfg, model=model, tokenizer=None, optimizer=opt, next_batch=next_batch,
-                  num_steps=len(global_batches), grad_accum=accum, checkpoints=False)
-    train(stage, rt)
+    stage = Stage(name="base", cfg=cfg, next_batch=next_batch, num_steps=len(global_batches), grad_accum=accum,
+                  checkpoints=False)
+    train(stage, Prepared(model, opt, None), rt)
     state = model_state_for_save(model, rank == 0)  # every rank joins: under FSDP this gathers the shards
     if state_out is not None and rank == 0:
         torch.save(state, state_out)

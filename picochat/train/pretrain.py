@@ -22,7 +22,7 @@ from picochat.data.loader import PackingLoader, ValidationSlice, corpus_tokens
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import GPT
 from picochat.tokenizer import get_tokenizer
-from picochat.train.loop import Stage, micro_batches, prepare, train
+from picochat.train.loop import Stage, micro_batches, prepare, text_samples, train
 
 
 def model_config_for(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
@@ -111,13 +111,11 @@ def run(argv=None) -> dict:
         it = iter(train_loader)
         # --max-epochs: the share of the allowed passes already read is one more schedule unit
         data_progress = (lambda step: train_loader.epochs_done() / cfg.max_epochs) if cfg.max_epochs > 0 else None
-        stage = Stage(name="base", run=run, cfg=cfg, model=model, tokenizer=tok, optimizer=prep.optimizer,
-                      next_batch=lambda: next(it), progress=data_progress,
+        stage = Stage(name="base", run=run, cfg=cfg, next_batch=lambda: next(it), progress=data_progress,
                       num_steps=num_steps, grad_accum=accum, loader_state=train_loader.state_dict,
-                      evaluate=evaluate, run_config=cfg,
-                      start_step=prep.start_step, elapsed_s=prep.elapsed_s)
+                      evaluate=evaluate, samples=text_samples())
         try:
-            return train(stage, rt)
+            return train(stage, prep, rt)
         finally:
             train_loader.close()
     except BaseException as e:
