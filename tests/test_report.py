@@ -33,7 +33,7 @@ def base(tmp_path, monkeypatch, tiny_tokenizer):
     return base
 
 
-def write_stage(base, stage, run, steps, tps, suites, time0=1000.0):
+def write_stage(base, stage, run, steps, tps, suites, time0=1000.0, extra=None):
     """A stage's run as the loop and the evaluators write it: logs/<stage>/<run>.jsonl, the last checkpoint's
     meta.json, eval/<stage>/<run>/step_<N>/<suite>.json."""
     log = base / "logs" / stage / f"{run}.jsonl"
@@ -58,7 +58,7 @@ def write_stage(base, stage, run, steps, tps, suites, time0=1000.0):
         d = base / "eval" / stage / run / f"step_{steps}"
         d.mkdir(parents=True, exist_ok=True)
         res = {"suite": suite, "stage": stage, "run": run, "step": steps, "elapsed_s": 2.0, "metrics": metrics,
-               "tasks": {k: {"accuracy": v, "n": 16} for k, v in metrics.items()}}
+               "tasks": {k: {"accuracy": v, "n": 16} for k, v in metrics.items()}, **(extra or {})}
         (d / f"{suite}.json").write_text(json.dumps(res))
 
 
@@ -119,13 +119,17 @@ def test_card_of_all_four_stages_holds_their_numbers_and_plots(base):
 def test_missing_stages_are_dashes_and_a_stage_without_logs_comes_from_its_meta(base):
     write_stage(base, "base", "d2", 8, 256, {})
     sft_log = base / "logs" / "sft" / "d2.jsonl"
-    write_stage(base, "sft", "d2", 5, 128, {"chat": {"mmlu": 0.3}})
+    write_stage(base, "sft", "d2", 5, 128, {"chat": {"mmlu": 0.3, "chatcore4": 0.05}},
+                extra={"chatcore_name": "ChatCORE-4 (no GSM8K, HumanEval)", "chatcore_missing": ["gsm8k", "humaneval"]})
     sft_log.unlink()  # a stage with a checkpoint and results but no metrics file
     md = (build_report(base)).read_text()
     table = summary_table(md)
     assert table["bpb"] == {"base": "1.9200 †", "mid": "-", "sft": "-", "rl": "-"}  # from the log's last val_bpb
     assert table["MMLU"] == {"base": "-", "mid": "-", "sft": "0.3000", "rl": "-"}
-    assert table["CORE"] == table["ChatCORE"] == {s: "-" for s in ("base", "mid", "sft", "rl")}
+    assert table["CORE"] == {s: "-" for s in ("base", "mid", "sft", "rl")}
+    # a partial ChatCORE takes the name its result file gives it, and the full name is not shown
+    assert table["ChatCORE-4 (no GSM8K, HumanEval)"] == {"base": "-", "mid": "-", "sft": "0.0500", "rl": "-"}
+    assert "ChatCORE" not in table and "not evaluated (chatcore_missing): gsm8k, humaneval" in md
     assert "## Stage mid" not in md and "## Stage rl" not in md
     sft = md.split("## Stage sft", 1)[1].split("\n## ", 1)[0]
     assert "| steps | 5 |" in sft and "| tokens | 640 (128 per step) |" in sft and "| final train loss | - |" in sft

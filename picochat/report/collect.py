@@ -27,7 +27,7 @@ from picochat.common import UserError
 SUMMARY_ROWS = [("bpb", "bpb"), ("core", "CORE"), ("hellaswag", "HellaSwag"), ("arc_easy", "ARC-E"),
                 ("arc_challenge", "ARC-C"), ("mmlu", "MMLU"), ("gsm8k", "GSM8K"), ("humaneval", "HumanEval"),
                 ("spellingbee", "SpellingBee"), ("chatcore", "ChatCORE")]
-_PARTIAL_RE = re.compile(r"^(core|chatcore)(\d+)$")
+_PARTIAL_RE = re.compile(r"^(core|chatcore)(\d+|_subset)$")
 
 # bytes/token is measured on the first documents of the validation split, up to this many characters: 1M characters
 # encode in well under a second, and the ratio moves by <1% beyond a few hundred thousand on the embedded corpus
@@ -221,7 +221,7 @@ def summary_rows(stages: list[StageData]) -> list[tuple[str, dict[str, float | N
     rows = []
     for key, label in SUMMARY_ROWS:
         partial = sorted({k for m in metrics.values() for k in m if (p := _PARTIAL_RE.match(k)) and p[1] == key},
-                         key=lambda k: -int(_PARTIAL_RE.match(k)[2]))
+                         key=lambda k: -int(_PARTIAL_RE.match(k)[2].replace("_subset", "0")))
         has_full = any(key in m for m in metrics.values())
         keys = ([key] if has_full or not partial else []) + partial
         for k in keys:
@@ -232,9 +232,22 @@ def summary_rows(stages: list[StageData]) -> list[tuple[str, dict[str, float | N
                 # mid/sft log bpb on held-out conversations, another text
                 if k == "bpb" and s.stage == "base" and values[s.stage] is None and (last := s.last_eval("val_bpb")):
                     values[s.stage], notes[s.stage] = last[1], "log"
-            name = label if k == key else f"{label}-{_PARTIAL_RE.match(k)[2]}"
-            rows.append((name, values, notes))
+            rows.append((label if k == key else _partial_label(stages, k, label), values, notes))
     return rows
+
+
+def _partial_label(stages: list[StageData], key: str, label: str) -> str:
+    """The name a result file gives a partial metric (a string field such as "core_name": "CORE-20" that starts with
+    the full label), else "CORE-20" from the key's task count, or "CORE subset"."""
+    for s in stages:
+        for res in s.results.values():
+            if key in (res.get("metrics") or {}):
+                names = [v for k, v in res.items() if k.endswith("_name") and isinstance(v, str)]
+                named = [n for n in names if n.startswith(label) and n != label]
+                if named:
+                    return named[0]
+    n = _PARTIAL_RE.match(key)[2]
+    return f"{label} subset" if n == "_subset" else f"{label}-{n}"
 
 
 def stage_wall_s(data: StageData) -> float | None:

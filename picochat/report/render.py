@@ -112,12 +112,13 @@ def _result_blocks(s: StageData) -> list[Block]:
     for suite, res in s.results.items():
         metrics = ", ".join(f"{k} {fmt(v)}" for k, v in (res.get("metrics") or {}).items())
         blocks.append(("p", f"**{suite}** (step {s.results_step}, {fmt_time(res.get('elapsed_s'))}): {metrics}"))
-        tasks = res.get("tasks") or {}
-        cols = list(dict.fromkeys(k for t in tasks.values() for k in t))
+        tasks = {t: v for t, v in (res.get("tasks") or {}).items() if isinstance(v, dict)}
+        cols = list(dict.fromkeys(k for v in tasks.values() for k, x in v.items() if isinstance(x, (int, float, str))))
         if tasks:
             blocks.append(("table", ["task", *cols], [(t, *(fmt(v.get(c)) for c in cols)) for t, v in tasks.items()]))
-        if res.get("missing"):
-            blocks.append(("p", f"missing tasks: {', '.join(map(str, res['missing']))}"))
+        for key, missing in res.items():  # core.json: "missing"; chat.json: "chatcore_missing"
+            if key.endswith("missing") and isinstance(missing, list) and missing:
+                blocks.append(("p", f"not evaluated ({key}): {', '.join(map(str, missing))}"))
     return blocks
 
 
