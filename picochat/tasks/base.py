@@ -18,8 +18,10 @@ logits of just those tokens); task families may add other keys, which rendering 
 
 from __future__ import annotations
 
+import json
 import random
 import re
+import zlib
 from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 
@@ -208,7 +210,59 @@ def marked_number(text: str, marker: str = "####") -> Decimal | None:
     return parse_number(found.group()) if found else None
 
 
-def seeded(seed: int, index: int) -> random.Random:
+def seeded(seed: int | str, index: int) -> random.Random:
     """A generator for example `index` of a generated task: the same example for the same (seed, index) on every
     machine and in every process, independent of which examples were drawn before."""
     return random.Random(f"{seed}:{index}")  # a str seed is hashed with SHA-512, not hash(): PYTHONHASHSEED-proof
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# held-out splits
+
+SPLITS = ("train", "val", "test")
+
+
+def split_of(key: str) -> str:
+    """The split a row belongs to, from a hash of its text: one row in ten is test, one in ten val, the rest train.
+
+    A hash of the content, not a position, so the split of a row never depends on the order a file lists rows in or
+    on how many rows a generator has drawn, and two copies of one question land in the same split. crc32 is the same
+    on every machine and in every process (Python's hash() of a str is salted per process)."""
+    bucket = zlib.crc32(key.encode("utf-8")) % 10
+    return "test" if bucket == 0 else "val" if bucket == 1 else "train"
+
+
+def check_split(split: str, family: str, splits: Sequence[str] = SPLITS) -> str:
+    if split not in splits:
+        raise UserError(f"{family} has splits {', '.join(splits)}, not {split!r}")
+    return split
+
+
+class HeldOut(Task):
+    """The rows of a fixed dataset `task` on one side of a held-out split: "val" is the rows `split_of` puts in
+    val (about one in ten, by a hash of the whole conversation, so a conversation repeated in the data is never on
+    both sides), "train" all the others. For sources with no split of their own (chat corpora, BIG-bench files,
+    MMLU dev), so a stage's validation loss is measured on conversations it never trains on."""
+
+    def __init__(self, task: Task, split: str, **slice_kw):
+        super().__init__(**slice_kw)
+        check_split(split, f"HeldOut({type(task).__name__})", ("train", "val"))
+        self.task, self.split = task, split
+        self.indices = [i for i in range(len(task)) if (split_of(_key(task[i])) == "val") == (split == "val")]
+
+    def num_examples(self) -> int:
+        return len(self.indices)
+
+    def get_example(self, index: int) -> dict:
+        return self.task[self.indices[index]]
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        return self.task.evaluate(conversation, completion)
+
+    @property
+    def eval_type(self) -> str:  # type: ignore[override]
+        return self.task.eval_type
+
+
+def _key(conversation: dict) -> str:
+    return json.dumps(conversation["messages"], sort_keys=True, ensure_ascii=False)

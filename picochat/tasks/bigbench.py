@@ -17,14 +17,18 @@ import json
 from pathlib import Path
 
 from picochat.common import UserError
-from picochat.tasks.base import Task, mc_conversation, mc_correct
+from picochat.tasks.base import Task, mc_conversation, mc_correct, seeded
 
 
 class BigBench(Task):
     """One BIG-bench task.json. Mixed files are fine: `eval_type` follows each example's kind."""
 
-    def __init__(self, path: str | Path, **slice_kw):
+    def __init__(self, path: str | Path, shuffle_seed: int | None = None, **slice_kw):
+        """`shuffle_seed`: shuffle each multiple-choice example's choices (seeded by it and the index). Training
+        needs it: some files list the right choice first in every example (date_understanding,
+        movie_recommendation), which would teach "the answer is A"."""
         super().__init__(**slice_kw)
+        self.shuffle_seed = shuffle_seed
         path = Path(path)
         if path.is_dir():
             path = path / "task.json"
@@ -53,6 +57,8 @@ class BigBench(Task):
         question = (self.prefix + e["input"]).strip()
         if "target_scores" in e:
             choices = list(e["target_scores"])
+            if self.shuffle_seed is not None:
+                seeded(f"bigbench:{self.shuffle_seed}:{self.name}", index).shuffle(choices)
             scores = [float(e["target_scores"][c]) for c in choices]
             return mc_conversation(question, choices, scores.index(max(scores)))
         targets = [e["target"]] if isinstance(e["target"], str) else [str(t) for t in e["target"]]

@@ -6,12 +6,14 @@
   checked when the file is read, so a bad line is an error naming file and line, not a crash mid-training.
 - ChitChat: `chitchat-dataset==0.9.0` (7,168 casual human chats; consecutive messages of one sender joined).
 - Chatterbot: `chatterbot-corpus==1.3.3` (short Q&A conversations in YAML, English files; needs PyYAML).
+- TopicalChat: BIG-bench `topical_chat` (1,078 long human conversations about a topic) from the bigbench sdist.
 These are training data: they have no scorer.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from picochat.common import UserError
@@ -43,6 +45,21 @@ class SmolTalk(ChatTask):
             raise UserError(f"SmolTalk has splits train and test, not {split!r}")
         rows, self.source = choose_rows(source, ("HuggingFaceTB/smol-smoltalk", "default", split), None, data_dir)
         super().__init__([{"messages": r["messages"]} for r in rows], **slice_kw)
+
+
+def _merged(turns: list[tuple[str, str]]) -> list[str]:
+    """The texts of (speaker, text) turns with one speaker's consecutive turns joined by a newline: two humans chat
+    in bursts, the conversation format alternates."""
+    merged: list[tuple[str, str]] = []
+    for speaker, text in turns:
+        text = text.strip()
+        if not text:
+            continue
+        if merged and merged[-1][0] == speaker:
+            merged[-1] = (speaker, merged[-1][1] + "\n" + text)
+        else:
+            merged.append((speaker, text))
+    return [t for _, t in merged]
 
 
 def _alternating(texts: list[str]) -> dict | None:
@@ -88,17 +105,7 @@ class ChitChat(ChatTask):
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         conversations = []
         for key in sorted(data):  # sorted: the order of a JSON object is not something to rely on
-            merged: list[tuple[str, str]] = []  # (sender, text) with one sender's consecutive messages joined
-            for turn in data[key]["messages"]:
-                for msg in turn:
-                    text = msg["text"].strip()
-                    if not text:
-                        continue
-                    if merged and merged[-1][0] == msg["sender"]:
-                        merged[-1] = (msg["sender"], merged[-1][1] + "\n" + text)
-                    else:
-                        merged.append((msg["sender"], text))
-            conv = _alternating([t for _, t in merged])
+            conv = _alternating(_merged([(m["sender"], m["text"]) for turn in data[key]["messages"] for m in turn]))
             if conv:
                 conversations.append(conv)
         super().__init__(conversations, **slice_kw)
@@ -124,3 +131,42 @@ class Chatterbot(ChatTask):
                 if conv:
                     conversations.append(conv)
         super().__init__(conversations, **slice_kw)
+
+
+class TopicalChat(ChatTask):
+    """BIG-bench's `topical_chat` (Gopalakrishnan et al., 2019): 1,078 knowledge-grounded human conversations of
+    about 22 turns. The task.json has one row per turn to predict, `{"input": 'agent_A: "..." agent_B: "..."',
+    "target": '"..."', "comment": <conversation id>}`, the speakers renamed so the target is always agent_B's. So
+    a conversation is its rows' longest input (every earlier turn) plus that row's target (checked on the real file:
+    every other row's target is inside it), split at the speaker markers, the quotes around each turn removed."""
+
+    def __init__(self, path: str | Path | None = None, **slice_kw):
+        """`path`: the topical_chat folder or its task.json (default: unpacked from the bigbench sdist)."""
+        from picochat.tasks.sources import bigbench_tasks
+
+        path = Path(path) if path is not None else bigbench_tasks(["topical_chat"])["topical_chat"]
+        path = path / "task.json" if path.is_dir() else path
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))["examples"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is not BIG-bench's topical_chat task.json ({type(e).__name__}: {e})") from None
+        longest: dict[str, dict] = {}  # conversation id -> its row with the longest input, in first-seen order
+        for r in rows:
+            if r["comment"] not in longest or len(r["input"]) > len(longest[r["comment"]]["input"]):
+                longest[r["comment"]] = r
+        conversations = []
+        for r in longest.values():
+            pieces = _SPEAKER.split(r["input"])  # ['', 'agent_A', text, 'agent_B', text, ...]
+            turns = list(zip(pieces[1::2], pieces[2::2])) + [("agent_B", r["target"])]
+            conv = _alternating(_merged([(who, _unquoted(text)) for who, text in turns]))
+            if conv:
+                conversations.append(conv)
+        super().__init__(conversations, **slice_kw)
+
+
+_SPEAKER = re.compile(r"(?:^|\s)(agent_[AB]): ")
+
+
+def _unquoted(text: str) -> str:
+    text = text.strip()
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == '"' else text

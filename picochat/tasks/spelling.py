@@ -4,18 +4,18 @@ learn to spell the word out and count with code: "how many r are in strawberry" 
 
 Words (lowercase a-z, 3-14 letters) come from `words=` (a text file, one word a line), else Debian's `wamerican`
 (/usr/share/dict/american-english), else PyPI `english-words==2.0.2` (its `web2` list). About one word in ten (by a
-hash of the word) is held out for the test split, so test words are never trained on. Example i of a split is the
-same on every machine: it is drawn from its own generator seeded with (seed, i).
+hash of the word, `base.split_of`) is held out for the test split and one in ten for val, so test words are never
+trained on. Example i of a split is the same on every machine: it is drawn from its own generator seeded with
+(seed, split, i).
 """
 
 from __future__ import annotations
 
 import re
-import zlib
 from pathlib import Path
 
 from picochat.common import UserError
-from picochat.tasks.base import Task, last_number, seeded
+from picochat.tasks.base import Task, check_split, last_number, seeded, split_of
 from picochat.tools import calculator
 
 SYSTEM_WORDS = Path("/usr/share/dict/american-english")
@@ -62,10 +62,8 @@ def load_words(words: str | Path | None = None) -> list[str]:
 
 
 def split_words(words: list[str], split: str) -> list[str]:
-    if split not in ("train", "test"):
-        raise UserError(f"the spelling tasks have splits train and test, not {split!r}")
-    held_out = [w for w in words if zlib.crc32(w.encode()) % 10 == 0]  # crc32: the same on every machine
-    kept = held_out if split == "test" else [w for w in words if zlib.crc32(w.encode()) % 10 != 0]
+    check_split(split, "the spelling tasks")
+    kept = [w for w in words if split_of(w) == split]  # by a hash of the word: test words are never trained on
     if not kept:
         raise UserError(f"the word list is too small to have {split} words; give a longer one")
     return kept
@@ -77,7 +75,7 @@ class _WordTask(Task):
         super().__init__(**slice_kw)
         self.words = split_words(load_words(words), split)
         self.size = size
-        self.seed = seed + (1 if split == "test" else 0)  # the two splits draw from different streams too
+        self.seed = f"{seed}:{split}"  # each split draws from its own stream too
 
     def num_examples(self) -> int:
         return self.size

