@@ -144,7 +144,8 @@ class ConversationLoader:
     def _pull(self) -> tuple[tuple[int, int], np.ndarray, np.ndarray]:
         if self._pieces is None:
             self._pieces, cropped = self._render(self._g)
-            self.packer.dropped += cropped
+            if self._k == 0:  # else a resumed reader re-rendered it: its crop was counted before the save
+                self.packer.dropped += cropped
         ref = (self._g, self._k)
         tokens, mask = self._pieces[self._k]
         self._k += 1
@@ -225,8 +226,6 @@ class ConversationLoader:
             pieces.append(((rg, rk), offset, seq, *rendered[rg][rk]))
         self.packer.load(pieces, packer_counts)
         self._g, self._k, self.counts = g, k, counts
-        if k > 0:
-            self._pieces = self._render(g)[0]
 
     def close(self) -> None:
         """Nothing to release (conversations are rendered on the training thread); here for the loaders' contract."""
