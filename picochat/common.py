@@ -48,6 +48,7 @@ def get_base_dir() -> Path:
 
 
 def seed_all(seed: int) -> None:
+    """Python's, numpy's and torch's generators (torch.manual_seed seeds every CUDA device too)."""
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -211,8 +212,33 @@ class Runtime:
         return self.world_size > 1
 
 
-def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0) -> Runtime:
-    """Pick device/dtype and join torchrun's process group when WORLD_SIZE > 1."""
+# cuBLAS picks a reduction split per call from its workspace unless the workspace is fixed (CUDA docs, "cuBLAS:
+# Results reproducibility"); ":4096:8" (8 buffers of 4 MB) is the setting PyTorch's reproducibility notes give
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+def set_deterministic(enabled: bool = True) -> None:
+    """Process-wide reproducibility for `--deterministic` (False restores torch's defaults, for A/B runs and tests):
+    only deterministic kernels (an op without one raises, naming itself), uninitialised memory filled (torch.empty
+    gives NaN, so a read of it shows instead of varying), cuDNN's autotuner off, inductor's numerics-changing
+    benchmarks off (compiled graphs stay reproducible), and the cuBLAS workspace fixed. On, it stays on until the
+    process ends (a pipeline's later stages inherit it). The seeds are `seed_all`'s; PYTHONHASHSEED (str hashes, set
+    order) can only be set before Python starts."""
+    import torch._inductor.config as inductor_config
+
+    if enabled:  # read by cuBLAS when it creates its handle (a device's first matmul): set before any CUDA work
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False  # torch's default too: autotuning picks kernels by timing
+    inductor_config.deterministic = enabled
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0, deterministic: bool = False) -> Runtime:
+    """Pick device/dtype and join torchrun's process group when WORLD_SIZE > 1; `deterministic` turns on
+    `set_deterministic()` first (False leaves the process's setting as it is)."""
+    if deterministic:
+        set_deterministic(True)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
