@@ -199,11 +199,7 @@ class PackingLoader:
         self.packer = Packer(packing, buffer_docs, MAX_AGE_BUFFERS * buffer_docs, tokenizer.bos_id)
         self.epoch = 1
         self._pos = self._normalize((1, 0, 0))  # (epoch, index into self.groups, row): next doc to enter the buffer
-        self._chunk: list = []  # the prefetched chunk being consumed, and how far
-        self._chunk_at = 0
-        self._thread: threading.Thread | None = None
-        self._queue: queue.Queue | None = None
-        self._stop = threading.Event()
+        self._prefetch: Prefetcher | None = None  # started on first use, at the position a resume restored
         if state is not None:
             self._load_state(state)
 
@@ -235,25 +231,11 @@ class PackingLoader:
     def _pull(self) -> tuple[tuple[int, int], np.ndarray]:
         """The next document from the prefetch thread as ((global row group, row), tokens); starts the thread on
         first use and restarts the used/dropped counts when a new pass begins."""
-        if self._thread is None:
-            self._queue = queue.Queue(maxsize=QUEUE_CHUNKS)
-            self._thread = threading.Thread(
-                target=_produce, daemon=True, name=f"picochat-loader-{self.split}-r{self.rank}",
-                args=(self.tokenizer, self.tokenizer_threads, self.groups, self.corpus, self._pos,
-                      max(16, min(256, self.buffer_docs)), self._queue, self._stop))
-            self._thread.start()
-        while self._chunk_at >= len(self._chunk):
-            try:
-                item = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    raise RuntimeError("the loader's background thread stopped without an error") from None
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            self._chunk, self._chunk_at = item, 0
-        pos, tokens = self._chunk[self._chunk_at]
-        self._chunk_at += 1
+        if self._prefetch is None:
+            self._prefetch = Prefetcher(_produce, (self.tokenizer, self.tokenizer_threads, self.groups, self.corpus,
+                                                   self._pos, max(16, min(256, self.buffer_docs))),
+                                        name=f"picochat-loader-{self.split}-r{self.rank}")
+        pos, tokens = self._prefetch.next()
         if pos != self._pos:  # the thread reads exactly the sequence _normalize walks; anything else is a bug
             raise RuntimeError(f"loader position mismatch: expected {self._pos}, got {pos}")
         if pos[0] != self.epoch:
@@ -319,54 +301,88 @@ class PackingLoader:
                           for (ref, offset, s), tokens in zip(refs, ids)], counts)
 
     def close(self) -> None:
-        """Stop the prefetch thread and wait for it (it also stops by itself when the loader is garbage-collected):
-        a daemon thread still inside the tokenizer's native code at interpreter exit aborted a process once
-        ("terminate called without an active exception", SIGABRT after a finished --stop-at run)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def __del__(self):
-        stop = getattr(self, "_stop", None)  # absent when __init__ raised early
-        if stop is not None:
-            stop.set()
+        """Stop the prefetch thread and wait for it (see `Prefetcher.close`)."""
+        if self._prefetch is not None:
+            self._prefetch.close()
 
 
 def _produce(tokenizer, threads: int, groups: list, corpus: str, start: tuple[int, int, int], chunk: int,
-             out: queue.Queue, stop: threading.Event) -> None:
-    """Thread body: read this rank's row groups from `start` on, forever, and queue tokenized chunks of
-    [((epoch, group index, row), tokens), ...]. Any error is queued for the training thread to raise.
-    Takes no reference to the loader, so dropping the loader lets it be collected (and stop this thread)."""
+             put: Callable[[list], bool]) -> None:
+    """Prefetch body: read this rank's row groups from `start` on, forever, and `put` tokenized chunks of
+    [((epoch, group index, row), tokens), ...] until `put` says stop."""
     e, k, d = start
     open_path, pf = None, None
-    try:
+    while True:
+        _, path, index, rows = groups[k]
+        if d < rows:
+            if path != open_path:
+                open_path, pf = path, open_shard(path, corpus)
+            texts = read_row_group(path, index, corpus, pf)
+            if len(texts) != rows:
+                raise UserError(f"corpus shard {path} row group {index} has {len(texts)} rows, the manifest "
+                                f"says {rows}; re-run `picochat data prepare --force` for '{corpus}'")
+            for a in range(d, rows, chunk):
+                ids = tokenizer.encode(texts[a:a + chunk], prepend=tokenizer.bos_id, num_threads=threads)
+                if not put([((e, k, a + i), np.asarray(t, dtype=np.int64)) for i, t in enumerate(ids)]):
+                    return
+        e, k, d = (e, k + 1, 0) if k + 1 < len(groups) else (e + 1, 0, 0)
+
+
+class Prefetcher:
+    """Runs `produce(*args, put)` in a daemon thread, ahead of use: `put(chunk)` queues a list of items (at most
+    QUEUE_CHUNKS chunks wait) and returns False once the consumer stopped; `next()` hands the items over one at a
+    time, in order, and re-raises any exception `produce` raised. The thread takes no reference to this object
+    or its owner, so dropping the owner lets it be collected and the thread stop. Shared by the pretraining and
+    the conversation loaders."""
+
+    def __init__(self, produce: Callable, args: tuple, name: str):
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._stop = threading.Event()
+        self._chunk: list = []  # the chunk being consumed, and how far
+        self._at = 0
+        self._thread = threading.Thread(target=_prefetch_body, args=(produce, args, self._queue, self._stop),
+                                        daemon=True, name=name)
+        self._thread.start()
+
+    def next(self):
+        while self._at >= len(self._chunk):
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError(f"the loader thread {self._thread.name} stopped without an error") from None
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            self._chunk, self._at = item, 0
+        self._at += 1
+        return self._chunk[self._at - 1]
+
+    def close(self) -> None:
+        """Stop the thread and wait for it (it also stops by itself when this object is garbage-collected): a
+        daemon thread still inside the tokenizer's native code at interpreter exit aborted a process once
+        ("terminate called without an active exception", SIGABRT after a finished --stop-at run)."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __del__(self):
+        self._stop.set()
+
+
+def _prefetch_body(produce: Callable, args: tuple, out: queue.Queue, stop: threading.Event) -> None:
+    def put(item) -> bool:
         while not stop.is_set():
-            _, path, index, rows = groups[k]
-            if d < rows:
-                if path != open_path:
-                    open_path, pf = path, open_shard(path, corpus)
-                texts = read_row_group(path, index, corpus, pf)
-                if len(texts) != rows:
-                    raise UserError(f"corpus shard {path} row group {index} has {len(texts)} rows, the manifest "
-                                    f"says {rows}; re-run `picochat data prepare --force` for '{corpus}'")
-                for a in range(d, rows, chunk):
-                    ids = tokenizer.encode(texts[a:a + chunk], prepend=tokenizer.bos_id, num_threads=threads)
-                    item = [((e, k, a + i), np.asarray(t, dtype=np.int64)) for i, t in enumerate(ids)]
-                    if not _put(out, item, stop):
-                        return
-            e, k, d = (e, k + 1, 0) if k + 1 < len(groups) else (e + 1, 0, 0)
-    except Exception as exc:  # handed over, not swallowed: the training thread re-raises it on its next batch
-        _put(out, exc, stop)
+            try:
+                out.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-
-def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            out.put(item, timeout=0.2)
-            return True
-        except queue.Full:
-            continue
-    return False
+    try:
+        produce(*args, put)
+    except Exception as exc:  # handed over, not swallowed: the consumer re-raises it on its next item
+        put(exc)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
