@@ -6,13 +6,20 @@ Run: OMP_NUM_THREADS=1 .venv/bin/pytest -x -q tests/test_conversations.py
 """
 
 import hashlib
+import json
 import random
+import threading
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
+from picochat.common import UserError
+from picochat.data.conversations import ConversationLoader, ConversationValidation, conversation_pieces
 from picochat.data.corpus import write_corpus
-from picochat.data.loader import PackingLoader, ValidationSlice
+from picochat.data.loader import Packer, PackingLoader, ValidationSlice
+from picochat.tasks.chat import ChatTask
 
 BOS = 256
 
@@ -69,16 +76,6 @@ def test_pretraining_batches_unchanged_by_the_mask_carrying_packer():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # conversation batches
-
-import json  # noqa: E402  (kept beside the tests that use them; the pinned test above needs none of these)
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from picochat.common import UserError  # noqa: E402
-from picochat.data.conversations import ConversationLoader, ConversationValidation, conversation_pieces  # noqa: E402
-from picochat.data.loader import Packer  # noqa: E402
-from picochat.tasks.chat import ChatTask  # noqa: E402
 
 
 def tool_conversation(i: int, exchanges: int = 1, words: int = 3) -> dict:
@@ -312,5 +309,19 @@ def test_bad_arguments_are_one_clear_error(tiny_tokenizer):
     with pytest.raises(UserError, match="packing 'crop' is not one of pad, split"):
         ConversationLoader(tiny_tokenizer, mixed_task(3), B=1, T=16, packing="crop")
     bad = ChatTask([{"messages": [{"role": "assistant", "content": "hi"}]}])
-    with pytest.raises(UserError, match="ChatTask conversation 0: message 0"):
-        next(ConversationLoader(tiny_tokenizer, bad, B=1, T=16))
+    loader = ConversationLoader(tiny_tokenizer, bad, B=1, T=16)
+    with pytest.raises(UserError, match="ChatTask conversation 0: message 0"):  # raised in the rendering thread
+        next(loader)
+    loader.close()
+
+
+def test_close_stops_the_rendering_thread(tiny_tokenizer):
+    def running():  # loaders of earlier tests may still be stopping theirs
+        return {t for t in threading.enumerate() if t.name == "picochat-conversations-r0"}
+
+    before = running()
+    loader = ConversationLoader(tiny_tokenizer, mixed_task(4), B=1, T=47)
+    next(loader)
+    (mine,) = running() - before
+    loader.close()
+    assert not mine.is_alive()
