@@ -154,15 +154,18 @@ def test_build_is_idempotent_and_reset_moves_the_old_card(base):
     assert len([p for p in report_dir(base).iterdir() if p.name.startswith("old-")]) == 2
 
 
-def test_resumed_and_shared_logs_keep_one_record_per_step(tmp_path):
+def test_resumed_and_shared_logs_keep_one_record_per_step(tmp_path, capsys):
     recs = [{"kind": "train", "step": s, "loss": float(s)} for s in range(1, 6)] + [{"kind": "eval", "step": 5}]
     # resumed from the step-3 checkpoint: steps 4 and 5 run again, and the eval after 5 came from the lost future
     recs += [{"kind": "train", "step": s, "loss": 10.0 + s} for s in (4, 5, 6)]
     recs += [{"kind": "summary", "run": "a", "steps": 6}]
     recs += [{"kind": "train", "step": 1, "loss": 99.0}, {"kind": "summary", "run": "b", "steps": 1}]
     path = tmp_path / "base.jsonl"  # the old layout: every run of a stage appended to one file
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    lines = [json.dumps(r) for r in recs]
+    lines[4] = lines[4][:20]  # step 5's record cut off by a kill; the resumed run appended after it
+    path.write_text("\n".join(lines) + "\n")
     train, evals, summary = read_log(path, "a")
+    assert "skipped 1 unreadable line(s) (5)" in capsys.readouterr().err
     assert [(r["step"], r["loss"]) for r in train] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
     assert evals == [] and summary["steps"] == 6
     train, _, summary = read_log(path, "b")

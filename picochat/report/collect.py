@@ -112,9 +112,21 @@ def read_log(path: Path, run: str | None) -> tuple[list[dict], list[dict], dict 
     train record per step. In the old shared file (logs/<stage>.jsonl) records of other runs are skipped: a record
     naming another run, or a segment (the records up to a summary) whose summary names another run."""
     try:
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"metrics file {path} cannot be read ({e}); fix or delete it") from None
+    records, bad = [], []
+    for i, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:  # a line cut off by a kill mid-write; the resumed run appends after it
+            rec = None
+            bad.append(i)
+        if isinstance(rec, dict):
+            records.append(rec)
+    if bad:
+        print(f"picochat: warning: {path}: skipped {len(bad)} unreadable line(s) ({', '.join(map(str, bad[:5]))}), "
+              f"e.g. a record cut off when a run was killed", file=sys.stderr, flush=True)
     if run is not None:
         segments, current = [], []
         for rec in records:
@@ -170,9 +182,9 @@ def eval_results(base: Path, stage: str, run: str, step: int | None) -> tuple[in
 
 def load_stage(base: Path, stage: str, run: str | None) -> StageData:
     data = StageData(stage, run)
-    per_run = base / "logs" / stage / f"{run}.jsonl"
+    per_run = base / "logs" / stage / f"{run or 'default'}.jsonl"  # the loop's name for the old layout's run ""
     shared = base / "logs" / f"{stage}.jsonl"
-    data.log = per_run if run and per_run.is_file() else shared if shared.is_file() else None
+    data.log = per_run if run is not None and per_run.is_file() else shared if shared.is_file() else None
     if data.log is not None:
         data.train, data.evals, data.summary = read_log(data.log, run)
     if run is not None and list_steps(run_dir(stage, run, base)):

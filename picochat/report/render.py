@@ -89,11 +89,12 @@ def _figures(s: StageData, base: Path) -> list[tuple[str, str]]:
     last = s.train[-1]["loss"] if s.train and "loss" in s.train[-1] else None
     ema = summ.get("final_loss")
     rows.append(("final train loss", f"{fmt(ema)} (smoothed; last step {fmt(last)})" if ema is not None else fmt(last)))
-    val = s.last_eval("val_bpb", "val_loss")
-    if val:
-        step = next(r["step"] for r in reversed(s.evals) if val[0] in r)
-        rows.append((val[0].replace("_", " "), f"{fmt(val[1])} (step {step})"))
-    rows.append(("tokens/s", fmt(summ.get("tok_per_s"))))
+    for key in ("val_bpb", "val_loss"):
+        if val := s.last_eval(key):
+            step = next(r["step"] for r in reversed(s.evals) if key in r)
+            rows.append((key.replace("_", " "), f"{fmt(val[1])} (step {step})"))
+    tok_s = summ.get("tok_per_s")
+    rows.append(("tokens/s", f"{tok_s:,.0f}" if isinstance(tok_s, (int, float)) else "-"))
     rows.append(("MFU", f"{summ['mfu'] * 100:.2f}%" if isinstance(summ.get("mfu"), (int, float)) else "-"))
     rows.append(("wall time", fmt_time(stage_wall_s(s))))
     if "world_size" in meta:
