@@ -85,10 +85,8 @@ class PassOrder:
         return int(self._perm[1][self.rank + pos * self.world_size])
 
 
-def render_numbered(tokenizer, task, order: PassOrder, row: int,
-                    g: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
-    """`conversation_pieces` of this rank's conversation number `g`; a malformed one is an error naming it."""
-    i = order(g)
+def task_pieces(tokenizer, task, i: int, row: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """`conversation_pieces` of task[i]; a malformed conversation is an error naming the task and the index."""
     try:
         return conversation_pieces(tokenizer, task[i], row)
     except UserError as e:
@@ -98,7 +96,7 @@ def render_numbered(tokenizer, task, order: PassOrder, row: int,
 def _render_ahead(tokenizer, task, order: PassOrder, row: int, start: int, put) -> None:
     """Prefetch body: (g, pieces, cropped) for g = start, start + 1, ... in chunks, until `put` says stop."""
     for g in range(start, sys.maxsize, RENDER_CHUNK):
-        if not put([(h, *render_numbered(tokenizer, task, order, row, h)) for h in range(g, g + RENDER_CHUNK)]):
+        if not put([(h, *task_pieces(tokenizer, task, order(h), row)) for h in range(g, g + RENDER_CHUNK)]):
             return
 
 
@@ -254,7 +252,7 @@ class ConversationLoader:
         pieces = []
         for (rg, rk), offset, seq in sorted(refs, key=lambda r: r[0]):  # sorted: one permutation per pass
             if rg not in rendered:
-                rendered[rg] = render_numbered(self.tokenizer, self.task, self.order, self.T + 1, rg)[0]
+                rendered[rg] = task_pieces(self.tokenizer, self.task, self.order(rg), self.T + 1)[0]
             if not 0 <= rk < len(rendered[rg]) or not 0 <= offset < len(rendered[rg][rk][0]):
                 raise UserError(f"conversation loader state names piece {rk} offset {offset} of conversation {rg}, "
                                 f"which does not exist; start the data from scratch")
@@ -287,14 +285,10 @@ class ConversationValidation(DealtRows):
         if self.conversations == 0:
             raise UserError(f"{type(task).__name__} has no conversations to validate on")
         self.task_len = len(task)
-        feed = ((i, piece) for i in range(self.conversations)
-                for piece in enumerate(conversation_pieces(tokenizer, task[i], T + 1)[0]))
-
-        def pull() -> tuple[tuple[int, int], np.ndarray, np.ndarray] | None:
-            got = next(feed, None)
-            return None if got is None else ((got[0], got[1][0]), *got[1][1])
-
-        rows, masks, filled = pack_all(Packer("pad", 1, 0, tokenizer.bos_id), pull, T + 1, tokenizer.bos_id)
+        feed = iter([((i, k), tokens, mask) for i in range(self.conversations)
+                     for k, (tokens, mask) in enumerate(task_pieces(tokenizer, task, i, T + 1)[0])])
+        rows, masks, filled = pack_all(Packer("pad", 1, 0, tokenizer.bos_id), lambda: next(feed, None), T + 1,
+                                       tokenizer.bos_id)
         self.tokens = int(filled.sum())
         x, y = shift(rows, masks)  # (rows, T) each
         self.supervised = int((y != -1).sum())

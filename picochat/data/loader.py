@@ -9,7 +9,8 @@ in-order validation slice, and the corpus-size count that pretraining plans its 
     for x, y in val.batches(device): ...      # the same tokens on every call; y == -1 is padding
     corpus_tokens(tokenizer, "train", row=513)   # CorpusSize(tokens, how it was counted, crop's share at most)
 
-Used by picochat/train/pretrain.py; tests in tests/test_loader.py; figures from benchmarks/loader.py.
+Used by picochat/train/pretrain.py; the Packer, the Prefetcher and the row dealing also serve the conversation
+loader (picochat/data/conversations.py). Tests in tests/test_loader.py; figures from benchmarks/loader.py.
 """
 
 from __future__ import annotations
@@ -122,18 +123,19 @@ class Packer:
             self.keys.pop(at)
             ref, offset, seq, tokens, mask = self.items.pop(at)
             self.seq += 1
-            take = min(len(tokens) - offset + (offset > 0), n - filled)
+            size = len(tokens) - offset + (offset > 0)  # the piece: tokens[offset:], BOS-led when offset > 0
+            take = min(size, n - filled)
             for dst, src, lead in ((out, tokens, self.bos), (out_mask, mask, 0)):
-                if dst is not None and src is not None:  # the piece: src[offset:], led by `lead` when offset > 0
+                if dst is not None and src is not None:
                     piece = src if offset == 0 else np.concatenate(([lead], src[offset:]))
                     dst[filled:filled + take] = piece[:take]
             filled += take
             self.used += take - (offset > 0)
-            if take < len(tokens) - offset + (offset > 0):
+            if take < size:
                 if self.policy == "split":
                     self.add(ref, tokens, mask, offset + take - (offset > 0), seq)
                 else:
-                    self.dropped += len(tokens) - offset + (offset > 0) - take
+                    self.dropped += size - take
         return filled
 
     def arrival_order(self) -> list[int]:
