@@ -41,9 +41,11 @@ def write_stage(base, stage, run, steps, tps, suites, time0=1000.0, extra=None):
     recs = []
     for s in range(1, steps + 1):
         recs.append({"time": time0 + s, "kind": "train", "step": s, "loss": 5.0 - 0.25 * s, "lr_factor": 1.0 / s,
-                     "grad_norm": 0.5, "tok_per_s": 1000.0 + s, "mfu": 0.01 * s, "dt_ms": 10.0, "elapsed_s": float(s)})
+                     "grad_norm": 0.5, "tok_per_s": 1000.0 + s, "mfu": 0.01 * s, "dt_ms": 10.0, "elapsed_s": float(s),
+                     **({"reward_mean": 0.1 * s} if stage == "rl" else {})})
         if s % 4 == 0 or s == steps:
-            recs.append({"time": time0 + s, "kind": "eval", "step": s, "val_bpb": 2.0 - 0.01 * s})
+            recs.append({"time": time0 + s, "kind": "eval", "step": s, "val_bpb": 2.0 - 0.01 * s,
+                         **({"pass@1": 0.05 * s} if stage == "rl" else {})})
     recs.append({"time": time0 + steps + 1, "kind": "summary", "stage": stage, "run": run, "steps": steps,
                  "final_loss": 4.5, "tok_per_s": 1100.0, "mfu": 0.05, "tokens_per_step": tps,
                  "elapsed_s": steps + 0.5})
@@ -103,15 +105,15 @@ def test_card_of_all_four_stages_holds_their_numbers_and_plots(base):
         assert row in base_section
     assert "| hellaswag | 0.2875 | 16 |" in base_section  # per-task table of the result file
     assert "| total | 39.0 s |" in md  # 12.5 + 6.5 + 4.5 + 3.5 of training + 6 results x 2 s
-    # every plot is linked, exists and is a valid PNG of the expected size (one 400 x 300 panel per stage)
-    links = re.findall(r"!\[[^]]*\]\((plots/[a-z_]+\.png)\)", md)
-    assert {l.split("/")[1] for l in links} >= {"train_loss_steps.png", "train_loss_tokens.png", "val.png", "lr.png",
-                                                 "tok_per_s.png", "mfu.png", "evals.png"}
-    for link in links:
-        path = report_dir(base) / link
-        assert path.stat().st_size > 5000
-        if link != "plots/evals.png":
-            assert png_size(path) == (1600, 300)
+    # every plot is linked, exists and is a valid PNG of the expected size (one 400 x 300 panel per stage that logged
+    # the metric; the summary bars 4 panels wide)
+    links = re.findall(r"!\[[^]]*\]\(plots/([a-z_0-9]+)\.png\)", md)
+    panels = {"train_loss_steps": 4, "train_loss_tokens": 4, "val": 4, "lr": 4, "tok_per_s": 4, "mfu": 4,
+              "reward": 1, "pass1": 1, "evals": 4}
+    assert sorted(links) == sorted(panels)
+    for name in links:
+        path = report_dir(base) / "plots" / f"{name}.png"
+        assert path.stat().st_size > 5000 and png_size(path) == (400 * panels[name], 300)
     html = (report_dir(base) / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(links) and "<td>0.1375</td>" in html
 

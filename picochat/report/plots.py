@@ -7,9 +7,10 @@ step counts differ by orders of magnitude (a shared axis would squeeze mid and s
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase as fnmatch
 from pathlib import Path
 
-# (file stem, title, record kind, y keys (the first one a stage has), x key, y label)
+# (file stem, title, record kind, y keys (the first one a stage has; fnmatch patterns), x key, y label)
 PLOTS = [
     ("train_loss_steps", "train loss vs steps", "train", ("loss",), "step", "loss (nats/token)"),
     ("train_loss_tokens", "train loss vs tokens", "train", ("loss",), "tokens_seen", "loss (nats/token)"),
@@ -18,6 +19,8 @@ PLOTS = [
     ("tok_per_s", "training throughput", "train", ("tok_per_s",), "step", "tokens/s"),
     ("mfu", "model FLOPs utilisation", "train", ("mfu",), "step", "MFU"),
     ("reward", "RL reward", "train", ("reward_mean",), "step", "mean reward"),
+    ("pass1", "held-out pass@1 during RL", "eval", ("pass@1",), "step", "pass@1"),
+    ("train_acc", "quick accuracy during training", "eval", ("*_acc",), "step", "accuracy"),
 ]
 
 PANEL_IN = (4.0, 3.0)  # inches per panel; at 100 dpi a 4-stage figure is 1600 x 300 px
@@ -54,7 +57,8 @@ def stage_series(stages, kind: str, ykeys: tuple[str, ...], xkey: str) -> dict[s
     out = {}
     for s in stages:
         records = s.train if kind == "train" else s.evals
-        key = next((k for k in ykeys if any(isinstance(r.get(k), (int, float)) for r in records)), None)
+        present = list(dict.fromkeys(k for r in records for k, v in r.items() if isinstance(v, (int, float))))
+        key = next((k for pattern in ykeys for k in present if fnmatch(k, pattern)), None)
         if key is None:
             continue
         pts = [(r[xkey], r[key]) for r in records if isinstance(r.get(key), (int, float)) and r.get(xkey) is not None]
