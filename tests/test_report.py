@@ -172,6 +172,15 @@ def test_resumed_and_shared_logs_keep_one_record_per_step(tmp_path, capsys):
     assert evals == [] and summary["steps"] == 6
     train, _, summary = read_log(path, "b")
     assert [r["loss"] for r in train] == [99.0] and summary["run"] == "b"
+    # run b started again (--overwrite) and still running: its old summary no longer describes it; an untagged
+    # segment of a file that names two runs belongs to neither
+    with path.open("a") as f:
+        f.write(json.dumps({"kind": "train", "run": "b", "step": 1, "loss": 98.0}) + "\n")
+        f.write(json.dumps({"kind": "summary", "run": "b", "steps": 1}) + "\n")
+        f.write(json.dumps({"kind": "train", "step": 1, "loss": 97.0}) + "\n")
+    train, _, summary = read_log(path, "b")
+    assert [r["loss"] for r in train] == [98.0] and summary["steps"] == 1
+    assert [r["loss"] for r in read_log(path, "a")[0]][-1] == 16.0
 
 
 def test_cost_is_wall_clock_times_gpus_times_price_and_bad_run_is_one_line(base, capsys):

@@ -109,8 +109,32 @@ def read_log(path: Path, run: str | None) -> tuple[list[dict], list[dict], dict 
     A resumed run appends to the same file from its checkpoint's step, and a run started again with --overwrite from
     step 1, so records are replayed in file order on a timeline where train step s sits at (s, 0) and the eval after
     it at (s, 1): each record drops the kept ones at or after its own position (the abandoned future), leaving one
-    train record per step. In the old shared file (logs/<stage>.jsonl) records of other runs are skipped: a record
-    naming another run, or a segment (the records up to a summary) whose summary names another run."""
+    train record per step, and the summary counts only when no record follows it. In the old shared file
+    (logs/<stage>.jsonl) only `run`'s segments (the records up to a summary) are read: those whose records name it,
+    and those that name no run when no other run is named in the file."""
+    records = _parse_lines(path)
+    if run is not None:
+        records = _records_of(records, run)
+    kept: list[tuple[tuple[int, int], dict]] = []
+    summary = None
+    for rec in records:
+        kind = rec.get("kind")
+        if kind == "summary":
+            summary = rec
+            continue
+        if kind not in ("train", "eval") or not _is_number(rec.get("step")):
+            continue
+        summary = None  # a summary is a run's last record: records after it belong to a resumed or a new run
+        pos = (int(rec["step"]), 0 if kind == "train" else 1)
+        while kept and kept[-1][0] >= pos:
+            kept.pop()
+        kept.append((pos, rec))
+    train = [r for (_, k), r in kept if k == 0]
+    evals = [r for (_, k), r in kept if k == 1]
+    return train, evals, summary
+
+
+def _parse_lines(path: Path) -> list[dict]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -127,34 +151,23 @@ def read_log(path: Path, run: str | None) -> tuple[list[dict], list[dict], dict 
     if bad:
         print(f"picochat: warning: {path}: skipped {len(bad)} unreadable line(s) ({', '.join(map(str, bad[:5]))}), "
               f"e.g. a record cut off when a run was killed", file=sys.stderr, flush=True)
-    if run is not None:
-        segments, current = [], []
-        for rec in records:
-            current.append(rec)
-            if rec.get("kind") == "summary":
-                segments.append(current)
-                current = []
-        segments.append(current)
-        named = [s for s in segments if s and s[-1].get("kind") == "summary" and "run" in s[-1]]
-        if any(s[-1]["run"] == run for s in named):  # a file that names no run is taken whole
-            records = [r for s in segments if not (s in named and s[-1]["run"] != run) for r in s]
-        records = [r for r in records if r.get("run", run) == run]
-    kept: list[tuple[tuple[int, int], dict]] = []
-    summary = None
+    return records
+
+
+def _records_of(records: list[dict], run: str) -> list[dict]:
+    segments, current = [], []
     for rec in records:
-        kind = rec.get("kind")
-        if kind == "summary":
-            summary = rec
-            continue
-        if kind not in ("train", "eval") or not _is_number(rec.get("step")):
-            continue
-        pos = (int(rec["step"]), 0 if kind == "train" else 1)
-        while kept and kept[-1][0] >= pos:
-            kept.pop()
-        kept.append((pos, rec))
-    train = [r for (_, k), r in kept if k == 0]
-    evals = [r for (_, k), r in kept if k == 1]
-    return train, evals, summary
+        current.append(rec)
+        if rec.get("kind") == "summary":
+            segments.append(current)
+            current = []
+    segments.append(current)
+    owners = [next((r["run"] for r in reversed(s) if "run" in r), None) for s in segments]
+    # a segment that names no run (files from before runs had names, an untagged run in progress) is this run's only
+    # when the file names no other run
+    alone = all(o in (None, run) for o in owners)
+    return [r for s, o in zip(segments, owners) if o == run or (o is None and alone) for r in s
+            if r.get("run", run) == run]
 
 
 def _read_json(path: Path) -> dict:
