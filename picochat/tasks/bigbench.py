@@ -14,6 +14,7 @@ tasks usable in place of MMLU auxiliary_train.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from picochat.common import UserError
@@ -54,7 +55,9 @@ class BigBench(Task):
 
     def get_example(self, index: int) -> dict:
         e = self.examples[index]
-        question = (self.prefix + e["input"]).strip()
+        # a prefix is often one sentence with no separator after it ("...the starting point?" + "Take 1 step.")
+        gap = "\n" if self.prefix and not self.prefix[-1].isspace() else ""
+        question = (self.prefix + gap + e["input"]).strip()
         if "target_scores" in e:
             choices = list(e["target_scores"])
             if self.shuffle_seed is not None:
@@ -68,4 +71,46 @@ class BigBench(Task):
     def evaluate(self, conversation: dict, completion: str) -> bool:
         if "letters" in conversation:
             return mc_correct(conversation, completion)
-        return completion.strip().lower() in {t.strip().lower() for t in conversation["targets"]}
+        return target_match(conversation, completion)
+
+
+def target_match(conversation: dict, completion: str) -> bool:
+    """Exact match with any of a generative example's targets, case and surrounding space ignored."""
+    return completion.strip().lower() in {t.strip().lower() for t in conversation["targets"]}
+
+
+class NaturalInstructions(Task):
+    """BIG-bench's `natural_instructions` (Mishra et al., 2022): 61 subtask folders of instruction -> answer rows
+    (193k in all, 160 MB of JSON), each a task.json whose `task_prefix` is the instruction ("Definition: Craft one
+    correct answer to the question ...") and whose examples are `{"input", "target": [answers]}`. A capped sample:
+    the first `per_task` examples of every subtask, so one subtask's 6,500 rows do not drown the others. Parsing the
+    160 MB took 14 s on the loaded 2-core machine, so the sample is kept as JSONL beside the folder and read from
+    there next time (a stage builds its mixture twice, train and val)."""
+
+    eval_type = "generative"
+
+    def __init__(self, per_task: int = 50, path: str | Path | None = None, **slice_kw):
+        from picochat.tasks.sources import bigbench_tasks
+
+        super().__init__(**slice_kw)
+        root = Path(path) if path is not None else bigbench_tasks(["natural_instructions"])["natural_instructions"]
+        cache = root / f".sample_{per_task}.jsonl"
+        if cache.is_file():
+            self.conversations = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines()]
+            return
+        subtasks = sorted(p for p in root.iterdir() if (p / "task.json").is_file()) if root.is_dir() else []
+        if not subtasks:
+            raise UserError(f"no natural_instructions subtask folders (<name>/task.json) under {root}")
+        self.conversations = [t[i] for t in (BigBench(p, stop=per_task) for p in subtasks) for i in range(len(t))]
+        tmp = cache.with_name(cache.name + ".tmp")
+        tmp.write_text("".join(json.dumps(c) + "\n" for c in self.conversations), encoding="utf-8")
+        os.replace(tmp, cache)  # whole or absent: an interrupted run leaves no half sample
+
+    def num_examples(self) -> int:
+        return len(self.conversations)
+
+    def get_example(self, index: int) -> dict:
+        return self.conversations[index]
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        return target_match(conversation, completion)

@@ -10,7 +10,8 @@ one (what installs from PyPI here); `source="auto"` takes the online recipe for 
 downloaded, else the offline one, "hub" downloads, "offline" never touches the network:
 
 slot            online (hub)                          offline (installs here)
-conversations   SmolTalk                              chitchat + chatterbot + BIG-bench topical_chat
+conversations   SmolTalk                              chitchat + chatterbot + BIG-bench topical_chat and
+                                                      natural_instructions (50 rows of each of its 61 subtasks)
 multiple choice MMLU auxiliary_train (+ ARC train)    MMLU dev+validation, ARC val, 12 BIG-bench MC tasks
 math + tool     GSM8K train                           generated Arithmetic + BIG-bench elementary_math_qa
 spelling        SpellingBee + SimpleSpelling (generated from a word list, both ways)
@@ -136,9 +137,12 @@ def _recipes(stage: str) -> dict[str, dict[str, list[Part]]]:
         "conversations": {
             "hub": [Part("smoltalk", _fixed("smoltalk", "train", source="hub"), None if mid else 10_000,
                          where="hub HuggingFaceTB/smol-smoltalk")],
-            "offline": [Part("chitchat", _fixed("chitchat"), None if mid else 2_000, where="chitchat-dataset"),
+            # chitchat's chats are long (~1,000 tokens, 40% of the midtraining tokens) and casual: SFT takes few
+            "offline": [Part("chitchat", _fixed("chitchat"), None if mid else 500, where="chitchat-dataset"),
                         Part("chatterbot", _fixed("chatterbot"), None, where="chatterbot-corpus"),
-                        Part("topical_chat", _fixed("topical-chat"), None if mid else 200, where=BB)]},
+                        Part("topical_chat", _fixed("topical-chat"), None if mid else 100, where=BB),
+                        Part("natural_instructions", _fixed("natural-instructions"), None if mid else 600,
+                             where=BB)]},
         "multiple choice": {
             "hub": ([Part("mmlu-auxiliary", _fixed("mmlu", "auxiliary_train", source="hub"), None,
                           where="hub cais/mmlu auxiliary_train")]
