@@ -251,3 +251,26 @@ def test_hellaswag_is_normalised_by_ending_tokens():
     assert result["tasks"]["hellaswag"]["acc"] == pytest.approx(1 / 3)
     assert all(r["pred_norm"] == 1 and r["pred"] == 0 for r in records)
     assert records[0]["n_tokens"] == [2, 5, 3, 3]
+
+
+def test_scoring_only_the_scored_rows_matches_the_full_logits(tiny_tokenizer):
+    """The lm_head pre-hook (logits at the scored positions only) gives the full forward's losses and matches."""
+    from conftest import make_tiny_model, randomize_outputs
+
+    gpt = randomize_outputs(make_tiny_model(tiny_tokenizer.vocab_size, depth=1, n_embd=32, sequence_len=64)).eval()
+
+    class NoHead(nn.Module):  # no lm_head attribute: the full (B, T, V) logits path
+        def __init__(self):
+            super().__init__()
+            self.inner = gpt
+
+        def forward(self, idx):
+            return self.inner(idx)
+
+    ids = tiny_tokenizer.encode(["The quick brown fox", "To be, or not to be", "def add(a, b):"], prepend=tiny_tokenizer.bos_id)
+    seqs = [Seq(t, 3, len(t)) for t in ids] + [Seq(ids[0], 1, 4)]
+    hooked = core.score_sequences(gpt, seqs, "cpu", tiny_tokenizer.bos_id, tiny_tokenizer.vocab_size, max_tokens=40)
+    full = core.score_sequences(NoHead(), seqs, "cpu", tiny_tokenizer.bos_id, tiny_tokenizer.vocab_size, max_tokens=40)
+    assert [(n, hit) for _, n, hit in hooked] == [(n, hit) for _, n, hit in full]
+    assert [s for s, _, _ in hooked] == pytest.approx([s for s, _, _ in full], rel=1e-5)
+    assert all(s > 0 for s, _, _ in hooked)

@@ -28,7 +28,7 @@ import csv
 import json
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -42,8 +42,10 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED = 1337  # nanochat's base_eval: the task's rows are shuffled once, --max-per-task takes a prefix
 FEWSHOT_SEED = 1234  # nanochat's core_eval: Random(1234 + position) draws that example's shots
 SHOT_SEPARATOR = "\n\n"
-# logits of one forward pass (rows x padded length x vocab, fp32): 2^28 = 1 GiB, e.g. 32k tokens at vocab 8,192
-MAX_LOGITS = 1 << 28
+# padded tokens per forward pass. On a CPU 32k took half the CPU time of 8k (4.4 vs 8.9 s, 10 language
+# identification examples, depth 4). On a GPU the scored positions' fp32 logits bound it: at most 16k rows x 65,536
+# x 4 B = 4 GiB (prompts are mostly context, so typically a tenth of that)
+BATCH_TOKENS = {"cuda": 1 << 14, "cpu": 1 << 15}
 
 
 @dataclass(frozen=True)
@@ -163,40 +165,58 @@ def crop(seq: Seq, max_len: int | None) -> Seq:
     return Seq(seq.ids[cut:], max(1, seq.start - cut), seq.end - cut)
 
 
+@contextmanager
+def scored_rows_only(model, b_t: torch.Tensor, p_t: torch.Tensor):
+    """While active, a GPT computes logits at the scored positions only: a pre-hook on its lm_head replaces the
+    head's input, the final norm's output (B, T, C), by the rows to score (1, N, C), so the head matmul and the fp32
+    soft cap run on N rows instead of B*T, and the model returns (1, N, V). On a CPU the full-vocabulary head and
+    soft cap over every position took ~60% of a 10-shot task's time (profile of bigbench_language_identification,
+    depth 4, vocab 8,192, 256-token prompts). Yields whether the hook is in place (a model without an nn.Linear
+    `lm_head` returns all its logits)."""
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, torch.nn.Linear):
+        yield False
+        return
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0][b_t, p_t][None],))  # (B, T, C) -> (1, N, C)
+    try:
+        yield True
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def score_sequences(model, seqs: list[Seq], device, pad_id: int, vocab: int, autocast: Callable | None = None,
-                    max_logits: int = MAX_LOGITS) -> list[tuple[float, int, bool]]:
+                    max_tokens: int | None = None) -> list[tuple[float, int, bool]]:
     """(sum of the losses in nats, number of scored targets, every argmax equal to its target) per sequence.
 
-    Sequences are sorted by length and right-padded into batches of at most `max_logits` logits (causal attention:
-    the padding after a sequence cannot change its positions); only the scored positions' logits are kept."""
+    Sequences are sorted by length and right-padded into batches of at most `max_tokens` padded tokens (causal
+    attention: the padding after a sequence cannot change its positions); logits are computed at the scored
+    positions only (`scored_rows_only`)."""
     out: list[tuple[float, int, bool]] = [(0.0, 0, True)] * len(seqs)
+    max_tokens = max_tokens or BATCH_TOKENS.get(torch.device(device).type, BATCH_TOKENS["cpu"])
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].ids))
     a = 0
     while a < len(order):
         T = len(seqs[order[a]].ids)
-        rows = max(1, max_logits // (T * vocab))
-        batch = order[a:a + rows]
+        batch = order[a:a + max(1, max_tokens // T)]
         a += len(batch)
         x = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
-        b_idx, p_idx, seg = [], [], []
+        b_idx, p_idx = [], []
         for r, i in enumerate(batch):
             s = seqs[i]
             x[r, :len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
             b_idx += [r] * (s.end - s.start)
             p_idx += list(range(s.start - 1, s.end - 1))  # position t predicts token t + 1
-            seg += [r] * (s.end - s.start)
         x = x.to(device)
-        with autocast() if autocast is not None else nullcontext():
-            logits = model(x)  # (B, T, V)
         b_t, p_t = torch.tensor(b_idx, device=device), torch.tensor(p_idx, device=device)
-        picked = logits[b_t, p_t].float()  # (N, V): the scored positions only
+        with scored_rows_only(model, b_t, p_t) as hooked, autocast() if autocast is not None else nullcontext():
+            logits = model(x)  # (1, N, V) hooked, else (B, T, V)
+        picked = (logits[0] if hooked else logits[b_t, p_t]).float()  # (N, V): the scored positions
         target = x[b_t, p_t + 1]  # (N,)
         loss = torch.logsumexp(picked, -1) - picked.gather(1, target[:, None])[:, 0]  # (N,) nats
         hit = (picked.argmax(-1) == target).float()
-        seg_t = torch.tensor(seg, device=device)
-        sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, seg_t, loss.double())
-        hits = torch.zeros(len(batch), device=device).index_add_(0, seg_t, hit)
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, b_t, loss.double())
+        hits = torch.zeros(len(batch), device=device).index_add_(0, b_t, hit)
         for r, i in enumerate(batch):
             n = seqs[i].end - seqs[i].start
             out[i] = (float(sums[r]), n, bool(hits[r] == n))
