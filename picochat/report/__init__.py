@@ -82,16 +82,18 @@ def reset_report(base: Path | None = None) -> Path | None:
 
 def build_report(base: Path | None = None, runs: str = "", gpu_hourly_usd: float | None = None) -> Path:
     """Rebuild the whole card from the files under `base`; returns the path of report.md."""
-    from picochat.report.collect import (collect_stages, environment, last_activity, parse_runs, summary_rows,
-                                         tokenizer_stats)
+    from picochat.report.collect import (collect_stages, environment, last_activity, parse_runs, read_json,
+                                         summary_rows, tokenizer_stats)
     from picochat.report.plots import draw_all
     from picochat.report.render import card_blocks
 
     base = Path(base or get_base_dir())
     out = report_dir(base)
     out.mkdir(parents=True, exist_ok=True)
-    header = json.loads((out / HEADER).read_text(encoding="utf-8")) if (out / HEADER).is_file() else None
+    header = read_json(out / HEADER) if (out / HEADER).is_file() else None
     stages = collect_stages(base, parse_runs(runs))
+    picked = ", ".join(f"{s.stage} '{s.run}'" for s in stages if s.present)
+    print0(f"report: {picked or 'no stage found'}" + (" (pick others with --run)" if picked and not runs else ""))
     last = last_activity(stages)
     env = header["environment"] if header else environment(when=last)  # the files' date keeps a rebuild identical
     rows = summary_rows(stages)

@@ -170,7 +170,8 @@ def _records_of(records: list[dict], run: str) -> list[dict]:
             if r.get("run", run) == run]
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or one error line naming the file."""
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -189,7 +190,7 @@ def eval_results(base: Path, stage: str, run: str, step: int | None) -> tuple[in
     files = sorted(folders[step if step in folders else max(folders)].glob("*.json")) if folders else []
     if not files:
         return None, {}, None
-    return (int(files[0].parent.name[5:]), {p.stem: _read_json(p) for p in files},
+    return (int(files[0].parent.name[5:]), {p.stem: read_json(p) for p in files},
             max(p.stat().st_mtime for p in files))
 
 
@@ -203,7 +204,7 @@ def load_stage(base: Path, stage: str, run: str | None) -> StageData:
     if run is not None and list_steps(run_dir(stage, run, base)):
         d = run_dir(stage, run, base)
         data.checkpoint = d / f"step_{list_steps(d)[-1]:06d}"
-        data.meta = _read_json(data.checkpoint / "meta.json")
+        data.meta = read_json(data.checkpoint / "meta.json")
     if run is not None:
         ckpt_step = data.meta.get("step") if data.meta else None
         data.results_step, data.results, data.results_time = eval_results(base, stage, run, ckpt_step)

@@ -142,16 +142,17 @@ def cost_blocks(stages: list[StageData], env: dict, started: float | None, last:
     hours = (since if since is not None else total) / 3600
     gpus = env.get("gpus") or 0
     rate = hourly_usd if hourly_usd is not None else gpu_price(env.get("gpu"))
-    basis = ("the wall clock from `picochat report reset` to the newest record read (" + fmt_time(since) + ")"
-             if since is not None else "the sum of the stage and evaluation times above")
+    basis = (f"the wall clock from `picochat report reset` to the newest record read ({fmt_time(since)}): a rented "
+             f"node is paid while it waits too" if since is not None else "the sum of the stage and evaluation times "
+             "above (run `picochat report reset` at the start of a run to count the wall clock instead)")
     if not gpus:
         text = f"Estimated cost: $0 (CPU only; {basis})."
     elif rate is None:
         text = (f"Estimated cost: unknown, no built-in price for {env.get('gpu')}; pass --gpu-hourly-usd "
                 f"({basis} x {gpus} GPUs).")
     else:
-        text = (f"Estimated cost: ${hours * gpus * rate:,.2f} = {hours:.2f} h x {gpus} GPUs x ${rate:.2f} per GPU-hour; "
-                f"the hours are {basis}, since a rented node is paid while it waits too.")
+        text = (f"Estimated cost: ${hours * gpus * rate:,.2f} = {hours:.2f} h x {gpus} GPUs x ${rate:.2f} per "
+                f"GPU-hour; the hours are {basis}.")
     return blocks + [("p", text)]
 
 
@@ -166,6 +167,8 @@ def card_blocks(stages: list[StageData], rows, env: dict, tok: dict, plots: list
     for s in stages:
         if s.present:
             blocks += [("h", 2, f"Stage {s.stage}"), ("table", ["", "value"], _figures(s, base)), *_result_blocks(s)]
+    if not any(s.present for s in stages):
+        blocks.append(("p", "No stage has metrics, checkpoints or evaluation results yet (run `picochat pretrain`)."))
     blocks += summary_blocks(stages, rows)
     blocks += cost_blocks(stages, env, started, last, hourly_usd)
     if plots:
