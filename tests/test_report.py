@@ -7,7 +7,7 @@ import re
 import pytest
 
 from picochat.report import build_report, main, report_dir
-from picochat.report.collect import read_log
+from picochat.report.collect import StageData, read_log
 from picochat.report.render import cost_blocks
 
 # (stage, run, steps, tokens per step, {suite: metrics}) of the synthetic pipeline
@@ -190,6 +190,9 @@ def test_cost_is_wall_clock_times_gpus_times_price_and_bad_run_is_one_line(base,
     text = cost_blocks([], {"gpus": 2, "gpu": "Some GPU"}, started=0.0, last=3600.0, hourly_usd=None)[-1][1]
     assert "unknown" in text and "--gpu-hourly-usd" in text
     assert "$4.00 = 1.00 h x 2 GPUs x $2.00" in cost_blocks([], {"gpus": 2, "gpu": "Some GPU"}, 0.0, 3600.0, 2.0)[-1][1]
+    two_nodes = StageData("base", "d20", meta={"world_size": 16})  # the card is built on one of two 8-GPU nodes
+    assert "$32.00 = 1.00 h x 16 GPUs" in cost_blocks([two_nodes], {"gpus": 8, "gpu": "X"}, 0.0, 3600.0, 2.0)[-1][1]
+    assert cost_blocks([two_nodes], {"gpus": 0}, 0.0, 3600.0, 2.0)[-1][1].startswith("Estimated cost: $0 (CPU only")
     write_stage(base, "base", "d2", 4, 256, {})
     assert main(["--run", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

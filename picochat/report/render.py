@@ -140,7 +140,9 @@ def cost_blocks(stages: list[StageData], env: dict, started: float | None, last:
     blocks: list[Block] = [("h", 2, "Wall time and cost"), ("table", ["stage", "training", "evaluation"], rows)]
     since = last - started if started is not None and last is not None else None
     hours = (since if since is not None else total) / 3600
-    gpus = env.get("gpus") or 0
+    # a multi-node run has more GPUs than the machine the card is built on: count the most ranks a stage ran with
+    ranks = max([int((s.meta or {}).get("world_size") or 0) for s in stages], default=0)
+    gpus = max(env.get("gpus") or 0, ranks) if env.get("gpus") else 0
     rate = hourly_usd if hourly_usd is not None else gpu_price(env.get("gpu"))
     basis = (f"the wall clock from `picochat report reset` to the newest record read ({fmt_time(since)}): a rented "
              f"node is paid while it waits too" if since is not None else "the sum of the stage and evaluation times "
