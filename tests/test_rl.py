@@ -5,6 +5,7 @@ one update on a tiny model raises the rewarded completion's log-probability and 
 gives the same rewards and losses as an uninterrupted one; no parent checkpoint gives one clear line."""
 
 import math
+import os
 from dataclasses import replace
 
 import pytest
@@ -209,7 +210,7 @@ def base(tmp_path, tiny_tokenizer, monkeypatch):
 
 RL_TINY = ["--device", "cpu", "--dtype", "fp32", "--prompts-per-step", "3", "--group-size", "4",
            "--max-new-tokens", "10", "--device-batch-size", "6", "--eval-every", "0", "--eval-size", "3",
-           "--eval-samples", "2", "--init-lr-frac", "1.0", "--updates-per-batch", "2", "--kl-coef", "0.1"]
+           "--eval-samples", "2", "--init-lr-frac", "0.1", "--updates-per-batch", "2", "--kl-coef", "0.1"]
 
 
 def test_resume_gives_the_same_rewards_and_losses(base, capsys):
@@ -243,3 +244,31 @@ def test_no_parent_checkpoint_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert main(["--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "rl starts from a parent checkpoint" in err and "picochat sft" in err
+
+
+def _rl_worker(rank, world, port, base_dir, argv):
+    from picochat.train.rl import run
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), PICOCHAT_BASE_DIR=str(base_dir))
+    run(argv, tasks=(EvenLength(30), EvenLength(4)))
+
+
+def test_two_processes_equal_one(base):
+    """Rollouts split across 2 gloo ranks (prompt slots 0, 2 on rank 0; 1, 3 on rank 1), gradients reduced by the
+    optimizer: the same rewards, losses and pass@k as one process doing all four prompts."""
+    from conftest import spawn_gloo
+    from test_train import _free_port
+
+    argv = RL_TINY + ["--prompts-per-step", "4", "--num-steps", "3", "--eval-size", "4"]
+    _rl_worker(0, 1, _free_port(), base, argv + ["--run", "one", "--metrics", str(base / "one.jsonl")])
+    os.environ.pop("RANK"), os.environ.pop("WORLD_SIZE")
+    spawn_gloo(_rl_worker, (2, _free_port(), base, argv + ["--run", "two", "--metrics", str(base / "two.jsonl")]), 2)
+    one, two = read_jsonl(base / "one.jsonl"), read_jsonl(base / "two.jsonl")
+    assert [r["kind"] for r in one] == [r["kind"] for r in two] == ["train"] * 3 + ["eval", "summary"]
+    exact = ("reward_mean", "reward_std", "skipped_groups_frac", "completion_len")
+    for a, b in zip(one[:3], two[:3]):
+        assert [a[k] for k in exact] == [b[k] for k in exact]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7) and b["kl"] == pytest.approx(a["kl"], rel=1e-5)
+    assert (one[3]["pass@1"], one[3]["pass@2"], one[3]["eval_problems"]) == (two[3]["pass@1"], two[3]["pass@2"], 4)

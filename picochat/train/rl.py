@@ -47,7 +47,7 @@ from picochat.train.loop import Parent, find_parent, metrics_path, prepare
 from picochat.train.schedules import lr_factor, muon_momentum
 
 # inherited from the parent unless given (its LRs x --init-lr-frac: RL nudges a trained model, it does not retrain it)
-RATES = ["dtype", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "grad_clip"]
+RATES = ["matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "grad_clip"]
 
 
 @dataclass
@@ -108,11 +108,12 @@ def slot_seed(seed: int, *keys) -> int:
 def step_prompts(n: int, seed: int, step: int, per_step: int) -> list[int]:
     """Problem indices of `step`: slot k = step * per_step + j walks a fresh permutation of range(n) per epoch
     (epoch = k // n), so the order depends on (seed, step) alone."""
+    perms: dict[int, list[int]] = {}
     out = []
     for k in range(step * per_step, (step + 1) * per_step):
-        perm = list(range(n))
-        random.Random(f"{seed}:{k // n}").shuffle(perm)
-        out.append(perm[k % n])
+        if k // n not in perms:
+            perms[k // n] = random.Random(f"{seed}:{k // n}").sample(range(n), n)
+        out.append(perms[k // n][k % n])
     return out
 
 
@@ -334,7 +335,7 @@ def update(model, opt, ref, micro: list[dict], cfg: RLConfig, rt: Runtime, n_tok
                                         ref_logp=mb.get("ref"), kl_coef=cfg.kl_coef, norm=cfg.loss_norm,
                                         total_tokens=n_tokens, total_seqs=n_seqs)
             (loss * rt.world_size).backward()  # the optimizer averages over ranks; this loss is already global
-            loss_sum, tokens = loss_sum + float(loss), tokens + st.tokens
+            loss_sum, tokens = loss_sum + float(loss.detach()), tokens + st.tokens
             clipped, kl_sum = clipped + st.clipped, kl_sum + st.kl
         opt.step()
         model.zero_grad(set_to_none=True)
@@ -439,7 +440,7 @@ def train_rl(r: RLRun, rt: Runtime) -> dict:
 def run(argv=None, tasks: tuple[Task, Task] | None = None) -> dict:
     """`picochat rl` with argv; `tasks` = (train, held-out) Task objects of your own instead of --task."""
     cfg, explicit, _ = parse_config(RLConfig, argv, prog="picochat rl", description=__doc__.split("\n")[0])
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, deterministic=cfg.deterministic)
     try:
         return train_rl(setup(cfg, explicit, rt, tasks), rt)
     except BaseException as e:
