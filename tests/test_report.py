@@ -56,8 +56,8 @@ def write_stage(base, stage, run, steps, tps, suites, time0=1000.0, extra=None):
             "run_config": {"total_batch_size": tps, "corpus": "default"}, "step": steps, "world_size": 1,
             "git": {"commit": "0123456789abcdef", "dirty": False}, "saved_at": time0 + steps, "stage": stage}
     (ck / "meta.json").write_text(json.dumps(meta))
-    for suite, metrics in suites.items():
-        d = base / "eval" / stage / run / f"step_{steps}"
+    for i, (suite, metrics) in enumerate(suites.items()):  # the evaluators name step folders step_6 or step_000006
+        d = base / "eval" / stage / run / (f"step_{steps}" if i % 2 else f"step_{steps:06d}")
         d.mkdir(parents=True, exist_ok=True)
         res = {"suite": suite, "stage": stage, "run": run, "step": steps, "elapsed_s": 2.0, "metrics": metrics,
                "tasks": {k: {"accuracy": v, "n": 16} for k, v in metrics.items()}, **(extra or {})}

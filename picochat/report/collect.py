@@ -185,13 +185,17 @@ def eval_results(base: Path, stage: str, run: str, step: int | None) -> tuple[in
                                                                              float | None]:
     """(step, {suite: result}, newest file mtime) of the evaluations of one run: those of checkpoint step `step` when
     it has any, else of the newest evaluated step. Per-problem files (<suite>-<task>.jsonl) are not read."""
-    folders = {int(p.name[5:]): p for p in (base / "eval" / stage / run).glob("step_*")
-               if p.name[5:].isdigit() and p.is_dir()}
-    files = sorted(folders[step if step in folders else max(folders)].glob("*.json")) if folders else []
+    folders: dict[int, list[Path]] = {}  # step_6 and step_000006 are the same step (evaluators pad differently)
+    for p in (base / "eval" / stage / run).glob("step_*"):
+        if p.name[5:].isdigit() and p.is_dir():
+            folders.setdefault(int(p.name[5:]), []).append(p)
+    if not folders:
+        return None, {}, None
+    pick = step if step in folders else max(folders)
+    files = sorted(f for d in folders[pick] for f in d.glob("*.json"))
     if not files:
         return None, {}, None
-    return (int(files[0].parent.name[5:]), {p.stem: read_json(p) for p in files},
-            max(p.stat().st_mtime for p in files))
+    return pick, {p.stem: read_json(p) for p in files}, max(p.stat().st_mtime for p in files)
 
 
 def load_stage(base: Path, stage: str, run: str | None) -> StageData:
