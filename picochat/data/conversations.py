@@ -28,8 +28,8 @@ from picochat.data.loader import MAX_AGE_BUFFERS, DealtRows, Packer, Prefetcher,
 
 STATE_VERSION = 1
 PACKING = ("pad", "split")
-# Conversations rendered per prefetched chunk. Rendering is Python-heavy (~240 us for a 155-token midtraining
-# conversation on one Zen 5 core, ~0.3-0.4M tokens/s with packing): on the training thread a GPU would wait for it.
+# Conversations rendered per prefetched chunk (at most QUEUE_CHUNKS chunks wait). Rendering is Python-heavy: one
+# B=8, T=2,048 batch's worth of the offline mixtures took 46-53 ms on one loaded Zen 5 core (README).
 RENDER_CHUNK = 32
 
 
@@ -118,13 +118,15 @@ class ConversationLoader:
     Order (`PassOrder`): every pass over the task is a new permutation seeded by (seed, pass), and rank r takes
     positions r, r + world_size, ... of it. The data never runs out: after this rank's share the next pass begins.
     Conversations longer than a row are split by `conversation_pieces`. A thread renders conversations ahead
-    (`Prefetcher`, in order, so batches do not depend on its timing): with a step that releases the GIL for 60 ms,
-    the training thread waited 3-10 ms per B=8, T=2,048 batch instead of 61-72 (midtraining mixture, README).
+    (`Prefetcher`, in order, so batches do not depend on its timing): with a step that releases the GIL for 60 ms
+    (as a GPU step does), the training thread waited 3-5 ms per B=8, T=2,048 batch instead of rendering for 46-53
+    (README).
 
     Packing (`packing`): "pad" (default) ends a row when no buffered piece fits the space left and pads it (mask 0),
     so every piece stays whole and every target sees its piece's context; "split" fills the row with the shortest
-    piece and puts its tail back as a BOS-led piece (no padding, but that tail is trained without its start).
-    `stats()["pad_frac"]` says what padding costs.
+    piece and puts its tail back as a BOS-led piece (no padding, but that tail is trained without its start). On
+    the offline mixtures both cost under half a percent (README: pad 0.07-0.5% of row tokens, split 0.07-0.4% of
+    targets in such tails), so the default keeps the context. `stats()["pad_frac"]` says what padding costs.
 
     `buffer_docs` pieces wait in the best-fit buffer (at most this rank's share, so a small task is not held in the
     buffer several times over); the Packer's age rule (MAX_AGE_BUFFERS) bounds how long one waits.
