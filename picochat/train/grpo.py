@@ -1,6 +1,6 @@
 """GRPO's math as pure functions of tensors: group-normalised advantages, the clipped ratio objective over the sampled
-tokens, the k3 KL estimate to a reference policy, and the unbiased pass@k estimator. No model and no engine here:
-train/rl.py feeds these with rollouts and log-probabilities.
+tokens and the k3 KL estimate to a reference policy. No model and no engine here: train/rl.py feeds these with
+rollouts and log-probabilities (and takes pass@k from evals/passk.py).
 
 GRPO (Shao et al. 2024, DeepSeekMath) samples a group of G completions per prompt and uses the group as its own
 baseline: A_i = (r_i - mean(r)) / (std(r) + eps), one advantage per completion, shared by all of its tokens. The
@@ -92,15 +92,3 @@ def policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, cl
                       kl=float((kl.detach() * m).sum()))
     return loss, stats
 
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, HumanEval): 1 - C(n-c, k) / C(n, k),
-    as a product so large n does not overflow."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:
-        return 1.0
-    miss = 1.0
-    for i in range(n - c + 1, n + 1):
-        miss *= 1 - k / i
-    return 1 - miss

@@ -39,6 +39,7 @@ from picochat.common import MetricsLogger, Runtime, UserError, autocast_ctx, fai
     setup_runtime, teardown_runtime
 from picochat.config import ModelConfig, TrainConfig, f, inherit, log_config, parse_config
 from picochat.engine import Batch, Engine, Request, SamplingParams
+from picochat.evals.passk import pass_at_k
 from picochat.tasks import Task, TaskSequence, get_task
 from picochat.tokenizer import get_tokenizer
 from picochat.tools import make_tool
@@ -119,8 +120,8 @@ def step_prompts(n: int, seed: int, step: int, per_step: int) -> list[int]:
 
 def sample_groups(engine: Engine, prompts: list[list[int]], n: int, params: list[SamplingParams]) -> list[Group]:
     """n completions of each prompt, every row of every prompt decoded in one Batch (each prompt prefilled once and
-    copied into its n rows). Unlike generate_batch the terminal token is kept (a sampled <|assistant_end|> is an
-    action the reward should reinforce or discourage)."""
+    copied into its n rows), so one decode step serves every row of the step. Unlike generate_batch the terminal
+    token is kept: a sampled <|assistant_end|> is an action the reward should reinforce or discourage."""
     groups = [Group(p, [[] for _ in range(n)], [[] for _ in range(n)]) for p in prompts]
     terminal = (engine.specials.assistant_end, engine.specials.bos)
 
@@ -133,13 +134,14 @@ def sample_groups(engine: Engine, prompts: list[list[int]], n: int, params: list
                 del g.seqs[ev.row][-ev.drop:], g.masks[ev.row][-ev.drop:]
         return on_event
 
-    for p in prompts:
-        engine.check_prompt(p)
-    cache = engine.new_cache(len(prompts) * n)
-    batch = Batch(engine, max_rows=len(prompts) * n, cache=cache)
-    batch.add([Request(i, list(p), n, sp, collect(g)) for i, (p, sp, g) in enumerate(zip(prompts, params, groups))])
-    while batch.rows:
-        batch.step(max_steps=engine.chunk)
+    # a prompt that fills the context has no room for a reply: its completions stay empty (scored as empty replies)
+    reqs = [Request(i, list(p), n, sp, collect(g)) for i, (p, sp, g) in enumerate(zip(prompts, params, groups))
+            if len(p) < engine.context]
+    if reqs:
+        batch = Batch(engine, max_rows=len(reqs) * n, cache=engine.new_cache(len(reqs) * n))
+        batch.add(reqs)
+        while batch.rows:
+            batch.step(max_steps=engine.chunk)
     return groups
 
 
@@ -196,7 +198,7 @@ def evaluate(engine: Engine, task, cfg: RLConfig, rt: Runtime, max_rows: int) ->
         groups = sample_groups(engine, [engine.tok.render_for_completion(c) for c in convs], n, params)
         for conv, g in zip(convs, groups):
             c = sum(bool(task.evaluate(conv, completion_text(engine.tok, s, terminal))) for s in g.seqs)
-            sums = [sums[0] + grpo.pass_at_k(n, c, 1), sums[1] + grpo.pass_at_k(n, c, k), sums[2] + 1]
+            sums = [sums[0] + pass_at_k(n, c, 1), sums[1] + pass_at_k(n, c, k), sums[2] + 1]
     p1, pk, count = all_sum(sums, rt)
     return {"pass@1": p1 / max(count, 1), f"pass@{k}": pk / max(count, 1), "eval_problems": int(count)}
 
