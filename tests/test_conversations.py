@@ -223,6 +223,11 @@ def test_resume_is_exact_across_passes(tiny_tokenizer, packing):
         resumed.close()
     with pytest.raises(UserError, match="seed 3 .this run: 4."):
         ConversationLoader(tiny_tokenizer, mixed_task(9, cropped=4), state=states[3], **{**kw, "seed": 4})
+    with pytest.raises(UserError, match="malformed"):
+        ConversationLoader(tiny_tokenizer, mixed_task(9, cropped=4), state={**states[3], "next": None}, **kw)
+    with pytest.raises(UserError, match="piece 9 offset 0 of conversation"):
+        bad = {**states[3], "buffer": [[0, 9, 0, 0]]}
+        ConversationLoader(tiny_tokenizer, mixed_task(9, cropped=4), state=bad, **kw)
     with pytest.raises(UserError, match="does not match"):  # a different task of the same length
         ConversationLoader(tiny_tokenizer, ChatTask([tool_conversation(i + 1) for i in range(9)]),
                            state=states[3], **kw)
