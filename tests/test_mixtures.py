@@ -95,6 +95,10 @@ def test_describe_lists_rows_and_shares_and_scale_multiplies_sizes(mixtures):
         assert rows(mix, name) == round(at_scale_1 * SCALE), name
     assert rows(mixtures["mid", "val"], "arithmetic") == 3  # a tenth of train's 30
     assert rows(mix, "bigbench-mc") == round(8_000 * SCALE)  # 48 fixture rows, of which 24 at this scale
+    # ... drawn from all 12 tasks, not the first 24 rows (the first six tasks)
+    bigbench = next(t for n, t in zip(mix.names, mix.tasks) if n == "bigbench-mc")
+    sampled = {bigbench[i]["messages"][0]["content"].split("\n")[1].split(" question")[0] for i in range(24)}
+    assert len(sampled) >= 10 and sampled <= set(BIGBENCH_MC)
     assert rows(mixtures["sft", "train"], "simplespelling") == 1  # 300 * SCALE rounds to 1: never 0
 
 

@@ -23,9 +23,10 @@ operators, repeat_copy_logic, language_identification).
 
 Sizes: `rows` at scale=1 is what a GPU run would use (the online midtraining recipe is nanochat's: all of SmolTalk,
 MMLU auxiliary_train and GSM8K train, 80k SpellingBee, 200k SimpleSpelling). `scale` multiplies every component's
-rows (at least one row each); a user's `data=` file is used whole at any scale. The val split takes, per component,
-a tenth of its train rows from the held-out rows: the families' own val split for generated tasks and
-ElementaryMathQA, `base.HeldOut` (a hash of each conversation) for fixed datasets.
+rows (at least one row each; a component smaller than a dataset is a seeded sample of all its rows); a user's
+`data=` file is used whole at any scale. The val split holds rows train never uses: the families' own val split for
+generated tasks and ElementaryMathQA, `base.HeldOut` (by a hash of each conversation, ~1 row in 10) for fixed
+datasets. A component of N train rows gets ceil(N / 10) val rows; a whole dataset, all its held-out rows (x scale).
 """
 
 from __future__ import annotations
@@ -155,8 +156,10 @@ def _recipes(stage: str) -> dict[str, dict[str, list[Part]]]:
 # building
 
 
-def _sized(task: Task, rows: int) -> Task:
-    return task if rows >= len(task) else TaskSequence([task], stop=rows)
+def _sized(task: Task, rows: int, seed: int) -> Task:
+    """`rows` rows of `task` drawn evenly from all of it (a seeded shuffle cut short), not its first `rows`: the
+    first 8,000 of the 12 BIG-bench tasks in a row would leave out the last five tasks."""
+    return task if rows >= len(task) else TaskMixture([task], seed=seed, stop=rows)
 
 
 def build_mixture(stage: str, split: str = "train", source: str = "auto", scale: float = 1.0,
@@ -179,7 +182,7 @@ def build_mixture(stage: str, split: str = "train", source: str = "auto", scale:
             task = part.make(split, want or 0, seed)
             if want is None:  # every row of a fixed dataset (its held-out rows for val, ~1 in 9), scaled
                 want = max(1, round(len(task) * scale))
-            task = _sized(task, want)
+            task = _sized(task, want, seed)
             if len(task):  # a tiny source may have no held-out row: nothing to validate on there
                 components += [(part.name, part.where, task)] * part.repeat
     if data is not None:
@@ -223,11 +226,11 @@ def describe_mixture(task: Task) -> str:
 
 
 def _innermost(task: Task) -> Task:
-    """The family under the views a mixture wraps it in (a one-task TaskSequence cut, HeldOut)."""
+    """The family under the views a mixture wraps it in (HeldOut, a one-task sample)."""
     while True:
         if isinstance(task, HeldOut):
             task = task.task
-        elif type(task) is TaskSequence and len(task.tasks) == 1:
+        elif isinstance(task, TaskSequence) and len(task.tasks) == 1:
             task = task.tasks[0]
         else:
             return task
