@@ -46,7 +46,7 @@ def base_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 def read_results(base: Path) -> dict:
-    d = base / "eval" / "base" / "t" / "step_000003"
+    d = base / "eval" / "base" / "t" / "step_3"
     return {p.name: (json.loads(p.read_text()) if p.suffix == ".json" else [json.loads(x) for x in p.read_text().split("\n") if x])
             for p in sorted(d.iterdir())}
 

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from picochat.common import UserError, print0
+from picochat.common import UserError, is_fsdp, print0
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 SHUFFLE_SEED = 1337  # nanochat's base_eval: the task's rows are shuffled once, --max-per-task takes a prefix
@@ -297,21 +297,25 @@ def run_bundle(model, tokenizer, device, root: str | Path, *, max_per_task: int 
     if unknown:
         raise UserError(f"--core-tasks: {', '.join(unknown)} not in the bundle {root}; its tasks: "
                         f"{', '.join(t.label for t in all_tasks)}")
+    if is_fsdp(model):  # ranks score different numbers of batches, and every FSDP forward is a collective
+        raise UserError("CORE cannot run on an FSDP-sharded model (each rank scores its own examples); evaluate the "
+                        "saved checkpoint with `picochat eval base` instead")
     was_training = model.training
     model.eval()
     per_task, records = {}, {}
     try:
         for task in chosen:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             recs = evaluate_task(model, tokenizer, task, load_rows(root, task), device, max_per_task, autocast)
             acc = sum(r["correct"] for r in recs) / max(len(recs), 1)
             per_task[task.label] = {"accuracy": acc, "centered": centered(acc, task.baseline), "n": len(recs),
                                     "baseline": task.baseline, "type": task.kind, "shots": task.num_fewshot,
-                                    "elapsed_s": round(time.perf_counter() - t0, 3)}
+                                    "elapsed_s": round(time.perf_counter() - t0, 3),
+                                    "cpu_s": round(time.process_time() - c0, 3)}
             records[task.label] = recs
             log(f"  {task.label:<34} {task.kind:<17} {task.num_fewshot:>2}-shot  n={len(recs):<5} "
                 f"acc {acc:.4f}  centered {per_task[task.label]['centered']:+.4f}  "
-                f"({per_task[task.label]['elapsed_s']:.1f} s)")
+                f"{per_task[task.label]['elapsed_s']:6.1f} s  (cpu {per_task[task.label]['cpu_s']:.1f} s)")
     finally:
         model.train(was_training)
     labels = set(per_task)

@@ -38,7 +38,7 @@ def evaluate_hellaswag(model, tokenizer, device, rows: list[dict], max_per_task:
     """({"metrics": {"hellaswag": acc_norm}, "tasks": {"hellaswag": {...}}}, per-row records); every rank calls it
     under torchrun (rows dealt round-robin, records gathered). `max_per_task` scores the first N rows after the
     same shuffle as CORE (Random(1337))."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     order = list(range(len(rows)))
     random.Random(SHUFFLE_SEED).shuffle(order)
     n = len(order) if max_per_task is None or max_per_task < 0 else min(max_per_task, len(order))
@@ -78,6 +78,6 @@ def evaluate_hellaswag(model, tokenizer, device, rows: list[dict], max_per_task:
     acc = {key: sum(r[f"pred{suffix}"] == r["gold"] for r in records) / m
            for key, suffix in (("acc_norm", "_norm"), ("acc", ""), ("acc_char", "_char"))}
     task = {"accuracy": acc["acc_norm"], **acc, "n": len(records), "baseline": 0.25,
-            "elapsed_s": round(time.perf_counter() - t0, 3)}
+            "elapsed_s": round(time.perf_counter() - t0, 3), "cpu_s": round(time.process_time() - c0, 3)}
     return {"metrics": {"hellaswag": acc["acc_norm"]}, "tasks": {"hellaswag": task}, "max_per_task": max_per_task,
             "normalisation": "mean loss per ending token (GPT-2 reproduction)"}, records

@@ -5,8 +5,8 @@
     torchrun --nproc_per_node=8 -m picochat.evals.run base --source mid   # examples split across ranks, gathered
     picochat eval chat ...                                    # chat evaluation: picochat.evals.chat
 
-Each suite writes <base dir>/eval/<stage>/<run>/step_NNNNNN/<suite>.json ({"suite", "stage", "run", "step",
-"elapsed_s", "metrics": {name: value}, "tasks": {task: {...}}}) and one JSONL of per-problem records per task
+Each suite writes <base dir>/eval/<stage>/<run>/step_<N>/<suite>.json ({"suite", "stage", "run", "step",
+"elapsed_s", "cpu_s", "metrics": {name: value}, "tasks": {task: {...}}}) and one JSONL of per-problem records per task
 beside it (<suite>-<task>.jsonl), then a summary table with each suite's time goes to stdout.
 """
 
@@ -46,7 +46,7 @@ class EvalBaseConfig:
 
 
 def results_dir(stage: str, run: str, step: int, base_dir: str | Path | None = None) -> Path:
-    return Path(base_dir or get_base_dir()) / "eval" / stage / (run or "default") / f"step_{step:06d}"
+    return Path(base_dir or get_base_dir()) / "eval" / stage / (run or "default") / f"step_{step}"
 
 
 def write_results(result: dict, records: dict[str, list[dict]], base_dir: str | Path | None = None) -> Path:
@@ -109,11 +109,11 @@ def _hellaswag(model, tok, cfg: EvalBaseConfig, rt, autocast) -> tuple[dict, dic
 
 
 def summary_table(results: list[dict]) -> str:
-    lines = [f"{'suite':<10} {'metric':<12} {'value':>8} {'n':>7} {'time':>9}"]
+    lines = [f"{'suite':<10} {'metric':<12} {'value':>8} {'n':>7} {'time':>9} {'cpu':>9}"]
     for r in results:
         n = sum(t.get("n", 0) for t in r["tasks"].values())
         for name, value in r["metrics"].items():
-            lines.append(f"{r['suite']:<10} {name:<12} {value:>8.4f} {n:>7} {r['elapsed_s']:>7.1f} s")
+            lines.append(f"{r['suite']:<10} {name:<12} {value:>8.4f} {n:>7} {r['elapsed_s']:>7.1f} s {r['cpu_s']:>7.1f} s")
     return "\n".join(lines)
 
 
@@ -140,7 +140,7 @@ def _base(argv: list[str] | None) -> None:
         results = []
         for suite in suites:
             print0(f"--- {suite} ---")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if suite == "bpb":
                 result, records = _bpb(model, tok, meta, cfg, rt, autocast)
             elif suite == "core":
@@ -148,7 +148,8 @@ def _base(argv: list[str] | None) -> None:
             else:
                 result, records = _hellaswag(model, tok, cfg, rt, autocast)
             result = {"suite": suite, "stage": meta["source"], "run": meta["run"] or "default", "step": meta["step"],
-                      "elapsed_s": round(time.perf_counter() - t0, 3), "world_size": rt.world_size, **result}
+                      "elapsed_s": round(time.perf_counter() - t0, 3),
+                      "cpu_s": round(time.process_time() - c0, 3), "world_size": rt.world_size, **result}
             if rt.is_master:
                 print0(f"wrote {write_results(result, records)}")
             results.append(result)
