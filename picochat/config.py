@@ -229,7 +229,7 @@ class TrainConfig:
     grad_clip: float = f(1.0, "clip the global gradient norm to this (0 = off)")
     eval_every: int = f(100, "evaluate validation bits-per-byte every N steps (and at the end; 0 = only the end)")
     eval_tokens: int = f(65536, "validation tokens per evaluation")
-    sample_every: int = f(0, "print samples from fixed prompts every N steps (0 = only at the end)")
+    sample_every: int = f(0, "print samples from fixed prompts every N steps (0 = only at the end, -1 = never)")
     save_every: int = f(0, "checkpoint every N steps (and always at the end; 0 = only the end)")
     keep_last: int = f(2, "checkpoints to keep")
     resume: bool = f(False, "continue from the latest checkpoint of this run (--run)")
@@ -313,9 +313,14 @@ class ChatStageConfig(TrainConfig):
     data: str = f("", "a JSONL of your own conversations ({\"messages\": [...]} per line) added to the mixture")
     source: str = f("auto", "where task data is read from: auto (a downloaded hub copy, else the offline packages), "
                             "hub (download) or offline", choices=["auto", "hub", "offline"])
+    tasks: str = f("", "train on these tasks instead of the default mixture: name[:N],... (names of picochat.tasks; N "
+                       "= size of a generated task, or the first N rows of a dataset), e.g. identity,spellingbee:2000")
+    packing: str = f("pad", "conversation rows: pad (a conversation that does not fit the row's rest starts the next "
+                            "row) | split (fill the row; the rest continues, BOS-led, in another)",
+                     choices=["pad", "split"])
     val_conversations: int = f(256, "held-out conversations for the validation loss and bpb")
-    mc_eval: str = f("arc-easy", "multiple-choice task for the quick categorical accuracy (its validation split; "
-                                 "'' = off)")
+    mc_eval: str = f("arc-easy:test", "multiple-choice task[:split] for the quick categorical accuracy ('' = off); "
+                                      "ARC test is in no training mixture (its validation split is)")
     mc_eval_n: int = f(100, "questions of --mc-eval scored at each evaluation")
     eval_every: int = f(50, "evaluate every N steps (and at the end; 0 = only the end)")
     warmup_steps: int = f(0, "linear LR warmup steps (the parent is trained: none needed)")
@@ -341,3 +346,22 @@ class SFTConfig(ChatStageConfig):
 # what a chat stage takes from its parent's run config unless given; the model shape always comes from the parent
 CHAT_INHERITABLE = ["dtype", "compile", "fsdp", "device_batch_size", "total_batch_size", "max_seq_len", "matrix_lr",
                     "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "grad_clip"]
+
+
+def preset_mid_cpu() -> dict:
+    """The README's 2-core demo after `pretrain --preset cpu` (whose batch geometry is inherited: 8,192-token steps
+    of T = 256): one pass over the offline mixture at 8% of its full size."""
+    # scale 0.08: 4,184 conversations rendered to ~780k tokens (scale 0.05 measured 484k), so ~100 steps, about 3
+    # minutes at the pretraining preset's ~5,000 tokens/s on 2 cores (README: Measured)
+    return dict(scale=0.08, eval_every=25, val_conversations=128, mc_eval_n=100, max_minutes=6.0)
+
+
+def preset_sft_cpu() -> dict:
+    """The 2-core demo after `midtrain --preset cpu`: one pass over the SFT mixture at 30% of its full size."""
+    # scale 0.3: ~3,900 conversations, ~640k tokens (scale 0.05 measured 106k), so ~80 steps at the inherited
+    # 8,192 tokens per step
+    return dict(scale=0.3, eval_every=25, val_conversations=128, mc_eval_n=100, max_minutes=6.0)
+
+
+MIDTRAIN_PRESETS = {"cpu": preset_mid_cpu}
+SFT_PRESETS = {"cpu": preset_sft_cpu}

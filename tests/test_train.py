@@ -158,7 +158,8 @@ def _ddp_worker(rank, world, port, base, out, global_batches, fsdp=False, state_
 def _run_synthetic(rank, world, out, global_batches, fsdp=False, state_out=None, ignore=None, grads_out=None):
     """The real loop and optimizer on a fixed global batch sequence; each rank takes its share of every batch.
     state_out: where rank 0 saves the final model state dict, gathered as a checkpoint gathers it.
-    ignore: (8, 32) bool, targets masked out (-1) in every global batch. grads_out: where each rank saves the
+    ignore: (8, 32) bool, targets masked out (-1) in every global batch, or a list of one such mask per global batch
+    (None entries: no mask). grads_out: where each rank saves the
     gradients the loop hands to the optimizer's first step (suffix .rank<r>)."""
     from picochat.checkpoint import model_state_for_save
     from picochat.common import setup_runtime, teardown_runtime
@@ -179,8 +180,9 @@ def _run_synthetic(rank, world, out, global_batches, fsdp=False, state_out=None,
     opt = make_optimizer(model, cfg, rt)
     accum = 2 * 2 // world  # 4 rows of the global batch per step = accum micro-batches x world ranks x 2 rows... / 2
     micro = []
-    for gb in global_batches:  # gb (8, 33): rows split as micro-batches of 2 rows, rank-major within a step
-        y = gb[:, 1:].masked_fill(ignore, -1) if ignore is not None else gb[:, 1:]
+    masks = ignore if isinstance(ignore, list) else [ignore] * len(global_batches)
+    for gb, mask in zip(global_batches, masks):  # gb (8, 33): rows split as micro-batches of 2 rows, rank-major
+        y = gb[:, 1:].masked_fill(mask, -1) if mask is not None else gb[:, 1:]
         for m in range(accum):
             lo = (rank * accum + m) * 2
             micro.append((gb[lo : lo + 2, :-1], y[lo : lo + 2]))

@@ -445,7 +445,8 @@ def _run(argv: list[str] | None) -> None:
                      engine_process=ENGINE_PROCESS[cfg.engine_process], allowed_hosts=allowed_hosts,
                      api_key=api_key or None)
     del model  # the engine process has its own copy once started
-    print0(f"serving {source} step {meta.get('step')} as '{cfg.model_name}' on http://{cfg.host}:{cfg.port}/ "
+    print0(f"serving {source} run '{meta['run'] or '(old layout)'}' step {meta.get('step')} as '{cfg.model_name}' on "
+           f"http://{cfg.host}:{cfg.port}/ "
            f"(Host names served: {', '.join(allowed_hosts)}; API key {'required' if api_key else 'off'})")
     if not is_loopback(cfg.host) and not api_key:
         print0("warning: the server is reachable from the network without an API key; pass --api-key")

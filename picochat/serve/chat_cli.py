@@ -159,7 +159,10 @@ def _run(argv: list[str] | None) -> None:
         raise UserError(f"--temperature must be >= 0, got {cfg.temperature}")
     if cfg.max_tokens < 1 or cfg.top_k < 0:
         raise UserError("--max-tokens must be >= 1 and --top-k >= 0")
-    model, tokenizer, _meta = load_model(cfg.source, step=cfg.step, run=cfg.run or None, device=cfg.device)
+    model, tokenizer, meta = load_model(cfg.source, step=cfg.step, run=cfg.run or None, device=cfg.device)
+    # on stderr: stdout may be a one-shot reply that a script reads
+    print(f"picochat chat: loaded {meta['source']} run '{meta['run'] or '(old layout)'}' step {meta['step']}",
+          file=sys.stderr, flush=True)
     engine = Engine(model, tokenizer, tool=make_tool(cfg.tool), compile=cfg.compile)
     engine.warmup(1)  # compiles now when --compile, else a no-op
     params = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k or None, max_tokens=cfg.max_tokens,

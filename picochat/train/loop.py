@@ -344,7 +344,8 @@ def train(stage: Stage, prep: Prepared, rt: Runtime) -> dict:
             if wandb_run:
                 wandb_run.log(last_eval, step=step)
             say(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in last_eval.items()))
-        sample_now = done or (cfg.sample_every > 0 and step > 0 and step % cfg.sample_every == 0)
+        sample_now = (done and cfg.sample_every >= 0) or (cfg.sample_every > 0 and step > 0 and
+                                                           step % cfg.sample_every == 0)
         # under FSDP every forward all-gathers weights, so all ranks sample (the same greedy text); rank 0 prints
         if stage.samples and stage.checkpoints and (rt.is_master or is_fsdp(model)) and sample_now:
             for s in stage.samples(model, prep.tokenizer):
