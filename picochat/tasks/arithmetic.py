@@ -47,8 +47,8 @@ class _Work:
         self.lines.append(f"{lead}{expr} = <<{expr.replace(' ', '')}={out}>>{out}{tail}")
         return out
 
-    def answer(self, final: str, closing: str = "") -> str:
-        return "\n".join(self.lines + ([closing] if closing else []) + [f"#### {final}"])
+    def answer(self, final: str) -> str:
+        return "\n".join(self.lines + [f"#### {final}"])
 
 
 def _show(rng: random.Random, x: int) -> str:

@@ -233,6 +233,7 @@ def split_of(key: str) -> str:
 
 
 def check_split(split: str, family: str, splits: Sequence[str] = SPLITS) -> str:
+    """`split`, or one error line naming `family`'s splits."""
     if split not in splits:
         raise UserError(f"{family} has splits {', '.join(splits)}, not {split!r}")
     return split
