@@ -348,6 +348,10 @@ def _every_task(tmp_path):
         "bigbench": BigBench(FIX / "bigbench_gen"),
         "bigbench-mc": BigBench(FIX / "bigbench_mc"),
         "registry": get_task("arc-easy", "test", data_dir=FIX / "arc"),
+        "arithmetic": Arithmetic(size=8),
+        "elementary-math-qa": ElementaryMathQA("train", path=FIX / "bigbench_sdist" / "elementary_math_qa"),
+        "topical-chat": TopicalChat(path=FIX / "bigbench_sdist" / "topical_chat"),
+        "bigbench-shuffled": BigBench(FIX / "bigbench_sdist" / "navigate", shuffle_seed=1),
     }
 
 
