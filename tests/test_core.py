@@ -142,6 +142,14 @@ def test_crop_keeps_the_last_tokens_and_moves_the_span():
     assert crop(Seq([1, 2, 3], 1, 3), None) == Seq([1, 2, 3], 1, 3)
 
 
+def test_a_row_without_its_fields_is_one_error_line(tmp_path):
+    shutil.copytree(FIXTURES / "bundle", tmp_path / "b")
+    path = tmp_path / "b" / "eval_data" / "fixture_schema.jsonl"
+    path.write_text(path.read_text() + '{"context_options": ["x", "y"], "gold": 0}\n')
+    with pytest.raises(UserError, match=r"fixture_schema: row 5 of .* has no continuation \(a schema row holds"):
+        load_rows(tmp_path / "b", load_bundle(tmp_path / "b")[1])
+
+
 def test_centered_accuracy():
     assert centered(0.25, 0.25) == 0.0
     assert centered(1.0, 0.62) == pytest.approx(1.0)
@@ -267,7 +275,8 @@ def test_scoring_only_the_scored_rows_matches_the_full_logits(tiny_tokenizer):
         def forward(self, idx):
             return self.inner(idx)
 
-    ids = tiny_tokenizer.encode(["The quick brown fox", "To be, or not to be", "def add(a, b):"], prepend=tiny_tokenizer.bos_id)
+    texts = ["The quick brown fox", "To be, or not to be", "def add(a, b):"]
+    ids = tiny_tokenizer.encode(texts, prepend=tiny_tokenizer.bos_id)
     seqs = [Seq(t, 3, len(t)) for t in ids] + [Seq(ids[0], 1, 4)]
     hooked = core.score_sequences(gpt, seqs, "cpu", tiny_tokenizer.bos_id, tiny_tokenizer.vocab_size, max_tokens=40)
     full = core.score_sequences(NoHead(), seqs, "cpu", tiny_tokenizer.bos_id, tiny_tokenizer.vocab_size, max_tokens=40)

@@ -47,8 +47,8 @@ def base_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 def read_results(base: Path) -> dict:
     d = base / "eval" / "base" / "t" / "step_3"
-    return {p.name: (json.loads(p.read_text()) if p.suffix == ".json" else [json.loads(x) for x in p.read_text().split("\n") if x])
-            for p in sorted(d.iterdir())}
+    return {p.name: json.loads(p.read_text()) if p.suffix == ".json" else
+            [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(d.iterdir())}
 
 
 def test_eval_base_writes_results_and_a_summary(base_dir, monkeypatch, capsys):

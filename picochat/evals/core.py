@@ -38,7 +38,9 @@ import torch.distributed as dist
 
 from picochat.common import UserError, is_fsdp, print0
 
-TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+ROW_FIELDS = {"multiple_choice": ("query", "choices", "gold"), "schema": ("context_options", "continuation", "gold"),
+              "language_modeling": ("context", "continuation")}
+TASK_TYPES = tuple(ROW_FIELDS)
 SHUFFLE_SEED = 1337  # nanochat's base_eval: the task's rows are shuffled once, --max-per-task takes a prefix
 FEWSHOT_SEED = 1234  # nanochat's core_eval: Random(1234 + position) draws that example's shots
 SHOT_SEPARATOR = "\n\n"
@@ -98,13 +100,22 @@ def load_bundle(root: str | Path) -> list[IclTask]:
 
 
 def load_rows(root: str | Path, task: IclTask) -> list[dict]:
+    """The task's rows, each checked for the fields of its type (one error line naming the first bad line)."""
     path = Path(root) / "eval_data" / task.dataset_uri
     try:
         with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"CORE task {task.label}: cannot read {path} ({type(e).__name__}: {e}); delete the bundle "
                         f"folder to fetch or build it again") from None
+    for i, row in enumerate(rows):
+        missing = [k for k in ROW_FIELDS[task.kind] if k not in row]
+        if missing:
+            raise UserError(f"CORE task {task.label}: row {i + 1} of {path} has no {', '.join(missing)} (a "
+                            f"{task.kind} row holds {', '.join(ROW_FIELDS[task.kind])})")
+    if not rows:
+        raise UserError(f"CORE task {task.label}: {path} has no rows")
+    return rows
 
 
 def fewshot_indices(n: int, position: int, k: int) -> list[int]:
@@ -247,14 +258,15 @@ def evaluate_task(model, tokenizer, task: IclTask, rows: list[dict], device, max
     order = list(range(len(rows)))
     random.Random(SHUFFLE_SEED).shuffle(order)
     shuffled = [rows[i] for i in order]
-    n = len(shuffled) if max_per_task is None or max_per_task < 0 else min(max_per_task, len(shuffled))
+    n_rows = len(shuffled)
+    n = n_rows if max_per_task is None or max_per_task < 0 else min(max_per_task, n_rows)
     rank, world = rank_world()
     max_len = getattr(getattr(model, "config", None), "sequence_len", None)
     mine = list(range(rank, n, world))
     records = []
     for a in range(0, len(mine), chunk):  # a chunk's prompts are tokenized in one call and scored together
         group = mine[a:a + chunk]
-        prompts = [render(task, shuffled[p], [shuffled[j] for j in fewshot_indices(len(shuffled), p, task.num_fewshot)])
+        prompts = [render(task, shuffled[p], [shuffled[j] for j in fewshot_indices(n_rows, p, task.num_fewshot)])
                    for p in group]
         flat = tokenizer.encode([s for ps in prompts for s in ps], prepend=tokenizer.bos_id)
         seqs, owners, k = [], [], 0

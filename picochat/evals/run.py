@@ -1,9 +1,9 @@
 """`picochat eval base|chat`: evaluate a checkpoint and write the results where the report reads them.
 
-    picochat eval base                                        # bpb, CORE (or CORE-20 offline), HellaSwag: latest base run
+    picochat eval base                          # bpb, CORE (CORE-20 offline), HellaSwag of the latest base run
     picochat eval base --run d4 --step 260 --tasks core,hellaswag --max-per-task 50
     torchrun --nproc_per_node=8 -m picochat.evals.run base --source mid   # examples split across ranks, gathered
-    picochat eval chat ...                                    # chat evaluation: picochat.evals.chat
+    picochat eval chat ...                      # chat evaluation: picochat.evals.chat
 
 Each suite writes <base dir>/eval/<stage>/<run>/step_<N>/<suite>.json ({"suite", "stage", "run", "step",
 "elapsed_s", "cpu_s", "metrics": {name: value}, "tasks": {task: {...}}}) and one JSONL of per-problem records per task
@@ -113,7 +113,8 @@ def summary_table(results: list[dict]) -> str:
     for r in results:
         n = sum(t.get("n", 0) for t in r["tasks"].values())
         for name, value in r["metrics"].items():
-            lines.append(f"{r['suite']:<10} {name:<12} {value:>8.4f} {n:>7} {r['elapsed_s']:>7.1f} s {r['cpu_s']:>7.1f} s")
+            lines.append(f"{r['suite']:<10} {name:<12} {value:>8.4f} {n:>7} {r['elapsed_s']:>7.1f} s "
+                         f"{r['cpu_s']:>7.1f} s")
     return "\n".join(lines)
 
 
