@@ -380,13 +380,14 @@ def test_eval_chat_command_writes_the_summary_and_per_problem_files(tiny_tokeniz
         (d / "0000.parquet").write_bytes(src.read_bytes())
         (d / "listing.json").write_text('["0000.parquet"]')
     rc = main_chat(["--source", "sft", "--tasks", "arc-easy,mmlu", "--max-problems", "3", "--device", "cpu",
-                    "--dtype", "fp32"])
+                    "--dtype", "fp32", "--threads", "1"])
     out = capsys.readouterr().out
     assert rc == 0
     d = tmp_path / "eval" / "sft" / "t1" / "step_5"
     summary = json.loads((d / "chat.json").read_text())
     assert (summary["suite"], summary["stage"], summary["run"], summary["step"]) == ("chat", "sft", "t1", 5)
     assert set(summary["metrics"]) == {"arc_easy", "mmlu", "chatcore2"}
+    assert summary["max_problems"] == 3 and summary["elapsed_s"] >= summary["tasks"]["mmlu"]["elapsed_s"] > 0
     assert summary["chatcore_name"] == "ChatCORE-2 (no ARC-Challenge, GSM8K, HumanEval, SpellingBee)"
     for t in ("arc_easy", "mmlu"):
         lines = [json.loads(x) for x in (d / f"chat-{t}.jsonl").read_text().splitlines()]

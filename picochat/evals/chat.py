@@ -26,18 +26,16 @@ so its first N would all be abstract algebra).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from picochat.common import UserError, autocast_ctx, fail_runtime, get_base_dir, pick_dtype, print0, run_main, \
-    setup_runtime, teardown_runtime
+from picochat.common import UserError, autocast_ctx, fail_runtime, pick_dtype, print0, run_main, setup_runtime, \
+    teardown_runtime
 from picochat.config import CheckpointSource, f, parse_config
 from picochat.evals.passk import CHATCORE_TASKS, DISPLAY, centered, chatcore, pass_at_k
 
@@ -234,12 +232,12 @@ def run_chat_eval(model, tokenizer, tasks: list[str], settings: ChatEvalSettings
                   dtype: torch.dtype | None = None, engine_dtype: torch.dtype | None = None, rank: int | None = None,
                   world_size: int | None = None, log=print0, task_source=load_chat_task) -> dict:
     """Evaluate `tasks` (metric names) -> {"metrics": {task: accuracy, chatcore key: value}, "tasks": {task:
-    summary}, "records": {task: per-problem records}, "chatcore_name", "chatcore_missing", "elapsed_s"}.
+    summary}, "records": {task: per-problem records}, "chatcore_name", "chatcore_missing", "elapsed_s", "cpu_s"}.
     `dtype` is the categorical forward's autocast dtype, `engine_dtype` the engine's (None: its own choice: fp32
     when eager on CPU, where autocast re-casts every weight at every step)."""
     from picochat.tools import make_tool
 
-    t_all = time.perf_counter()
+    t_all, c_all = time.perf_counter(), time.process_time()
     out: dict = {"metrics": {}, "tasks": {}, "records": {}}
     for name in tasks:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -268,6 +266,7 @@ def run_chat_eval(model, tokenizer, tasks: list[str], settings: ChatEvalSettings
     out["chatcore_name"] = label
     out["chatcore_missing"] = [t for t in CHATCORE_TASKS if t not in tasks]
     out["elapsed_s"] = round(time.perf_counter() - t_all, 3)
+    out["cpu_s"] = round(time.process_time() - c_all, 3)
     return out
 
 
@@ -288,29 +287,6 @@ def quick_chat_eval(model, tokenizer, device, max_problems: int = 16, tasks=CHAT
 # files and the command
 
 
-def results_dir(stage: str, run: str, step: int, base_dir: str | Path | None = None) -> Path:
-    """<base dir>/eval/<stage>/<run>/step_<N>/, where every evaluation suite of that checkpoint writes its files."""
-    return Path(base_dir or get_base_dir()) / "eval" / stage / run / f"step_{step}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # a reader never sees half a file
-
-
-def write_results(d: Path, header: dict, res: dict) -> Path:
-    """chat.json (header + metrics + per-task summaries) and chat-<task>.jsonl in `d`; returns chat.json's path."""
-    d.mkdir(parents=True, exist_ok=True)
-    for name, records in res["records"].items():
-        _write_atomic(d / f"chat-{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    summary = {"suite": "chat", **header, "elapsed_s": res["elapsed_s"], "metrics": res["metrics"],
-               "tasks": res["tasks"], "chatcore_name": res["chatcore_name"],
-               "chatcore_missing": res["chatcore_missing"]}
-    _write_atomic(d / "chat.json", json.dumps(summary, indent=1) + "\n")
-    return d / "chat.json"
-
-
 def format_table(res: dict) -> str:
     lines = [f"{'task':<14s} {'accuracy':>9s} {'centred':>9s} {'problems':>9s} {'too long':>9s} {'time s':>8s} "
              f"{'cpu s':>8s}"]
@@ -319,7 +295,8 @@ def format_table(res: dict) -> str:
         lines.append(f"{DISPLAY[name]:<14s} {r['accuracy']:9.4f} {r['centered']:+9.4f} {r['n']:9d} {r['too_long']:9d} "
                      f"{r['elapsed_s']:8.1f} {r['cpu_s']:8.1f}{extra.rstrip()}")
     key = next(k for k in res["metrics"] if k.startswith("chatcore"))
-    lines.append(f"{res['chatcore_name']}: {res['metrics'][key]:.4f}   (total {res['elapsed_s']:.1f} s)")
+    lines.append(f"{res['chatcore_name']}: {res['metrics'][key]:.4f}   (total {res['elapsed_s']:.1f} s, "
+                 f"{res['cpu_s']:.1f} s of CPU)")
     return "\n".join(lines)
 
 
@@ -337,6 +314,8 @@ class ChatEvalConfig(CheckpointSource):
     dtype: str = f("auto", "auto | fp32 | bf16: the multiple-choice forward's dtype; the engine's too when given "
                            "(auto lets it choose: fp32 when eager on CPU)")
     seed: int = f(0, "sampling seed (problem i samples with (seed, i))")
+    threads: int = f(0, "CPU threads for torch (0 = torch's default, one per core); batch-1 decoding of a small model "
+                        "gains little from more, and on a busy machine extra threads mostly wait for each other")
 
 
 def _run(argv: list[str] | None) -> dict:
@@ -346,6 +325,10 @@ def _run(argv: list[str] | None) -> dict:
     tasks = parse_tasks(cfg.tasks)
     if cfg.max_problems < 0 or cfg.batch_size < 1:
         raise UserError("--max-problems must be >= 0 and --batch-size >= 1")
+    if cfg.threads < 0:
+        raise UserError(f"--threads must be >= 0, got {cfg.threads}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
         model, tok, meta = load_model(cfg.source, cfg.step, rt.device, run=cfg.run or None)
@@ -359,8 +342,12 @@ def _run(argv: list[str] | None) -> dict:
                             engine_dtype=None if cfg.dtype == "auto" else rt.dtype, rank=rt.rank,
                             world_size=rt.world_size)
         if rt.is_master:
-            header = {"stage": stage, "run": run, "step": step, "world_size": rt.world_size, **asdict(settings)}
-            path = write_results(results_dir(stage, run, step), header, res)
+            from picochat.evals.run import write_results  # the layout every evaluation suite writes
+
+            summary = {"suite": "chat", "stage": stage, "run": run, "step": step,
+                       **{k: v for k, v in res.items() if k != "records"}, "world_size": rt.world_size,
+                       **asdict(settings)}
+            path = write_results(summary, res["records"])
             print(format_table(res), flush=True)
             print(f"results: {path}", flush=True)
             print(json.dumps({"suite": "chat", "stage": stage, "run": run, "step": step, **res["metrics"]}),
