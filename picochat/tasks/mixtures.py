@@ -46,7 +46,7 @@ from picochat.tasks.mmlu import MMLU
 from picochat.tasks.sources import bigbench_tasks, hub_downloaded
 
 # multiple-choice BIG-bench tasks used in place of MMLU auxiliary_train offline: English, 2-6 choices, a few hundred
-# to a few thousand rows each (15,637 in all), none of them a CORE task
+# to a few thousand rows each (18,557 in all), none of them a CORE task
 BIGBENCH_MC = ("social_iqa", "timedial", "strategyqa", "epistemic_reasoning", "logical_fallacy_detection",
                "date_understanding", "temporal_sequences", "physics", "movie_recommendation", "navigate",
                "sports_understanding", "winowhy")
