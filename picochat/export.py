@@ -142,6 +142,7 @@ def export_hf(model, tok: Tokenizer, meta: dict, out: str | Path) -> Path:
              for k, v in model.state_dict().items()}
     save_file({k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()},
               str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)  # safetensors writes it 0600; the other files are 0644
     bos, end = tok.bos_id, tok.special_id("<|assistant_end|>")
     config = {
         "architectures": ["PicochatForCausalLM"], "model_type": "picochat",

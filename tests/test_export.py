@@ -71,8 +71,12 @@ def test_exported_generate_matches_picochat_greedy(tiny_tokenizer, tmp_path):
     n = 20  # past the window of 8: cached keys beyond it must be masked out
     want = [greedy(model, p, n) for p in prompts]
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    lengths = []  # tokens fed per forward: the prompt once, then one token per step (the cache holds the rest)
+    hf.register_forward_pre_hook(lambda mod, args, kwargs: lengths.append(kwargs["input_ids"].size(1)),
+                                 with_kwargs=True)
     with torch.no_grad():
         alone = [hf.generate(torch.tensor([p]), **kw)[0, len(p):].tolist() for p in prompts]
+        assert lengths == [len(prompts[0])] + [1] * (n - 1) + [len(prompts[1])] + [1] * (n - 1)
         L = max(map(len, prompts))
         padded = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])

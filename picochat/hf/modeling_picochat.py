@@ -60,7 +60,9 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             v = v + ve
         v = v.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        # rotary and QK-norm in fp32 (picochat's rotary tables are fp32, so under bf16 autocast these ran in fp32 too)
+        q = norm(apply_rotary(q.float(), cos, sin)).to(v.dtype)
+        k = norm(apply_rotary(k.float(), cos, sin)).to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
         if cache is not None:
             k, v = cache.update(k, v, self.layer)  # every key and value so far, (B, Hkv, S, D)
@@ -98,6 +100,7 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = PicochatConfig
     base_model_prefix = "picochat"
     _no_split_modules = ["Block"]
+    _supports_cache_class = True  # transformers 4.x: let generate() pass a Cache (5.x always does)
 
     def __init__(self, config: PicochatConfig):
         super().__init__(config)
@@ -128,13 +131,13 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def _rotary(self, positions, dtype):
-        """cos, sin (B, T, 1, D/2) for integer positions (B, T), computed in fp32 as picochat's tables are."""
+    def _rotary(self, positions):
+        """cos, sin (B, T, 1, D/2) fp32 for integer positions (B, T), computed as picochat's tables are."""
         d = self.config.head_dim
         inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, d, 2, dtype=torch.float32,
                                                                  device=positions.device) / d))
         freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-        return freqs.cos()[:, :, None].to(dtype), freqs.sin()[:, :, None].to(dtype)
+        return freqs.cos()[:, :, None], freqs.sin()[:, :, None]
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
@@ -142,6 +145,9 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
         labels -100 ignored, shifted here as transformers does) when labels are given, and the cache."""
         if inputs_embeds is not None:
             raise ValueError("picochat models take input_ids only (value embeddings need the token ids)")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("picochat models take a 2-D attention_mask (batch, keys), as generate() gives with its "
+                             "default dynamic cache; static caches and 4-D masks are not supported")
         cache = kwargs.pop("cache", None)
         cache = past_key_values if cache is None else cache  # not `or`: an empty Cache is falsy (len 0)
         B, T = input_ids.shape
@@ -152,7 +158,7 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, S, device=input_ids.device)[None].expand(B, T)
-        cos, sin = self._rotary(position_ids, self.wte.weight.dtype)
+        cos, sin = self._rotary(position_ids)
         qidx = torch.arange(past, S, device=input_ids.device)[:, None]  # (T, 1) cache index of each query
         kidx = torch.arange(S, device=input_ids.device)[None, :]  # (1, S)
         allowed = (kidx <= qidx)[None, None]  # (1, 1, T, S) causal
