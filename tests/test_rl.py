@@ -229,13 +229,16 @@ def test_resume_gives_the_same_rewards_and_losses(base, capsys):
     assert [e["step"] for e in evals] == [4] and 0 <= evals[0]["pass@1"] <= evals[0]["pass@2"] <= 1
 
 
-def test_no_parent_checkpoint_is_one_clear_line(tmp_path, monkeypatch, capsys):
+def test_no_parent_checkpoint_and_unsupported_flags_are_one_clear_line(tmp_path, monkeypatch, capsys):
     from picochat.train.rl import main
 
     monkeypatch.setenv("PICOCHAT_BASE_DIR", str(tmp_path))
     assert main(["--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "rl starts from a parent checkpoint" in err and "picochat sft" in err
+    assert main(["--device", "cpu", "--compile"]) == 2
+    assert capsys.readouterr().err.strip() == ("picochat: error: rl does not support --compile yet (every batch has "
+                                               "other shapes); drop it")
 
 
 def _rl_worker(rank, world, port, base_dir, argv):

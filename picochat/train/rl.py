@@ -53,8 +53,8 @@ RATES = ["matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_dec
 
 @dataclass
 class RLConfig(TrainConfig):
-    """`picochat rl`: GRPO. The batch is prompts_per_step x group_size completions; total_batch_size, eval_tokens,
-    corpus and compile are the supervised loop's and unused here."""
+    """`picochat rl`: GRPO. The batch is prompts_per_step x group_size completions; total_batch_size, eval_tokens and
+    corpus are the supervised loop's and unused here, fsdp, compile and wandb are refused."""
 
     task: str = f("spellingbee", "task with a reward: spellingbee, arithmetic, gsm8k (train split from the hub), ...")
     train_size: int = f(0, "use only the first N training problems (0 = the task's whole train split)")
@@ -240,8 +240,8 @@ class RLRun:
     optimizer: torch.optim.Optimizer
     ref: torch.nn.Module | None  # frozen parent for the KL term, or None
     engine: Engine
-    train_task: object
-    eval_task: object
+    train_task: Task
+    eval_task: Task
     run: str
     num_steps: int
     parent: dict
@@ -253,8 +253,11 @@ def setup(cfg: RLConfig, given: dict, rt: Runtime, tasks: tuple[Task, Task] | No
     """Config and model shape from the parent (or the run's own checkpoint) -> loop.prepare (resume, or the parent's
     weights; optimizer) -> the frozen reference (--kl-coef) -> tasks (`tasks` = (train, held-out) instead of --task)
     -> engine."""
-    if cfg.fsdp:
-        raise UserError("rl does not support --fsdp yet (ranks run different numbers of micro-batches); drop it")
+    unsupported = {"fsdp": "ranks run different numbers of micro-batches", "compile": "every batch has other shapes",
+                   "wandb": "its metrics go to the JSONL file"}
+    for flag, why in unsupported.items():
+        if getattr(cfg, flag):
+            raise UserError(f"rl does not support --{flag} yet ({why}); drop it")
     if cfg.group_size < 2:
         raise UserError(f"--group-size {cfg.group_size}: GRPO needs >= 2 completions per prompt (the group is "
                         f"the baseline)")
