@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from picochat.common import UserError, autocast_ctx, fail_runtime, pick_dtype, print0, run_main, setup_runtime, \
-    teardown_runtime
+from picochat.common import UserError, autocast_ctx, fail_runtime, is_fsdp, pick_dtype, print0, run_main, \
+    setup_runtime, teardown_runtime
 from picochat.config import CheckpointSource, f, parse_config
 from picochat.evals.passk import CHATCORE_TASKS, DISPLAY, centered, chatcore, pass_at_k
 
@@ -160,9 +160,8 @@ def evaluate_generative(model, tokenizer, task, *, num_samples: int = 1, max_tok
     picochat.tools.make_tool("calculator")); see the module docstring. Problem i samples with seed (seed, i), so
     the numbers do not depend on how problems are dealt to ranks. The engine runs where the model is (`device` is
     accepted for symmetry with evaluate_categorical). Every rank returns the same dict:
-    {"accuracy" (= pass@1), "pass@k" for k in PASS_KS up to num_samples and k = num_samples, "centered" (baseline
-     0), "n", "samples",
-     "too_long", "records": [{index, prompt, completions, correct: [bool per sample]}]}."""
+    {"accuracy" (= pass@1), "pass@k" for k in PASS_KS up to num_samples and k = num_samples, "centered"
+     (baseline 0), "n", "samples", "too_long", "records": [{index, prompt, completions, correct: [per sample]}]}."""
     from picochat.engine import Engine, SamplingParams
 
     rank, world_size = _world(rank, world_size)
@@ -181,7 +180,7 @@ def evaluate_generative(model, tokenizer, task, *, num_samples: int = 1, max_tok
                 record["too_long"] = True
                 continue
             params = SamplingParams(temperature=temperature, top_k=top_k if temperature > 0 else None,
-                                    max_tokens=max_tokens, seed=seed * 1_000_003 + i)
+                                    max_tokens=max_tokens, seed=seed * 1_000_003 + i)  # one per (seed, i)
             seqs, _ = engine.generate_batch(prompt, num_samples, params)
             record["completions"] = [tokenizer.decode(s) for s in seqs]
             pending.append((record, [pool.submit(task.evaluate, conv, c) for c in record["completions"]]))
@@ -243,6 +242,9 @@ def run_chat_eval(model, tokenizer, tasks: list[str], settings: ChatEvalSettings
     when eager on CPU, where autocast re-casts every weight at every step)."""
     from picochat.tools import make_tool
 
+    if is_fsdp(model):  # ranks generate different numbers of tokens, and every FSDP forward needs all of them
+        raise UserError("chat evaluation needs the whole model on each rank; this one is FSDP-sharded: evaluate its "
+                        "saved checkpoint with `picochat eval chat` instead")
     t_all, c_all = time.perf_counter(), time.process_time()
     out: dict = {"metrics": {}, "tasks": {}, "records": {}}
     for name in tasks:
