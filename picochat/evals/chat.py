@@ -1,5 +1,5 @@
 """Chat evaluation: multiple choice scored from the answer letters' logits, generative tasks sampled through the engine
-with tools on, pass@k, ChatCORE. Library functions for training (`quick_chat_eval`) and the `picochat eval chat` command.
+with tools on, pass@k, ChatCORE. Library functions for training (`quick_chat_eval`) and `picochat eval chat`.
 
     picochat eval chat --source sft                                   # all six tasks, every problem
     picochat eval chat --source sft --tasks arc-easy,gsm8k --max-problems 50
