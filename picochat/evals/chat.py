@@ -330,8 +330,8 @@ def _run(argv: list[str] | None) -> dict:
     from picochat.checkpoint import load_model
 
     cfg, _, _ = parse_config(ChatEvalConfig, argv, prog="picochat eval chat",
-                             description="ARC and MMLU from the answer letters' logits; GSM8K, HumanEval and SpellingBee "
-                                         "sampled with tools; pass@k; ChatCORE")
+                             description="ARC and MMLU from the answer letters' logits; GSM8K, HumanEval and "
+                                         "SpellingBee sampled with tools; pass@k; ChatCORE")
     tasks = parse_tasks(cfg.tasks)
     if cfg.max_problems < 0 or cfg.batch_size < 1:
         raise UserError("--max-problems must be >= 0 and --batch-size >= 1")
