@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
