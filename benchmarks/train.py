@@ -8,7 +8,7 @@
 Takes the model and batch flags of `picochat pretrain` and prints ONE JSON line. MFU is against the matmul peak
 *measured on this machine in this run* for the dtype used (fp32 and bf16 peaks are both reported).
 FLOPs/token = 6 x (parameters of the linear layers, lm_head included) + the causal attention term
-(model.estimate_flops); embeddings are excluded. `--profile` prints the top operators of one step.
+(model.estimate_flops); embeddings are excluded. `--profile` profiles one steady step (see top_ops).
 """
 
 from __future__ import annotations
@@ -51,23 +51,40 @@ def bench(args, dtype: str) -> dict:
         state["i"] += 1
         return row[:, :-1], row[:, 1:]
 
-    stage = Stage(name="base", cfg=cfg, next_batch=next_batch, num_steps=args.steps,
-                  grad_accum=micro_batches(cfg, T, rt.world_size), checkpoints=False)
-    prep = Prepared(model, opt, None)
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
+    def stage(steps: int) -> Stage:
+        return Stage(name="base", cfg=cfg, next_batch=next_batch, num_steps=steps,
+                     grad_accum=micro_batches(cfg, T, rt.world_size), checkpoints=False)
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            summary = train(stage, prep, rt)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
+    prep = Prepared(model, opt, None)
+    prof = None
+    if args.profile:
+        train(stage(1), prep, rt)  # warm-up (and compile): the profiled step is a steady one
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            summary = train(stage(1), prep, rt)
+        summary["tok_per_s"] = cfg.total_batch_size / summary["elapsed_s"]
     else:
-        summary = train(stage, prep, rt)
+        summary = train(stage(args.steps), prep, rt)
     fl = model.estimate_flops()
     tok_s = summary["tok_per_s"]
     return {"dtype": dtype, "tok_per_s": round(tok_s, 1), "ms_per_step": round(cfg.total_batch_size / tok_s * 1000, 1),
             "mfu": round(summary["mfu"], 4), "mfu_palm_convention": round(tok_s * fl["palm_convention"] /
             measure_matmul_flops("bfloat16" if dtype == "bf16" else "float32", rt.device.type), 4),
-            "final_loss": round(summary["final_loss"], 4)}
+            "final_loss": round(summary["final_loss"], 4), **({"profile": top_ops(prof, args.top)} if prof else {})}
+
+
+def top_ops(prof, n: int) -> dict:
+    """The profiled step's operators by self CPU time: each one's share of the step's total self time and its call
+    count, and the inclusive share of the `picochat::` regions (the fused head). Shares and counts are what compare
+    across runs on a loaded machine; the absolute times are printed to stderr as the profiler's table."""
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=n), file=sys.stderr)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    ops = sorted(events, key=lambda e: -e.self_cpu_time_total)[:n]
+    out = {"total_self_ms": round(total / 1000, 1),
+           "ops": {e.key: {"share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in ops}}
+    out["regions"] = {e.key: {"share": round(e.cpu_time_total / total, 3), "calls": e.count}
+                      for e in events if e.key.startswith("picochat::")}
+    return out
 
 
 def main(argv=None) -> None:
@@ -82,7 +99,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "auto", "both"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps (the first is excluded from timing)")
-    p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="profile one step after a warm-up one instead of timing "
+                   "--steps: top operators by self CPU time (shares and call counts) in the JSON, the table on stderr")
+    p.add_argument("--top", type=int, default=15, help="operators listed by --profile")
     args = p.parse_args(argv)
     rt = setup_runtime(args.device, "fp32", 0)
     dev = rt.device.type

@@ -11,8 +11,9 @@ choice (the parity test uses it). The choice and its reason are logged once by `
 (the CPU tests use one that asserts FA3's input contract and computes with SDPA).
 
 FA3's contract, which the FA3 branches meet by casting: q, k, v (and the cache) in ONE dtype, fp16 or bf16 (there is no
-fp32 kernel), (B, T, H, D) with the last dimension contiguous; `flash_attn_func` is not autocast-aware. Under bf16
-autocast q and k arrive fp32 (the rotary tables are fp32) while v is bf16, and evaluation may run without autocast.
+fp32 kernel), (B, T, H, D) with the last dimension contiguous; `flash_attn_func` is not autocast-aware. The model casts
+its rotary tables to the compute dtype, so under bf16 autocast q, k and v arrive bf16, but other callers need not
+(fp32 q and k with bf16 v), and evaluation may run without autocast.
 """
 
 from __future__ import annotations

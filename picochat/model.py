@@ -59,6 +59,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None, ve=None):
         B, T, C = x.shape
+        # cast once for the three projections: autocast casts an activation at every use (3 casts forward and 3
+        # backward of (B, T, C) per layer; it caches only weights) - the same values, as one cast
+        x = x.to(compute_dtype(x))
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, C) -> (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         v = self.c_v(x)
@@ -206,9 +209,10 @@ def head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: in
     """Training's summed loss (`grads`, through ChunkedHeadLoss) or evaluation's per-row losses (N,), outside
     torch.compile: traced, the chunk loop is unrolled (128 chunks at the reference CPU setting took minutes to
     compile), and run eagerly its chunks already stay in cache, which is the point."""
-    if grads:
-        return ChunkedHeadLoss.apply(x, w, targets, vocab, cap, group, chunk)
-    return head_losses(x, w, targets, vocab, cap, group, chunk, grads=False)[0]
+    with torch.profiler.record_function("picochat::head"):  # benchmarks/train.py --profile reports its share
+        if grads:
+            return ChunkedHeadLoss.apply(x, w, targets, vocab, cap, group, chunk)
+        return head_losses(x, w, targets, vocab, cap, group, chunk, grads=False)[0]
 
 
 class GPT(nn.Module):
@@ -340,6 +344,11 @@ class GPT(nn.Module):
         else:
             positions = kv_cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
             cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # (B, T, 1, D/2)
+        # rotary tables in the compute dtype (they are (T, D/2), a cast costs nothing): fp32 tables promote bf16 q and k
+        # to fp32, and then every rotary product, the QK norm and their backward run in fp32 with casts in and out
+        # (an eager bf16 step at the reference shape: 120 of its ~800 copies, on q and k's halves)
+        cd = compute_dtype(cos)
+        cos, sin = cos.to(cd), sin.to(cd)
         x = x0 = norm(self.wte(idx))
         for i, block in enumerate(self.blocks):
             if self.config.resid_scalars:
