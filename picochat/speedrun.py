@@ -107,6 +107,7 @@ class Stage:
     done: Callable[[], bool]
     distributed: bool = False  # under torchrun when nproc > 1
     checkpoint: str = ""  # for a training stage: its checkpoint stage (base/mid/sft/rl), which decides --resume
+    in_process: bool = False  # the report only reads files: no child (a child's start-up costs ~3 CPU-seconds)
 
 
 def _summary_step(stage: str, run: str, meta: dict) -> int | None:
@@ -204,7 +205,7 @@ def plan(preset: str, cfg: SpeedrunConfig) -> list[Stage]:
     ]
     if cfg.rl:
         stages += [train("rl", p.rl, True), evaluate("chat", "rl", p.eval_chat)]
-    return stages + [Stage("report", ["report", "--run", run], lambda: False)]
+    return stages + [Stage("report", ["report", "--run", run], lambda: False, in_process=True)]
 
 
 def command(stage: Stage, nproc: int) -> list[str]:
@@ -242,6 +243,21 @@ def _die_with_parent() -> None:
         pass
 
 
+def _children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)  # every waited-for descendant: torchrun's workers too
+    return r.ru_utime + r.ru_stime
+
+
+def run_in_process(argv: list[str]) -> int:
+    import importlib
+
+    from picochat.__main__ import COMMANDS
+
+    return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+
+
 def run_stage(argv: list[str]) -> int:
     """Run one child to its end. Ctrl-C in a terminal reaches the child too (same process group); a SIGINT sent to
     this process alone is passed on. Either way the child gets 60 s to leave, then this re-raises KeyboardInterrupt."""
@@ -275,8 +291,9 @@ def print_samples(source: str, run: str) -> None:
 
 
 def _run(argv: list[str] | None) -> None:
-    cfg, _, ns = parse_config(SpeedrunConfig, argv, prog="picochat speedrun", description=__doc__.splitlines()[0],
-                              presets={name: dict for name in PRESETS})
+    cfg, _, ns = parse_config(SpeedrunConfig, argv, prog="picochat speedrun",
+                              description=__doc__.splitlines()[0] + " --preset: cpu (the default: the 2-core demo), "
+                              "d12, d20, d26 (GPU tiers), tiny (the tests').", presets={name: dict for name in PRESETS})
     preset = ns.preset or "cpu"
     if cfg.corpus_source and not Path(cfg.corpus_source).expanduser().is_dir():
         raise UserError(f"--corpus-source {cfg.corpus_source} is not a folder; point it at a folder of .txt, .jsonl "
@@ -287,7 +304,7 @@ def _run(argv: list[str] | None) -> None:
     # fresh: no training stage of this run has a checkpoint, so the card's wall clock starts now
     fresh = not any(st.checkpoint and "--resume" in command(st, 1) for st in stages)
     if fresh:
-        stages.insert(0, Stage("report reset", ["report", "reset"], lambda: False))
+        stages.insert(0, Stage("report reset", ["report", "reset"], lambda: False, in_process=True))
     t0, times = time.perf_counter(), []
     current = ""
     try:
@@ -301,13 +318,14 @@ def _run(argv: list[str] | None) -> None:
                 print(f"== {st.name}: done, skipped", flush=True)
                 continue
             print(f"== {st.name}: {shown(cmd)}", flush=True)
-            current, ts = st.name, time.perf_counter()
-            rc = run_stage(cmd)
+            current, ts, cpu = st.name, time.perf_counter(), _children_cpu_s()
+            rc = run_in_process(st.argv) if st.in_process else run_stage(cmd)
             if rc != 0:
                 raise UserError(f"stage {st.name} failed (exit {rc}); fix what it printed and run the same speedrun "
                                 f"command again: finished stages are skipped, this one resumes")
             times.append((st.name, time.perf_counter() - ts))
-            print(f"== {st.name}: {times[-1][1]:.0f} s", flush=True)
+            print(f"== {st.name}: {times[-1][1]:.0f} s" + ("" if st.in_process else
+                                                           f" ({_children_cpu_s() - cpu:.0f} CPU-seconds)"), flush=True)
     except KeyboardInterrupt:
         print(f"\nspeedrun interrupted during {current or 'start-up'}; run the same command again: finished stages "
               f"are skipped and an interrupted training stage resumes from its last checkpoint", file=sys.stderr,
