@@ -162,7 +162,7 @@ def mc_accuracy(model, tok, questions: list[dict], rt: Runtime) -> float:
     questions are split across ranks by index and the counts summed."""
     was_training = model.training
     model.eval()
-    right = torch.zeros(2, device=rt.device)  # (correct, asked)
+    right = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (correct, asked)
     for conv in questions[rt.rank::rt.world_size]:
         letter_ids = [tok.encode(letter) for letter in conv["letters"]]
         if any(len(ids) != 1 for ids in letter_ids):
