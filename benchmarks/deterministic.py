@@ -7,7 +7,10 @@ Each round runs benchmarks/train.py's `bench` (synthetic tokens, the first step 
 `set_deterministic(False)` and once with `set_deterministic(True)`, in alternating order, so drifting load on a
 shared machine hits both alike. Prints ONE JSON line: each mode's tokens/s per round and median, the ratio of the
 medians, the same for the CPU seconds each measurement took (the process's, all threads: steadier than wall time
-when other jobs share the cores), and each mode's final loss (deterministic kernels may round differently).
+when other jobs share the cores), and each mode's final loss (deterministic kernels may round differently). Then
+one profiled run per mode (torch.profiler, CPU ops): the operators whose call counts differ between the modes, per
+step, with their self CPU time, and that difference as a share of all operators' self CPU time: what deterministic
+mode changes in the kernels run, which on a loaded machine is a steadier figure than any timing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import statistics
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from picochat.common import set_deterministic
 from train import bench  # benchmarks/train.py, this script's neighbour (its folder is sys.path[0])
@@ -44,7 +48,21 @@ def main(argv=None) -> None:
             set_deterministic(mode == "on")
             t0 = time.process_time()
             runs[mode].append({**bench(args, args.dtype), "cpu_s": time.process_time() - t0})
+    kernels = {}
+    for mode in ("off", "on"):
+        set_deterministic(mode == "on")
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            bench(args, args.dtype)
+        kernels[mode] = {e.key: (e.count, e.self_cpu_time_total) for e in prof.key_averages()}
     set_deterministic(False)
+    total_us = {m: sum(us for _, us in k.values()) for m, k in kernels.items()}
+    changed = {op: {"calls_per_step_off": kernels["off"].get(op, (0, 0))[0] / args.steps,
+                    "calls_per_step_on": kernels["on"].get(op, (0, 0))[0] / args.steps,
+                    "self_cpu_ms_off": round(kernels["off"].get(op, (0, 0))[1] / 1e3, 2),
+                    "self_cpu_ms_on": round(kernels["on"].get(op, (0, 0))[1] / 1e3, 2)}
+               for op in sorted(set(kernels["off"]) | set(kernels["on"]))
+               if kernels["off"].get(op, (0, 0))[0] != kernels["on"].get(op, (0, 0))[0]}
+    extra_us = sum(kernels["on"].get(op, (0, 0))[1] - kernels["off"].get(op, (0, 0))[1] for op in changed)
     med = {m: statistics.median(x["tok_per_s"] for x in rs) for m, rs in runs.items()}
     cpu = {m: statistics.median(x["cpu_s"] for x in rs) for m, rs in runs.items()}
     print(json.dumps({"depth": args.depth, "seq_len": args.max_seq_len, "total_batch": args.total_batch_size,
@@ -55,7 +73,10 @@ def main(argv=None) -> None:
                       "cpu_s_off": [round(x["cpu_s"], 2) for x in runs["off"]],
                       "cpu_s_on": [round(x["cpu_s"], 2) for x in runs["on"]],
                       "cpu_on_over_off": round(cpu["on"] / cpu["off"], 3),
-                      "final_loss_off": runs["off"][0]["final_loss"], "final_loss_on": runs["on"][0]["final_loss"]}))
+                      "final_loss_off": runs["off"][0]["final_loss"], "final_loss_on": runs["on"][0]["final_loss"],
+                      "ops_that_differ": changed, "self_cpu_ms_off": round(total_us["off"] / 1e3, 1),
+                      "self_cpu_ms_on": round(total_us["on"] / 1e3, 1),
+                      "differing_ops_share_on": round(extra_us / total_us["on"], 5)}))
 
 
 if __name__ == "__main__":

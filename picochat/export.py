@@ -164,6 +164,9 @@ def export_hf(model, tok: Tokenizer, meta: dict, out: str | Path) -> Path:
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
                   "pad_token": "<|bos|>", "additional_special_tokens": [s for s in SPECIAL_TOKENS if s != "<|bos|>"],
                   "model_max_length": cfg.sequence_len, "clean_up_tokenization_spaces": False,
+                  # no token_type_ids: transformers 4.x's fast tokenizer returns them unless told, and generate()
+                  # then refuses them as unused model kwargs
+                  "model_input_names": ["input_ids", "attention_mask"],
                   "chat_template": CHAT_TEMPLATE}
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     return out

@@ -111,6 +111,7 @@ def test_exported_tokenizer_gives_picochat_ids_and_chat_rendering(tiny_tokenizer
         assert hf(text).input_ids == tok.encode(text, prepend=tok.bos_id)  # documents start with <|bos|>
         assert hf.decode(tok.encode(text)) == text
     assert hf.bos_token_id == tok.bos_id and hf.eos_token_id == tok.special_id("<|assistant_end|>")
+    assert set(hf("x")) == {"input_ids", "attention_mask"}  # token_type_ids would make generate(**inputs) refuse
 
     conv = {"messages": [
         {"role": "system", "content": "You are picochat."},
