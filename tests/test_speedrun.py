@@ -17,6 +17,7 @@ import torch
 
 from picochat import speedrun
 from picochat.checkpoint import list_steps, run_dir
+from test_train import base  # noqa: F401 (a fixture: a private base dir with a tiny corpus and tokenizer)
 
 WORDS = ("the king said unto him and she went to the house of her father where they sat by the fire and spoke of "
          "many things that were good or bad in the land").split()
@@ -169,7 +170,7 @@ def test_speedrun_every_stage_survives_sigint_and_sigkill(tmp_path, monkeypatch,
     for stage, steps in STEPS.items():  # each stage's checkpoint: its stage, finished at the planned step
         assert speedrun.finished_step(stage, "tiny") == steps, stage
         meta = json.loads((run_dir(stage, "tiny") / f"step_{steps:06d}" / "meta.json").read_text())
-        assert meta["stage"] == stage and meta.get("finished", True) is True
+        assert meta["stage"] == stage and meta.get("finished", stage == "rl") is True  # rl: see finished_step
     assert meta["parent"]["stage"] == "sft"  # rl started from sft
     sft_steps = [json.loads(line)["step"] for line in (base / "logs" / "sft" / "tiny.jsonl").read_text().splitlines()
                  if json.loads(line)["kind"] == "train"]
@@ -293,3 +294,23 @@ def test_expected_time_and_cost():
                     "peak each and 20% MFU: 62.5 min, ~$24.92 at $2.99 per device-hour")
     assert describe_expected(6e9, 1e9, 1e15, 1, "cuda", "Some GPU", mfu=0.5).endswith(
         "at 1e+03 TFLOP/s peak each and 50% MFU: 3 h 20 min, no cost estimate (no built-in price for this GPU)")
+
+
+# -- the loop's `finished` flag (what the speedrun's skip decision reads) -------------------------------------------
+
+
+def test_checkpoint_meta_says_finished_only_when_the_schedule_ended(base, tmp_path, capsys):
+    """--stop-at 2 of 4 steps leaves an unfinished checkpoint; --resume to the end marks step 4 finished, and step 4
+    (a --save-every multiple) is still written once."""
+    from test_train import pretrain
+
+    def meta(step: int) -> dict:
+        return json.loads((run_dir("base", "fin") / f"step_{step:06d}" / "meta.json").read_text())
+
+    flags = ["--run", "fin", "--num-steps", "4", "--save-every", "2", "--eval-every", "0", "--sample-every", "-1"]
+    pretrain(flags + ["--stop-at", "2"], tmp_path / "a.jsonl")
+    assert meta(2)["finished"] is False
+    capsys.readouterr()
+    pretrain(flags + ["--resume"], tmp_path / "b.jsonl")
+    assert meta(4)["finished"] is True
+    assert capsys.readouterr().out.count(f"saved {run_dir('base', 'fin') / 'step_000004'} in") == 1

@@ -313,20 +313,21 @@ def train(stage: Stage, prep: Prepared, rt: Runtime) -> dict:
             p = max(p, elapsed / budget_s)
         return p
 
-    def save(step: int, elapsed: float) -> None:
+    def save(step: int, elapsed: float, finished: bool = False) -> None:
         meta = build_meta(model.config, cfg, prep.tokenizer.hash(), step, rt.world_size, stage=stage.name,
-                          elapsed_s=elapsed, **stage.meta)
+                          elapsed_s=elapsed, finished=finished, **stage.meta)
         t0 = time.perf_counter()
         d = save_checkpoint(ckpt_dir, step, model_state_for_save(model, rt.is_master), opt.state_dict(), meta,
                             stage.loader_state() if stage.loader_state else None, rank=rt.rank,
                             keep_last=cfg.keep_last)
-        nonlocal last_saved
-        last_saved = step
+        nonlocal last_saved, saved_finished
+        last_saved, saved_finished = step, finished
         say(f"saved {d} in {time.perf_counter() - t0:.1f}s")
 
     step, elapsed, last_eval = prep.start_step, prep.elapsed_s, {}
     # the step of the newest checkpoint on disk: a run that ends on a --save-every multiple saves it once
     last_saved = step if stage.checkpoints and step in list_steps(ckpt_dir) else None
+    saved_finished = False
     t_start = time.perf_counter() - elapsed
     train_time, train_tokens, loss_ema, empty_steps = 0.0, 0, None, 0
     while True:
@@ -403,13 +404,17 @@ def train(stage: Stage, prep: Prepared, rt: Runtime) -> dict:
                                  f"MFU {mfu * 100:.1f}%")
             pbar.update(max(0, min(1000, int(progress(step, time.perf_counter() - t_start) * 1000)) - pbar.n))
         if stage.checkpoints and cfg.save_every > 0 and step % cfg.save_every == 0:
-            save(step, time.perf_counter() - t_start)
+            save(step, time.perf_counter() - t_start, stage.num_steps is not None and step >= stage.num_steps)
 
     if pbar is not None:
         pbar.close()
     elapsed = time.perf_counter() - t_start
-    if stage.checkpoints and last_saved != step:
-        save(step, elapsed)
+    # the schedule (steps, wall clock or data), not --stop-at, ended the run: the meta says so, and `picochat
+    # speedrun` skips the stage (a last step saved unfinished by --save-every, e.g. before the clock ran out, is
+    # saved again with the flag)
+    finished = prog >= 1.0 or (stage.num_steps is not None and step >= stage.num_steps)
+    if stage.checkpoints and (last_saved != step or (finished and not saved_finished)):
+        save(step, elapsed, finished)
     avg_tok_s = train_tokens / train_time if train_time > 0 else 0.0
     summary = {**tags, "steps": step, "final_loss": loss_ema, **{k: v for k, v in last_eval.items() if k != "step"},
                "tok_per_s": avg_tok_s, "mfu": avg_tok_s * flops_per_token / (peak * rt.world_size),
