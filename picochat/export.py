@@ -21,6 +21,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from picochat.checkpoint import load_model
 from picochat.common import UserError, print0, run_main
 from picochat.config import f, parse_config
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+if TYPE_CHECKING:  # the export extra's; imported where used, so `picochat export --help` works without it
+    import tokenizers
 
 HF_DIR = Path(__file__).parent / "hf"  # the remote-code files, copied into every export
 REMOTE_CODE = ("configuration_picochat.py", "modeling_picochat.py")
@@ -86,7 +90,7 @@ def onig_pattern(pattern: str) -> str:
     return re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pattern)
 
 
-def hf_tokenizer(tok: Tokenizer):
+def hf_tokenizer(tok: Tokenizer) -> tokenizers.Tokenizer:
     """picochat's tokenizer as a `tokenizers.Tokenizer` that gives the same ids for any text without special-token
     strings: the split regex as a pre-tokenizer, then byte-level BPE over the same vocabulary. tiktoken merges any
     adjacent pair whose concatenation is a token, lowest rank first, leftmost on ties; so every split of every token
@@ -123,6 +127,7 @@ def hf_tokenizer(tok: Tokenizer):
 def export_hf(model, tok: Tokenizer, meta: dict, out: str | Path) -> Path:
     """Write the model folder (see the module docstring) and return its path."""
     try:
+        import tokenizers  # noqa: F401  (hf_tokenizer's)
         from safetensors.torch import save_file
     except ImportError:
         raise UserError("picochat export needs safetensors and tokenizers: pip install 'picochat[export]'") from None
