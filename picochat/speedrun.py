@@ -21,7 +21,6 @@ The child processes die with this one (PR_SET_PDEATHSIG on Linux), so a killed s
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import signal
 import subprocess
