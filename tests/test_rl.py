@@ -5,6 +5,7 @@ one update on a tiny model raises the rewarded completion's log-probability and 
 gives the same rewards and losses as an uninterrupted one; two gloo ranks equal one process; no parent checkpoint
 gives one clear line."""
 
+import json
 import math
 import os
 from dataclasses import replace
@@ -228,6 +229,11 @@ def test_resume_gives_the_same_rewards_and_losses(base, capsys):
     assert all(0 < r["gen_frac"] < 1 and r["rollout_tok_per_s"] > 0 for r in whole)
     evals = [r for r in read_jsonl(base / "whole.jsonl") if r["kind"] == "eval"]
     assert [e["step"] for e in evals] == [4] and 0 <= evals[0]["pass@1"] <= evals[0]["pass@2"] <= 1
+    # the speedrun skips a finished stage: only the schedule's end says so, not --stop-at
+    meta = lambda run, step: json.loads((base / "checkpoints" / "rl" / run / f"step_{step:06d}" / "meta.json")
+                                        .read_text())
+    assert meta("whole", 4)["finished"] is True and meta("split", 4)["finished"] is True
+    assert meta("split", 2)["finished"] is False
 
 
 def test_no_parent_checkpoint_and_unsupported_flags_are_one_clear_line(tmp_path, monkeypatch, capsys):

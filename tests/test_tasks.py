@@ -525,3 +525,16 @@ def test_natural_instructions_caps_each_subtask_and_keeps_the_sample(tmp_path):
     (root / "subtask001_fixture" / "task.json").unlink()  # read from the kept sample from now on
     again = NaturalInstructions(per_task=2, path=root)
     assert [again[i] for i in range(4)] == [task[i] for i in range(4)]
+
+
+def test_a_sequence_of_one_family_scores_with_that_familys_scorer():
+    """`picochat rl --train-size N` wraps the train task in a TaskSequence: its reward must be the task's, not
+    Task's NotImplementedError (it crashed at the first reward). Mixed families have no single scorer: one line."""
+    task = Arithmetic("train", size=20)
+    seq = TaskSequence([task], stop=5)
+    conv = seq[0]
+    right = conv["messages"][-1]["content"][-1]["text"]  # the reply's last part ends with "#### N"
+    assert seq.reward(conv, right) == task.reward(conv, right) == 1.0
+    assert seq.evaluate(conv, "#### 123456789") is False
+    with pytest.raises(UserError, match="different task families"):
+        TaskSequence([task, Numbers("n", 3)]).reward(conv, right)

@@ -97,6 +97,21 @@ class TaskSequence(Task):
         task, j = self.locate(index)
         return task[j]
 
+    def _scorer(self) -> Task:
+        """The one scorer of a sequence whose tasks are all one family (e.g. a slice of a train split); a mixture of
+        families has none: its conversations do not say which task they came from, so score each task on its own."""
+        if len({type(t) for t in self.tasks}) != 1:
+            raise UserError(f"{type(self).__name__} of different task families "
+                            f"({', '.join(sorted({type(t).__name__ for t in self.tasks}))}) has no single scorer; "
+                            f"evaluate each task on its own")
+        return self.tasks[0]
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        return self._scorer().evaluate(conversation, completion)
+
+    def reward(self, conversation: dict, completion: str) -> float:
+        return self._scorer().reward(conversation, completion)
+
 
 class TaskMixture(TaskSequence):
     """All examples of all tasks in one deterministic shuffled order (`seed`); a task listed twice is seen twice

@@ -384,16 +384,17 @@ def train_rl(r: RLRun, rt: Runtime) -> dict:
     tags = {"stage": "rl", "run": r.run}
     rows_max = cfg.group_size * -(-cfg.prompts_per_step // rt.world_size)  # this rank's rollout rows
     budget_s = cfg.max_minutes * 60
-    step, last_eval, last_saved = r.start_step, {}, None
+    step, last_eval, last_saved, saved_finished = r.start_step, {}, None, False
     t_start = time.perf_counter() - r.elapsed_s
 
-    def save(step: int) -> None:
-        nonlocal last_saved
+    def save(step: int, finished: bool = False) -> None:
+        nonlocal last_saved, saved_finished
+        # finished: the schedule (not --stop-at) ended the run, so `picochat speedrun` skips the stage
         meta = build_meta(model.config, cfg, tok.hash(), step, rt.world_size, stage="rl",
-                          elapsed_s=time.perf_counter() - t_start, parent=r.parent)
+                          elapsed_s=time.perf_counter() - t_start, parent=r.parent, finished=finished)
         d = save_checkpoint(ckpt_dir, step, model_state_for_save(model, rt.is_master), opt.state_dict(), meta, None,
                             rank=rt.rank, keep_last=cfg.keep_last)
-        last_saved = step
+        last_saved, saved_finished = step, finished
         print0(f"saved {d}")
 
     while True:
@@ -432,8 +433,10 @@ def train_rl(r: RLRun, rt: Runtime) -> dict:
         if cfg.save_every > 0 and step % cfg.save_every == 0:
             save(step)
 
-    if last_saved != step and not (step == r.start_step and list_steps(ckpt_dir)):
-        save(step)
+    finished = step >= r.num_steps or (budget_s > 0 and time.perf_counter() - t_start >= budget_s)
+    if (last_saved != step or (finished and not saved_finished)) and \
+            not (step == r.start_step and list_steps(ckpt_dir) and not finished):
+        save(step, finished)
     summary = {**tags, "steps": step, **{k: v for k, v in last_eval.items() if k != "step"},
                "elapsed_s": time.perf_counter() - t_start, "checkpoint": str(ckpt_dir)}
     logger.log({"kind": "summary", **summary})
