@@ -60,9 +60,7 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             v = v + ve
         v = v.view(B, T, self.n_kv_head, self.head_dim)
-        # rotary and QK-norm in fp32 (picochat's rotary tables are fp32, so under bf16 autocast these ran in fp32 too)
-        q = norm(apply_rotary(q.float(), cos, sin)).to(v.dtype)
-        k = norm(apply_rotary(k.float(), cos, sin)).to(v.dtype)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
         if cache is not None:
             k, v = cache.update(k, v, self.layer)  # every key and value so far, (B, Hkv, S, D)
@@ -158,7 +156,8 @@ class PicochatForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, S, device=input_ids.device)[None].expand(B, T)
-        cos, sin = self._rotary(position_ids)
+        # the tables in the weights' dtype, as picochat casts them to its compute dtype: bf16 q and k stay bf16
+        cos, sin = (t.to(self.wte.weight.dtype) for t in self._rotary(position_ids))
         qidx = torch.arange(past, S, device=input_ids.device)[:, None]  # (T, 1) cache index of each query
         kidx = torch.arange(S, device=input_ids.device)[None, :]  # (1, S)
         allowed = (kidx <= qidx)[None, None]  # (1, 1, T, S) causal
