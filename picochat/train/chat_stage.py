@@ -204,7 +204,7 @@ def run_stage(stage: ChatStage, argv: list[str] | None) -> dict:
     given = {**(stage.presets[ns.preset]() if ns.preset else {}), **explicit}  # a preset's values count as given
     tok = get_tokenizer()
     cfg, mcfg, run, parent = resolve_config(stage, cfg, given)
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, deterministic=cfg.deterministic)
     try:
         prep = prepare(stage.name, run, cfg, rt, mcfg, tok, parent=parent)
         log_config(cfg, f"{stage.name} config")

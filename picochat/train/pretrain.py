@@ -80,7 +80,7 @@ def plan_epochs(cfg: PretrainConfig, tok, num_steps: int) -> tuple[float, str]:
 def run(argv=None) -> dict:
     cfg, _, _ = parse_config(PretrainConfig, argv, prog="picochat pretrain", description=__doc__.split("\n")[0],
                              presets=PRETRAIN_PRESETS)
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, deterministic=cfg.deterministic)
     try:
         tok = get_tokenizer()
         mcfg = model_config_for(cfg, tok.vocab_size)
