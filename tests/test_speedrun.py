@@ -41,8 +41,11 @@ def _args(src: Path) -> list[str]:
 
 def _start(base: Path, args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PICOCHAT_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1"}
+    # SIGINT back to its default in the child: a test run started in the background (`cmd &` in a script) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler, so the Ctrl-C under test would do nothing
     return subprocess.Popen([sys.executable, "-m", "picochat", "speedrun", *args], env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _children(pid: int) -> list[int]:
