@@ -261,6 +261,11 @@ class PretrainConfig(TrainConfig):
                              "token is used) | crop (nanochat's: rests are dropped, every token sees its document's "
                              "start) | auto (crop while the run reads each document at most once, else split; "
                              "README: Measured)", choices=["auto", "split", "crop"])
+    core_every: int = f(0, "also evaluate CORE every N steps, at the evaluations that fall on a multiple (0 = off; "
+                           "CORE-20 offline unless the full bundle is downloaded: `picochat eval base --core-bundle "
+                           "full`)")
+    core_max_per_task: int = f(100, "examples per CORE task in a training-time evaluation")
+    core_bundle: str = f("auto", "CORE bundle for --core-every: auto, full, core20 or a bundle folder")
     allow_epochs: float = f(20.0, "refuse to start when the planned tokens exceed this many passes over the "
                                   "training corpus (a warning above 4)")
 

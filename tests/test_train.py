@@ -438,3 +438,20 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_message(base, tmp_path):
     assert procs[1].returncode == 2, errs[1][-2000:]
     assert "picochat: error (rank 1 of 2): no tokenizer at" in errs[1]
     assert procs[0].returncode != 0 and "rank 0 of 2" in errs[0], errs[0][-2000:]
+
+
+def test_core_every_adds_core_to_the_evaluations_on_its_multiples(base, tmp_path):
+    """--core-every N: the evaluations at multiples of N carry the CORE metric of the bundle (here the three-task
+    fixture bundle of tests/test_core.py), the others only bpb."""
+    _fresh(base)
+    bundle = Path(__file__).parent / "fixtures" / "core" / "bundle"
+    metrics = tmp_path / "m.jsonl"
+    pretrain(["--num-steps", "4", "--eval-every", "1", "--core-every", "2", "--core-max-per-task", "3",
+              "--core-bundle", str(bundle)], metrics)
+    evals = {r["step"]: r for r in read_jsonl(metrics) if r["kind"] == "eval"}
+    assert sorted(evals) == [0, 1, 2, 3, 4]
+    keys = [k for k in evals[2] if k.startswith("core")]
+    assert len(keys) == 1, evals[2]  # the subset's metric (named for what it is, never plain "core")
+    key = keys[0]
+    assert [s for s in evals if key in evals[s]] == [2, 4]
+    assert all(-1.0 <= evals[s][key] <= 1.0 for s in (2, 4))

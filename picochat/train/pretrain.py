@@ -104,9 +104,16 @@ def run(argv=None) -> dict:
         def evaluate(step: int) -> dict:
             # the same in-order slice every time; the loader's figures are rank 0's (ranks read disjoint row groups)
             batches = val.batches(rt.device)
-            return {"val_bpb": evaluate_bpb(model, lambda: next(batches), val.steps, token_bytes,
-                                            autocast=lambda: autocast_ctx(rt.device, rt.dtype)),
-                    **train_loader.stats()}
+            out = {"val_bpb": evaluate_bpb(model, lambda: next(batches), val.steps, token_bytes,
+                                           autocast=lambda: autocast_ctx(rt.device, rt.dtype)),
+                   **train_loader.stats()}
+            if cfg.core_every > 0 and step > 0 and step % cfg.core_every == 0:  # every rank scores its share
+                from picochat.evals.core import core_eval
+
+                out.update(core_eval(model, tok, rt.device, max_per_task=cfg.core_max_per_task,
+                                     bundle=cfg.core_bundle,
+                                     autocast=lambda: autocast_ctx(rt.device, rt.dtype))["metrics"])
+            return out
 
         it = iter(train_loader)
         # --max-epochs: the share of the allowed passes already read is one more schedule unit
