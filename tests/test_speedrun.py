@@ -39,13 +39,29 @@ def _args(src: Path) -> list[str]:
     return ["--preset", "tiny", "--rl", "--corpus-source", str(src)]
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftovers():
+    """A failed assertion must not leave a speedrun running (its stages die with it: PR_SET_PDEATHSIG)."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _start(base: Path, args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PICOCHAT_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1"}
     # SIGINT back to its default in the child: a test run started in the background (`cmd &` in a script) inherits
     # SIGINT ignored, and Python then installs no KeyboardInterrupt handler, so the Ctrl-C under test would do nothing
-    return subprocess.Popen([sys.executable, "-m", "picochat", "speedrun", *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "picochat", "speedrun", *args], env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _STARTED.append(proc)
+    return proc
 
 
 def _children(pid: int) -> list[int]:
