@@ -46,7 +46,7 @@ from picochat.common import MetricsLogger, Runtime, UserError, autocast_ctx, get
 from picochat.config import ModelConfig, TrainConfig
 from picochat.model import GPT
 from picochat.optim import build_optimizer
-from picochat.train.schedules import lr_factor, muon_momentum
+from picochat.train.schedules import set_rates
 
 TEXT_PROMPTS = ["The capital of France is", "Once upon a time", "To be, or not to be,", "In the beginning"]
 CHAT_PROMPTS = ["Hi! Who are you?", "How many r are in strawberry?", "What is 12*7?"]
@@ -356,12 +356,7 @@ def train(stage: Stage, prep: Prepared, rt: Runtime) -> dict:
 
         # -- one optimizer step ------------------------------------------------------------------------------------
         t0 = time.perf_counter()
-        lrf = lr_factor(step, prog, warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
-                        final_lr_frac=cfg.final_lr_frac, schedule=cfg.schedule)
-        for g in opt.param_groups:
-            g["lr"] = g["initial_lr"] * lrf
-            if g.get("kind") == "muon":
-                g["momentum"] = muon_momentum(step, end=g["initial_momentum"])
+        lrf = set_rates(opt, step, prog, cfg)
         micro = [stage.next_batch() for _ in range(stage.grad_accum)]
         n_targets = torch.tensor(float(sum(int((y >= 0).sum()) for _, y in micro)), device=rt.device)
         if rt.ddp:

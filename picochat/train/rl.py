@@ -16,7 +16,7 @@ A step, top to bottom (the math is in train/grpo.py):
        optimizer step (it reduces the gradients over ranks) -> metrics -> checkpoint?
 
 The optimizer, LR schedule, checkpoints, metrics logger and the setup order are the supervised stages' (loop.prepare,
-make_optimizer via prepare, schedules.lr_factor, checkpoint.save_checkpoint with stage "rl", MetricsLogger to
+make_optimizer via prepare, schedules.set_rates, checkpoint.save_checkpoint with stage "rl", MetricsLogger to
 <base>/logs/rl/<run>.jsonl); the supervised loop itself has no RL branch. Exact resume: the prompts of a step and
 every sampling seed derive from (seed, step, slot), so a resumed run draws the same rollouts as an uninterrupted one.
 """
@@ -45,7 +45,7 @@ from picochat.tokenizer import get_tokenizer
 from picochat.tools import make_tool
 from picochat.train import grpo
 from picochat.train.loop import Parent, find_parent, metrics_path, prepare
-from picochat.train.schedules import lr_factor, muon_momentum
+from picochat.train.schedules import set_rates
 
 # inherited from the parent unless given (its LRs x --init-lr-frac: RL nudges a trained model, it does not retrain it)
 RATES = ["matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "grad_clip"]
@@ -414,12 +414,7 @@ def train_rl(r: RLRun, rt: Runtime) -> dict:
         t0 = time.perf_counter()
         groups, gen_s = rollout(r, step, rt)
         micro, adv, keep, n_tokens, n_seqs, rows = build_batch(groups, cfg, rt)
-        lrf = lr_factor(step, prog, warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
-                        final_lr_frac=cfg.final_lr_frac, schedule=cfg.schedule)
-        for grp in opt.param_groups:  # as the supervised loop sets them
-            grp["lr"] = grp["initial_lr"] * lrf
-            if grp.get("kind") == "muon":
-                grp["momentum"] = muon_momentum(step, end=grp["initial_momentum"])
+        lrf = set_rates(opt, step, prog, cfg)
         upd = update(model, opt, r.ref, micro, cfg, rt, n_tokens, n_seqs)
         dt = time.perf_counter() - t0
         step += 1

@@ -31,3 +31,15 @@ def muon_momentum(step: int, warmup: int = 300, start: float = 0.85, end: float 
     first gradients (value used by the Muon speedrun records)."""
     frac = min(step / warmup, 1.0) if warmup > 0 else 1.0
     return start + (end - start) * frac
+
+
+def set_rates(optimizer, step: int, progress: float, cfg) -> float:
+    """This step's LR on every param group (initial LR x `lr_factor`) and Muon's momentum; returns the factor. One
+    place for the supervised loop and RL, so both follow the same schedule flags (cfg: a TrainConfig)."""
+    lrf = lr_factor(step, progress, warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
+                    final_lr_frac=cfg.final_lr_frac, schedule=cfg.schedule)
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * lrf
+        if g.get("kind") == "muon":
+            g["momentum"] = muon_momentum(step, end=g["initial_momentum"])
+    return lrf
