@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -286,6 +288,21 @@ def fail_runtime(error: BaseException) -> None:
         dist.distributed_c10d._abort_process_group()
     except (AttributeError, RuntimeError, ValueError):
         dist.destroy_process_group()
+
+
+@contextmanager
+def runtime(device: str = "auto", dtype: str = "auto", seed: int = 0, deterministic: bool = False) -> Iterator[Runtime]:
+    """`with runtime(...) as rt:` around a stage's body: setup_runtime, then on any error `fail_runtime` (print it
+    with the rank, abort the group: a barrier would hang) and re-raise, else `teardown_runtime`. The one shape of
+    every command that may run under torchrun."""
+    rt = setup_runtime(device, dtype, seed, deterministic=deterministic)
+    try:
+        yield rt
+    except BaseException as e:
+        fail_runtime(e)
+        raise
+    finally:
+        teardown_runtime()  # a no-op after fail_runtime
 
 
 def teardown_runtime() -> None:

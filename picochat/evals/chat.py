@@ -34,8 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from picochat.common import UserError, autocast_ctx, fail_runtime, is_fsdp, pick_dtype, print0, run_main, \
-    setup_runtime, teardown_runtime
+from picochat.common import UserError, autocast_ctx, is_fsdp, pick_dtype, print0, run_main, runtime
 from picochat.config import CheckpointSource, f, parse_config
 from picochat.evals.passk import CHATCORE_TASKS, DISPLAY, centered, chatcore, pass_at_k
 
@@ -340,8 +339,7 @@ def _run(argv: list[str] | None) -> dict:
         raise UserError(f"--threads must be >= 0, got {cfg.threads}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rt = setup_runtime(cfg.device, cfg.dtype)
-    try:
+    with runtime(cfg.device, cfg.dtype) as rt:
         model, tok, meta = load_model(cfg.source, cfg.step, rt.device, run=cfg.run or None)
         stage, run, step = meta["source"], meta["run"] or "default", int(meta["step"])
         print0(f"chat evaluation of {stage}/{run} step {step} on {rt.world_size} process(es): {', '.join(tasks)}"
@@ -364,11 +362,6 @@ def _run(argv: list[str] | None) -> dict:
             print(json.dumps({"suite": "chat", "stage": stage, "run": run, "step": step, **res["metrics"]}),
                   flush=True)
         return res
-    except BaseException as e:
-        fail_runtime(e)
-        raise
-    finally:
-        teardown_runtime()
 
 
 def main_chat(argv: list[str] | None = None) -> int:

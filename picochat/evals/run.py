@@ -19,8 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from picochat.common import UserError, autocast_ctx, fail_runtime, get_base_dir, print0, run_main, setup_runtime, \
-    teardown_runtime
+from picochat.common import UserError, autocast_ctx, get_base_dir, print0, run_main, runtime
 from picochat.config import f, parse_config
 
 SUITES = ("core", "hellaswag", "bpb")
@@ -128,8 +127,7 @@ def _base(argv: list[str] | None) -> None:
     if unknown or not suites:
         raise UserError(f"--tasks {cfg.tasks!r}: unknown suite {', '.join(unknown) or '(none)'}; use a comma-separated "
                         f"list of {', '.join(SUITES)}")
-    rt = setup_runtime(cfg.device, cfg.dtype)
-    try:
+    with runtime(cfg.device, cfg.dtype) as rt:
         model, tok, meta = load_model(cfg.source, cfg.step if cfg.step >= 0 else None, rt.device,
                                       run=cfg.run or None)
         print0(f"evaluating {meta['source']} run '{meta['run']}' step {meta['step']} on {rt.world_size} rank(s), "
@@ -155,10 +153,6 @@ def _base(argv: list[str] | None) -> None:
                 print0(f"wrote {write_results(result, records)}")
             results.append(result)
         print0(summary_table(results))
-    except BaseException as e:
-        fail_runtime(e)
-        raise
-    teardown_runtime()
 
 
 USAGE = """usage: picochat eval base|chat [flags]   (picochat eval base --help, picochat eval chat --help)

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from picochat.common import Runtime, UserError, autocast_ctx, fail_runtime, print0, setup_runtime, \
-    teardown_runtime
+from picochat.common import Runtime, UserError, autocast_ctx, print0, runtime
 from picochat.config import CHAT_INHERITABLE, ChatStageConfig, ModelConfig, inherit, log_config, parse_config
 from picochat.checkpoint import list_steps, run_dir
 from picochat.data.conversations import ConversationLoader, ConversationValidation
@@ -204,8 +203,7 @@ def run_stage(stage: ChatStage, argv: list[str] | None) -> dict:
     given = {**(stage.presets[ns.preset]() if ns.preset else {}), **explicit}  # a preset's values count as given
     tok = get_tokenizer()
     cfg, mcfg, run, parent = resolve_config(stage, cfg, given)
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, deterministic=cfg.deterministic)
-    try:
+    with runtime(cfg.device, cfg.dtype, cfg.seed, deterministic=cfg.deterministic) as rt:
         prep = prepare(stage.name, run, cfg, rt, mcfg, tok, parent=parent)
         log_config(cfg, f"{stage.name} config")
         B, T = cfg.device_batch_size, cfg.max_seq_len
@@ -243,9 +241,4 @@ def run_stage(stage: ChatStage, argv: list[str] | None) -> dict:
             return train(loop_stage, prep, rt)
         finally:
             loader.close()
-    except BaseException as e:
-        fail_runtime(e)  # under torchrun: print with the rank, abort the group (no barrier: it would hang)
-        raise
-    finally:
-        teardown_runtime()  # a no-op after fail_runtime
 

@@ -14,8 +14,7 @@ with width inside the optimizer. Every resolved value is printed before training
 from __future__ import annotations
 
 
-from picochat.common import Runtime, UserError, autocast_ctx, fail_runtime, print0, run_main, setup_runtime, \
-    teardown_runtime
+from picochat.common import Runtime, UserError, autocast_ctx, print0, run_main, runtime
 from picochat.config import PRETRAIN_PRESETS, ModelConfig, PretrainConfig, derive_model_config, log_config, \
     parse_config
 from picochat.data.loader import PackingLoader, ValidationSlice, corpus_tokens
@@ -80,8 +79,7 @@ def plan_epochs(cfg: PretrainConfig, tok, num_steps: int) -> tuple[float, str]:
 def run(argv=None) -> dict:
     cfg, _, _ = parse_config(PretrainConfig, argv, prog="picochat pretrain", description=__doc__.split("\n")[0],
                              presets=PRETRAIN_PRESETS)
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, deterministic=cfg.deterministic)
-    try:
+    with runtime(cfg.device, cfg.dtype, cfg.seed, deterministic=cfg.deterministic) as rt:
         tok = get_tokenizer()
         mcfg = model_config_for(cfg, tok.vocab_size)
         run = cfg.run or f"d{mcfg.depth}"  # checkpoints/base/<run>/: the depth tag unless --run names it
@@ -125,11 +123,6 @@ def run(argv=None) -> dict:
             return train(stage, prep, rt)
         finally:
             train_loader.close()
-    except BaseException as e:
-        fail_runtime(e)  # under torchrun: print with the rank, abort the group (no barrier: it would hang)
-        raise
-    finally:
-        teardown_runtime()  # a no-op after fail_runtime
 
 
 def main(argv=None) -> int:

@@ -35,8 +35,7 @@ import torch.distributed as dist
 
 from picochat.checkpoint import build_meta, list_steps, load_checkpoint, model_state_for_save, run_dir, \
     save_checkpoint
-from picochat.common import MetricsLogger, Runtime, UserError, autocast_ctx, fail_runtime, print0, run_main, \
-    setup_runtime, teardown_runtime
+from picochat.common import MetricsLogger, Runtime, UserError, autocast_ctx, print0, run_main, runtime
 from picochat.config import ModelConfig, TrainConfig, f, inherit, log_config, parse_config
 from picochat.engine import Batch, Engine, Request, SamplingParams
 from picochat.evals.passk import pass_at_k
@@ -443,14 +442,8 @@ def train_rl(r: RLRun, rt: Runtime) -> dict:
 def run(argv=None, tasks: tuple[Task, Task] | None = None) -> dict:
     """`picochat rl` with argv; `tasks` = (train, held-out) Task objects of your own instead of --task."""
     cfg, explicit, _ = parse_config(RLConfig, argv, prog="picochat rl", description=__doc__.split("\n")[0])
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, deterministic=cfg.deterministic)
-    try:
+    with runtime(cfg.device, cfg.dtype, cfg.seed, deterministic=cfg.deterministic) as rt:
         return train_rl(setup(cfg, explicit, rt, tasks), rt)
-    except BaseException as e:
-        fail_runtime(e)  # under torchrun: print with the rank, abort the group (no barrier: it would hang)
-        raise
-    finally:
-        teardown_runtime()  # a no-op after fail_runtime
 
 
 def main(argv=None) -> int:
