@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from picochat.common import Runtime, UserError, autocast_ctx, print0, runtime
+from picochat.common import UserError, autocast_ctx, print0, runtime
 from picochat.config import CHAT_INHERITABLE, ChatStageConfig, ModelConfig, inherit, log_config, parse_config
 from picochat.checkpoint import list_steps, run_dir
 from picochat.data.conversations import ConversationLoader, ConversationValidation
 from picochat.evals.bpb import evaluate_bpb
+from picochat.evals.chat import evaluate_categorical
 from picochat.tasks import Task, TaskMixture, get_task
 from picochat.tokenizer import get_tokenizer
 from picochat.train.loop import Parent, Stage, chat_samples, find_parent, micro_batches, prepare, train
@@ -155,42 +156,20 @@ class _Tally:
 
 
 @torch.no_grad()
-def mc_accuracy(model, tok, questions: list[dict], rt: Runtime) -> float:
-    """Share of multiple-choice conversations (mc_conversation: "letters", the answer letter as the assistant's
-    reply) whose answer letter has the highest logit among the letters after <|assistant_start|>. No sampling;
-    questions are split across ranks by index and the counts summed."""
-    was_training = model.training
-    model.eval()
-    right = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (correct, asked)
-    for conv in questions[rt.rank::rt.world_size]:
-        letter_ids = [tok.encode(letter) for letter in conv["letters"]]
-        if any(len(ids) != 1 for ids in letter_ids):
-            raise UserError(f"multiple-choice letters {conv['letters']} are not one token each in this tokenizer")
-        # a prompt longer than the context keeps its end: the choices and the place where the letter goes
-        ids = torch.tensor([tok.render_for_completion(conv)[-model.config.sequence_len:]], device=rt.device)
-        with autocast_ctx(rt.device, rt.dtype):
-            logits = model(ids, last=True)[0, -1]  # (V,)
-        picked = conv["letters"][int(logits[[i[0] for i in letter_ids]].argmax())]
-        right += torch.tensor([float(picked == conv["messages"][-1]["content"]), 1.0], device=rt.device)
-    if rt.ddp:
-        dist.all_reduce(right)
-    model.train(was_training)
-    return float(right[0] / right[1].clamp(min=1))
-
-
-def mc_questions(cfg: ChatStageConfig) -> tuple[str, list[dict]]:
-    """(metric name, the first --mc-eval-n questions of --mc-eval), or no questions (with a line saying why)."""
+def mc_questions(cfg: ChatStageConfig):
+    """(metric name, the first --mc-eval-n questions of --mc-eval as a Task), or ("", None) with a line saying why.
+    Scored by evals.chat.evaluate_categorical: the letters' logits after <|assistant_start|>, no sampling."""
     if not cfg.mc_eval or cfg.mc_eval_n <= 0:
-        return "", []
+        return "", None
     name, _, split = cfg.mc_eval.partition(":")
     try:
-        task = get_task(name, split or "test")
+        task = get_task(name, split or "test", stop=cfg.mc_eval_n)
     except UserError as e:
         print0(f"warning: no categorical accuracy during training ({e})")
-        return "", []
+        return "", None
     if task.eval_type != "categorical":
         raise UserError(f"--mc-eval {cfg.mc_eval!r} is not a multiple-choice task")
-    return f"{name}_acc", [task[i] for i in range(min(cfg.mc_eval_n, len(task)))]
+    return f"{name}_acc", task
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -227,8 +206,9 @@ def run_stage(stage: ChatStage, argv: list[str] | None) -> dict:
             if rt.ddp:
                 dist.all_reduce(both)
             out = {"val_loss": float(both[0] / both[1].clamp(min=1)), "val_bpb": bpb}
-            if questions:
-                out[mc_name] = mc_accuracy(prep.model, tok, questions, rt)
+            if questions is not None:
+                out[mc_name] = evaluate_categorical(prep.model, tok, questions, device=rt.device, dtype=rt.dtype,
+                                                    rank=rt.rank, world_size=rt.world_size)["accuracy"]
             return {**out, **loader.stats()}
 
         num_steps = cfg.num_steps if cfg.num_steps > 0 else None  # None: until --num-epochs passes are read
