@@ -226,6 +226,12 @@ class Calls(Task):
         self.seen.append(completion)
         return last_number(completion) == 42
 
+    def diagnose(self, conversation, completion):
+        return {"tool": "<|python_start|>" in completion, "answered": "42" in completion}
+
+    def chance(self, conversations):
+        return len(conversations) / 100  # a made-up baseline the summary must carry
+
 
 def test_generative_eval_runs_the_tool_and_scores_its_output(tiny_tokenizer):
     """The stand-in writes a python call, then (at the output block's positions) "xx", then " done". The engine
@@ -252,10 +258,12 @@ def test_generative_eval_runs_the_tool_and_scores_its_output(tiny_tokenizer):
     assert sorted(task.seen) == [want] * 3
     assert res["accuracy"] == res["pass@1"] == res["centered"] == 1.0 and res["n"] == 3
     assert [r["completions"] for r in res["records"]] == [[want]] * 3 and res["too_long"] == 0
+    assert res["baseline"] == 0.03 and res["diagnostics"] == {"tool": 1.0, "answered": 1.0}
     # without a tool the call is left unanswered: the model's own "xx" stands, and no 42 is seen
     task.seen.clear()
     res = evaluate_generative(model, tok, task, tool=None, max_tokens=64)
     assert res["accuracy"] == 0.0 and all("xx" in c and "42" not in c for c in task.seen)
+    assert res["diagnostics"] == {"tool": 1.0, "answered": 0.0}
 
 
 def test_humaneval_completions_are_run_in_the_sandbox(tiny_tokenizer):

@@ -277,6 +277,21 @@ def test_spellingbee_counts_are_right_and_scored_by_the_final_number():
     assert not train.evaluate(conv, "It appears 2 times.") and not train.evaluate(conv, "many")
 
 
+def test_spellingbee_chance_is_the_best_constant_count_and_tool_calls_are_diagnosed():
+    task = SpellingBee("test", size=60, words=WORDS)
+    convs = [task[i] for i in range(60)]
+    best = max(range(15), key=lambda k: sum(c["count"] == k for c in convs))
+    assert task.chance(convs) == pytest.approx(sum(c["count"] == best for c in convs) / 60)
+    assert 0 < task.chance(convs) < 1 and task.chance([]) == 0.0
+    conv = {**convs[0], "word": "strawberry", "letter": "r", "count": 3}
+    right = "s, t, r, a, w<|python_start|>'strawberry'.count('r')<|python_end|><|output_start|>3<|output_end|> 3"
+    assert task.diagnose(conv, right) == {"tool": True, "right_call": True}
+    assert task.diagnose(conv, right.replace("'strawberry'", '"strawberry"')) == {"tool": True, "right_call": True}
+    assert task.diagnose(conv, right.replace("strawberry'", "strawbery'")) == {"tool": True, "right_call": False}
+    assert task.diagnose(conv, right.replace("('r')", "('s')")) == {"tool": True, "right_call": False}
+    assert task.diagnose(conv, "It has 3 r's.") == {"tool": False, "right_call": False}
+
+
 def test_simple_spelling():
     task = SimpleSpelling("train", size=5, words=WORDS)
     conv = task[0]

@@ -192,7 +192,13 @@ def evaluate_generative(model, tokenizer, task, *, num_samples: int = 1, max_tok
            "too_long": sum(bool(r.get("too_long")) for r in records), "records": records}
     for k in sorted({k for k in PASS_KS if k <= num_samples} | {num_samples}):
         out[f"pass@{k}"] = sum(pass_at_k(num_samples, sum(r["correct"]), k) for r in records) / max(n, 1)
-    out["accuracy"] = out["centered"] = out["pass@1"]  # the baseline of a free-text answer is 0
+    # ChatCORE centres a free-text answer at 0 (nanochat's definition); the task's chance is reported beside it as
+    # "baseline", for tasks whose answers cluster (SpellingBee: the best constant count)
+    out["accuracy"] = out["centered"] = out["pass@1"]
+    out["baseline"] = task.chance([task[r["index"]] for r in records])
+    facts = [task.diagnose(task[r["index"]], c) for r in records for c in r["completions"]]
+    if facts and facts[0]:  # the share of replies with each fact, e.g. SpellingBee's tool calls
+        out["diagnostics"] = {k: sum(f[k] for f in facts) / len(facts) for k in facts[0]}
     return out
 
 
@@ -266,8 +272,9 @@ def run_chat_eval(model, tokenizer, tasks: list[str], settings: ChatEvalSettings
         res["cpu_s"] = round(time.process_time() - c0, 3)
         out["tasks"][name] = res
         out["metrics"][name] = res["accuracy"]
-        log(f"{DISPLAY[name]:<14s} {res['accuracy']:.4f} (centred {res['centered']:+.4f}) on {res['n']} problems"
-            f" in {res['elapsed_s']:.1f} s")
+        facts = "".join(f", {k} {v:.2f}" for k, v in res.get("diagnostics", {}).items())
+        log(f"{DISPLAY[name]:<14s} {res['accuracy']:.4f} (centred {res['centered']:+.4f}, chance "
+            f"{res.get('baseline', 0):.2f}{facts}) on {res['n']} problems in {res['elapsed_s']:.1f} s")
     key, label, value = chatcore({t: r["centered"] for t, r in out["tasks"].items()})
     out["metrics"][key] = value
     out["chatcore_name"] = label

@@ -70,6 +70,16 @@ class Task:
         """The RL reward: the evaluation as a float (1.0 right, 0.0 wrong)."""
         return float(self.evaluate(conversation, completion))
 
+    def chance(self, conversations: list[dict]) -> float:
+        """The accuracy a model that ignores each question would get on `conversations` (0 for free text); a task
+        whose answers cluster (letter counts: most are 1) says what the best constant answer scores."""
+        return 0.0
+
+    def diagnose(self, conversation: dict, completion: str) -> dict[str, bool]:
+        """Named yes/no facts about a reply besides its correctness (e.g. "called the tool"), averaged by the
+        generative evaluation; none by default."""
+        return {}
+
 
 class TaskSequence(Task):
     """Tasks one after another (a curriculum): every example of tasks[0], then of tasks[1], ..."""

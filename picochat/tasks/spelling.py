@@ -12,6 +12,7 @@ trained on. Example i of a split is the same on every machine: it is drawn from 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 from picochat.common import UserError
@@ -109,6 +110,19 @@ class SpellingBee(_WordTask):
     def evaluate(self, conversation: dict, completion: str) -> bool:
         got = last_number(completion)
         return got is not None and got == conversation["count"]
+
+    def chance(self, conversations: list[dict]) -> float:
+        # the best constant answer: about half the questions have the count 1 (mostly a letter of the word, once)
+        counts = Counter(c["count"] for c in conversations)
+        return max(counts.values()) / len(conversations) if conversations else 0.0
+
+    def diagnose(self, conversation: dict, completion: str) -> dict[str, bool]:
+        """tool: the reply calls python; right_call: with this question's word and letter (whatever the quoting)."""
+        call = re.search(r"<\|python_start\|>(.*?)<\|python_end\|>", completion, re.S)
+        word, letter = conversation["word"], conversation["letter"]
+        right = call is not None and re.fullmatch(
+            rf"\s*['\"]{word}['\"]\s*\.count\(\s*['\"]{letter}['\"]\s*\)\s*", call.group(1)) is not None
+        return {"tool": call is not None, "right_call": right}
 
 
 class SimpleSpelling(_WordTask):
