@@ -91,9 +91,12 @@ def test_describe_lists_rows_and_shares_and_scale_multiplies_sizes(mixtures):
     def rows(m, name):
         return sum(len(t) for n, t in zip(m.names, m.tasks) if n == name)
 
-    for name, at_scale_1 in [("arithmetic", 10_000), ("spellingbee", 10_000), ("simplespelling", 5_000)]:
+    for name, at_scale_1 in [("arithmetic", 6_000), ("spellingbee", 6_000), ("simplespelling", 2_000)]:
         assert rows(mix, name) == round(at_scale_1 * SCALE), name
-    assert rows(mixtures["mid", "val"], "arithmetic") == 3  # a tenth of train's 30
+    # identity keeps 300 train rows (x2 in midtraining) and their tenth in val at any scale
+    assert rows(mix, "identity") == 2 * 300 and rows(mixtures["sft", "train"], "identity") == 300
+    assert rows(mixtures["mid", "val"], "identity") == 2 * 30
+    assert rows(mixtures["mid", "val"], "arithmetic") == 2  # a tenth of train's 18, rounded up
     assert rows(mix, "bigbench-mc") == round(8_000 * SCALE)  # 48 fixture rows, of which 24 at this scale
     # ... drawn from all 12 tasks, not the first 24 rows (the first six tasks)
     bigbench = next(t for n, t in zip(mix.names, mix.tasks) if n == "bigbench-mc")

@@ -24,7 +24,8 @@ operators, repeat_copy_logic, language_identification).
 
 Sizes: `rows` at scale=1 is what a GPU run would use (the online midtraining recipe is nanochat's: all of SmolTalk,
 MMLU auxiliary_train and GSM8K train, 80k SpellingBee, 200k SimpleSpelling). `scale` multiplies every component's
-rows (at least one row each; a component smaller than a dataset is a seeded sample of all its rows); a user's
+rows (at least one row each, identity at least 300; a component smaller than a dataset is a seeded sample of all its
+rows); a user's
 `data=` file is used whole at any scale. The val split holds rows train never uses: the families' own val split for
 generated tasks and ElementaryMathQA, `base.HeldOut` (by a hash of each conversation, ~1 row in 10) for fixed
 datasets. A component of N train rows gets ceil(N / 10) val rows; a whole dataset, all its held-out rows (x scale).
@@ -63,6 +64,7 @@ class Part:
     rows: int | None = None
     repeat: int = 1
     where: str = ""
+    min_rows: int = 0  # train rows at any scale (as many as there are, if fewer): a small run must still see it
 
 
 class Mixture(TaskMixture):
@@ -115,8 +117,9 @@ HUB_DATA = {"smoltalk": ("HuggingFaceTB/smol-smoltalk", "default", "train"),
 FOLLOWS = {"spelling": "conversations", "identity": "conversations"}
 
 
-def _fixed(name: str, build: Callable[[int], Task], rows: int | None, where: str, repeat: int = 1) -> Part:
-    return Part(name, _held_out(build), rows, repeat, where)
+def _fixed(name: str, build: Callable[[int], Task], rows: int | None, where: str, repeat: int = 1,
+           min_rows: int = 0) -> Part:
+    return Part(name, _held_out(build), rows, repeat, where, min_rows)
 
 
 def _recipes(stage: str) -> dict[str, dict[str, list[Part]]]:
@@ -131,10 +134,13 @@ def _recipes(stage: str) -> dict[str, dict[str, list[Part]]]:
     spelling = [Part("spellingbee", _family("spellingbee"), 80_000 if mid else 1_000, where="word list"),
                 Part("simplespelling", _family("simplespelling"), 200_000 if mid else 300, where="word list")]
     # offline there are ~10k human conversations, not SmolTalk's 460k: nanochat's spelling sizes would be 85% of
-    # the mixture, so the generated families are cut to keep conversations near a fifth of the rows
-    offline_spelling = [Part("spellingbee", _family("spellingbee"), 10_000 if mid else 1_000, where="word list"),
-                        Part("simplespelling", _family("simplespelling"), 5_000 if mid else 300, where="word list")]
-    identity = [_fixed("identity", _registry("identity"), None, "generated", repeat=2 if mid else 1)]
+    # the mixture, so the generated families are cut. At 10k + 5k (29% of the CPU demo's midtraining rows, with
+    # arithmetic another 19%) the demo's replies to any greeting began like a SpellingBee answer.
+    offline_spelling = [Part("spellingbee", _family("spellingbee"), 6_000 if mid else 1_000, where="word list"),
+                        Part("simplespelling", _family("simplespelling"), 2_000 if mid else 300, where="word list")]
+    # who the model is must survive a small --scale: at the CPU demo's 0.08, 72 identity rows were too few for it
+    # to answer "Who are you?" with its name
+    identity = [_fixed("identity", _registry("identity"), None, "generated", repeat=2 if mid else 1, min_rows=300)]
     return {
         "conversations": {
             "hub": [_fixed("smoltalk", _registry("smoltalk", source="hub"), None if mid else 10_000,
@@ -150,7 +156,7 @@ def _recipes(stage: str) -> dict[str, dict[str, list[Part]]]:
                         _fixed("bigbench-mc", _bigbench_mc, 8_000 if mid else 2_000, BB)]},
         "math": {
             "hub": [_fixed("gsm8k", _registry("gsm8k", source="hub"), None, "hub openai/gsm8k train")],
-            "offline": [Part("arithmetic", _family("arithmetic"), 10_000 if mid else 2_000, where="generated"),
+            "offline": [Part("arithmetic", _family("arithmetic"), 6_000 if mid else 2_000, where="generated"),
                         Part("elementary_math_qa", _family("elementary-math-qa"), None if mid else 2_000, where=BB)]},
         "spelling": {"hub": spelling, "offline": offline_spelling},
         "identity": {"hub": identity, "offline": identity},
@@ -182,12 +188,13 @@ def build_mixture(stage: str, split: str = "train", source: str = "auto", scale:
         online[slot] = online[FOLLOWS[slot]] if slot in FOLLOWS else source == "hub" or (
             source == "auto" and all(hub_downloaded(*HUB_DATA[p.name]) for p in recipe["hub"]))
         for part in recipe["hub" if online[slot] else "offline"]:
-            want = None if part.rows is None else max(1, round(part.rows * scale))
+            want = None if part.rows is None else max(1, part.min_rows, round(part.rows * scale))
             if want is not None and split == "val":
                 want = max(1, math.ceil(want * VAL_FRACTION))
             task = part.make(split, want or 0, seed)
             if want is None:  # every row of a fixed dataset (its held-out rows for val, ~1 in 9), scaled
-                want = max(1, round(len(task) * scale))
+                floor = part.min_rows if split == "train" else math.ceil(part.min_rows * VAL_FRACTION)
+                want = max(1, floor, round(len(task) * scale))
             task = _sized(task, want, seed)
             if len(task):  # a tiny source may have no held-out row: nothing to validate on there
                 components += [(part.name, part.where, task)] * part.repeat
