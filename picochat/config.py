@@ -95,6 +95,19 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got '{s}'")
 
 
+def int_or_auto(s: str) -> int | str:
+    """A count >= 1, or the word auto (the program picks the number): `--device-batch-size auto`."""
+    if s.strip().lower() == "auto":
+        return "auto"
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got '{s}'") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or auto, got {v}")
+    return v
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: set[str] = frozenset()) -> None:
     hints = typing.get_type_hints(cls)
     for fl in fields(cls):
@@ -112,8 +125,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", s
             kw.update(type=inner)
         elif typ in (int, float, str):
             kw.update(type=typ)
-        if "choices" in fl.metadata:
-            kw["choices"] = fl.metadata["choices"]
+        if "parse" in fl.metadata:  # a field whose values are not one plain type (int_or_auto)
+            kw["type"] = fl.metadata["parse"]
+        for k in ("choices", "metavar"):
+            if k in fl.metadata:
+                kw[k] = fl.metadata[k]
         parser.add_argument(_flag(fl.name), **kw)
 
 
@@ -268,6 +284,13 @@ class PretrainConfig(TrainConfig):
     core_bundle: str = f("auto", "CORE bundle for --core-every: auto, full, core20 or a bundle folder")
     allow_epochs: float = f(20.0, "refuse to start when the planned tokens exceed this many passes over the "
                                   "training corpus (a warning above 4)")
+    # pretraining alone takes auto: a chat stage inherits its parent's resolved number (its meta's run_config)
+    device_batch_size: int | str = f(16, "sequences per micro-batch per device, or auto: on CUDA the largest that fits "
+                                         "a forward + backward probe, from --auto-batch-start doubled (up to one "
+                                         "micro-batch per step) then halved; elsewhere --auto-batch-start",
+                                     parse=int_or_auto, metavar="N|auto")
+    auto_batch_start: int = f(16, "--device-batch-size auto: the size it starts from (and uses as is on CPU and MPS, "
+                                  "or under --fsdp)")
 
 
 def preset_cpu() -> dict:
@@ -281,8 +304,10 @@ def preset_cpu() -> dict:
 
 
 def preset_d12() -> dict:
-    return dict(depth=12, head_dim=128, max_seq_len=2048, device_batch_size=32, total_batch_size=524288,
-                target_param_data_ratio=10.0, eval_every=250, eval_tokens=10 * 524288, save_every=1000, compile=True)
+    # auto: the largest micro-batch the card holds (a probe from 32 rows, the size these presets fixed before)
+    return dict(depth=12, head_dim=128, max_seq_len=2048, device_batch_size="auto", auto_batch_start=32,
+                total_batch_size=524288, target_param_data_ratio=10.0, eval_every=250, eval_tokens=10 * 524288,
+                save_every=1000, compile=True)
 
 
 def preset_d20() -> dict:
@@ -292,7 +317,7 @@ def preset_d20() -> dict:
 
 
 def preset_d26() -> dict:
-    return {**preset_d12(), "depth": 26, "device_batch_size": 16}
+    return {**preset_d12(), "depth": 26, "auto_batch_start": 16}
 
 
 PRETRAIN_PRESETS = {"cpu": preset_cpu, "d12": preset_d12, "d20": preset_d20, "d26": preset_d26}

@@ -1,15 +1,21 @@
 """Before pretraining starts: the largest micro-batch that fits the device (`--device-batch-size auto`), and the
 expected wall time and cost of the run from its FLOPs.
 
-    from picochat.train.autobatch import auto_device_batch_size, describe_expected
+    from picochat.train.autobatch import auto_device_batch_size, describe_expected, resolve_device_batch_size
     B = auto_device_batch_size(model, start=32, seq_len=2048, total_batch_size=524288, world_size=8, device=dev,
                                autocast=lambda: autocast_ctx(dev, dtype))
+    B = resolve_device_batch_size(cfg, model, T, world_size, dev, autocast, checkpoint)  # cfg's int or "auto"
     print0(describe_expected(flops_per_token, num_steps * total_batch_size, peak, world_size, dev.type, gpu_name))
 
 On CUDA the probe runs one forward + backward at each candidate size, largest first, and keeps the first that
 neither runs out of memory nor leaves less than the optimizer state and a margin free; on CPU (and MPS) it returns
 `start` unchanged: host memory is rarely what limits a micro-batch there, and running out of it swaps or kills the
-process instead of raising an error one can catch.
+process instead of raising an error one can catch. A sharded (--fsdp) model is not probed either: a rank that runs
+out of memory inside an all-gather would leave its peers waiting.
+
+`picochat pretrain --device-batch-size auto` (the GPU presets' default) resolves the size with
+resolve_device_batch_size and records the number in the run config of every checkpoint, so a resumed run and the
+chat stages (which inherit device_batch_size from their parent) use that number, not "auto".
 """
 
 from __future__ import annotations
@@ -95,14 +101,15 @@ def auto_device_batch_size(model: torch.nn.Module, start: int, seq_len: int, tot
                            reserve_bytes: int | None = None) -> int:
     """The micro-batch for `--device-batch-size auto`: on CUDA the largest of candidate_sizes(start, ...) whose
     forward + backward fits (every rank probes; the smallest answer wins, so the ranks agree), on other devices
-    `start`. `reserve_bytes` defaults to optimizer_state_bytes(model). Call it before the first optimizer step."""
+    and for an --fsdp model `start`. `reserve_bytes` defaults to optimizer_state_bytes(model). Call it before the first optimizer step."""
     from picochat.common import UserError, is_fsdp, print0
 
     if device.type != "cuda":
         print0(f"device batch size auto: {start} (the preset's; no memory probe on {device.type})")
         return start
-    if is_fsdp(model):  # a rank that runs out of memory inside an all-gather would leave its peers waiting
-        raise UserError("--device-batch-size auto does not probe a sharded (--fsdp) model; give a number")
+    if is_fsdp(model):
+        print0(f"device batch size auto: {start} (--auto-batch-start; no memory probe of a sharded --fsdp model)")
+        return start
     reserve = optimizer_state_bytes(model) if reserve_bytes is None else reserve_bytes
     sizes = candidate_sizes(start, seq_len, total_batch_size, world_size)
     was_training = model.training
@@ -122,6 +129,26 @@ def auto_device_batch_size(model: torch.nn.Module, start: int, seq_len: int, tot
     print0(f"device batch size auto: {chosen} (tried {', '.join(map(str, sizes[:sizes.index(chosen) + 1]))}; "
            f"{reserve / 2**30:.1f} GiB kept for the optimizer state, {MEMORY_MARGIN:.0%} of the card at most)")
     return chosen
+
+
+def resolve_device_batch_size(cfg, model: torch.nn.Module, seq_len: int, world_size: int, device: torch.device,
+                              autocast: Callable[[], ContextManager], checkpoint: dict | None = None) -> int:
+    """The number behind `cfg.device_batch_size` (a PretrainConfig: an int, or "auto" with cfg.auto_batch_start).
+    A resumed run keeps the number its checkpoint's run config recorded: its loader state was written at that size,
+    and a probe on a card that is busier now could pick another."""
+    from picochat.common import UserError, print0
+
+    b = cfg.device_batch_size
+    if b != "auto":
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise UserError(f"device_batch_size must be a number >= 1 or 'auto', got {b!r}")
+        return b
+    saved = ((checkpoint or {}).get("meta") or {}).get("run_config", {}).get("device_batch_size")
+    if isinstance(saved, int) and not isinstance(saved, bool):
+        print0(f"device batch size auto: {saved} (the resumed checkpoint's)")
+        return saved
+    return auto_device_batch_size(model, cfg.auto_batch_start, seq_len, cfg.total_batch_size, world_size, device,
+                                  autocast)
 
 
 def expected_time_cost(flops_per_token: float, tokens: float, peak_flops: float, devices: int, mfu: float,

@@ -8,19 +8,25 @@
     runs/multinode.sh                                                       # several nodes
 
 --depth derives the width, heads and (with --target-param-data-ratio) the number of steps; learning rates scale
-with width inside the optimizer. Every resolved value is printed before training starts.
+with width inside the optimizer. Every resolved value is printed before training starts, and so is the run's
+expected wall time and cost (its FLOPs at an assumed MFU). --device-batch-size auto (the GPU presets' default)
+takes the largest micro-batch that fits the card (train/autobatch.py) and records the number in the checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 
-from picochat.common import Runtime, UserError, autocast_ctx, print0, run_main, runtime
+import torch
+
+from picochat.common import Runtime, UserError, autocast_ctx, measure_matmul_flops, print0, run_main, runtime
 from picochat.config import PRETRAIN_PRESETS, ModelConfig, PretrainConfig, derive_model_config, log_config, \
     parse_config
 from picochat.data.loader import PackingLoader, ValidationSlice, corpus_tokens
 from picochat.evals.bpb import evaluate_bpb
 from picochat.model import GPT
 from picochat.tokenizer import get_tokenizer
+from picochat.train.autobatch import describe_expected, resolve_device_batch_size
 from picochat.train.loop import Stage, micro_batches, prepare, text_samples, train
 
 
@@ -76,6 +82,17 @@ def plan_epochs(cfg: PretrainConfig, tok, num_steps: int) -> tuple[float, str]:
     return epochs, packing
 
 
+def expected(cfg: PretrainConfig, model: GPT, rt: Runtime, steps: int) -> str:
+    """The expected wall time and cost of `steps` more steps, from the FLOPs per token and the device's peak."""
+    # a short peak probe (0.05 s a size, ~0.5 s on 2 cores): the loop measures the peak again for its MFU figures
+    peak = measure_matmul_flops("bfloat16" if rt.dtype == torch.bfloat16 else "float32", rt.device.type,
+                                min_seconds=0.05)
+    gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None
+    line = describe_expected(model.estimate_flops()["total"], steps * cfg.total_batch_size, peak, rt.world_size,
+                             rt.device.type, gpu)
+    return line + (f" (--max-minutes {cfg.max_minutes:g} may end it sooner)" if cfg.max_minutes > 0 else "")
+
+
 def run(argv=None) -> dict:
     cfg, _, _ = parse_config(PretrainConfig, argv, prog="picochat pretrain", description=__doc__.split("\n")[0],
                              presets=PRETRAIN_PRESETS)
@@ -85,6 +102,12 @@ def run(argv=None) -> dict:
         run = cfg.run or f"d{mcfg.depth}"  # checkpoints/base/<run>/: the depth tag unless --run names it
         prep = prepare("base", run, cfg, rt, mcfg, tok)
         model, ck = prep.model, prep.checkpoint
+        # auto -> a number before anything sizes by it (accumulation, loaders); the number, not "auto", goes into
+        # every checkpoint's run config, which --resume and the chat stages read
+        auto = cfg.device_batch_size == "auto"
+        B = resolve_device_batch_size(cfg, model, cfg.max_seq_len, rt.world_size, rt.device,
+                                      lambda: autocast_ctx(rt.device, rt.dtype), ck)
+        cfg = dataclasses.replace(cfg, device_batch_size=B)
         num_steps, accum = resolve(cfg, model, rt)
         _, packing = plan_epochs(cfg, tok, num_steps)
         log_config(cfg, "pretrain config")
@@ -92,7 +115,8 @@ def run(argv=None) -> dict:
         params = model.num_params()
         print0(f"parameters: {params['total']:,} ({', '.join(f'{k} {v:,}' for k, v in params.items() if k != 'total')})"
                f"; FLOPs/token {model.estimate_flops()['total']:.3g}")
-        B, T = cfg.device_batch_size, cfg.max_seq_len
+        print0(expected(cfg, model, rt, num_steps - prep.start_step))
+        T = cfg.max_seq_len
         train_loader = PackingLoader(tok, "train", B, T, corpus=cfg.corpus, rank=rt.rank, world_size=rt.world_size,
                                      device=rt.device, packing=packing, state=ck["loader"] if ck else None)
         token_bytes = tok.token_bytes().to(rt.device)
@@ -118,7 +142,8 @@ def run(argv=None) -> dict:
         data_progress = (lambda step: train_loader.epochs_done() / cfg.max_epochs) if cfg.max_epochs > 0 else None
         stage = Stage(name="base", run=run, cfg=cfg, next_batch=lambda: next(it), progress=data_progress,
                       num_steps=num_steps, grad_accum=accum, loader_state=train_loader.state_dict,
-                      evaluate=evaluate, samples=text_samples())
+                      evaluate=evaluate, samples=text_samples(),
+                      meta={"auto_batch": {"start": cfg.auto_batch_start, "chosen": B}} if auto else {})
         try:
             return train(stage, prep, rt)
         finally:

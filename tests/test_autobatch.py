@@ -1,0 +1,146 @@
+"""`--device-batch-size auto`: the flag's parser, the GPU presets' default, a CPU pretraining run that uses the start
+size and records the number (which --resume and a chat stage then use), the expected-time line against FLOPs worked
+out here from the model's shape, and the probe's size search with a fake memory predicate."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from picochat.config import PRETRAIN_PRESETS, PretrainConfig, SFTConfig, parse_config
+from test_train import base, pretrain  # noqa: F401 (base: a fixture)
+
+
+def _parse(cls, argv):
+    return parse_config(cls, argv, prog="picochat pretrain", presets=PRETRAIN_PRESETS)[0]
+
+
+def test_device_batch_size_takes_a_number_or_auto(capsys):
+    assert _parse(PretrainConfig, ["--device-batch-size", "auto"]).device_batch_size == "auto"
+    assert _parse(PretrainConfig, ["--device-batch-size", "AUTO"]).device_batch_size == "auto"
+    assert _parse(PretrainConfig, ["--device-batch-size", "24"]).device_batch_size == 24
+    assert _parse(PretrainConfig, []).device_batch_size == 16
+    for bad, why in (("big", "expected a whole number or auto, got 'big'"), ("0", "expected a number >= 1 or auto")):
+        with pytest.raises(SystemExit) as e:
+            _parse(PretrainConfig, ["--device-batch-size", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: argument --device-batch-size: {why}" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):  # a chat stage inherits its parent's number and takes no auto
+        _parse(SFTConfig, ["--device-batch-size", "auto"])
+    assert "invalid int value: 'auto'" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        _parse(PretrainConfig, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--device-batch-size N|auto" in text and "or auto: on CUDA the largest that fits" in text
+
+    # the GPU presets probe, from the sizes they used to fix; the CPU preset keeps its number
+    d20, d26 = _parse(PretrainConfig, ["--preset", "d20"]), _parse(PretrainConfig, ["--preset", "d26"])
+    assert (d20.device_batch_size, d20.auto_batch_start) == ("auto", 32)
+    assert (d26.device_batch_size, d26.auto_batch_start) == ("auto", 16)
+    assert _parse(PretrainConfig, ["--preset", "cpu"]).device_batch_size == 16
+    assert _parse(PretrainConfig, ["--preset", "d20", "--device-batch-size", "8"]).device_batch_size == 8
+
+
+def test_resolve_refuses_a_bad_value_in_one_line():
+    from picochat.common import UserError
+    from picochat.train.autobatch import resolve_device_batch_size
+
+    cpu = torch.device("cpu")
+    assert resolve_device_batch_size(PretrainConfig(device_batch_size=3), None, 64, 1, cpu, None) == 3
+    with pytest.raises(UserError, match=r"^device_batch_size must be a number >= 1 or 'auto', got 'big'$"):
+        resolve_device_batch_size(PretrainConfig(device_batch_size="big"), None, 64, 1, cpu, None)
+
+
+def test_pretrain_auto_on_cpu_uses_the_start_and_records_it(base, tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    from picochat.train import midtrain
+
+    shutil.rmtree(base / "checkpoints", ignore_errors=True)
+    auto = ["--device-batch-size", "auto", "--auto-batch-start", "2", "--eval-every", "0", "--sample-every", "-1"]
+    summary = pretrain(auto + ["--num-steps", "4", "--stop-at", "2"], tmp_path / "a.jsonl")
+    out = capsys.readouterr().out
+    assert "device batch size auto: 2 (the preset's; no memory probe on cpu)" in out
+    assert "device_batch_size        = 2" in out  # the logged config holds the number
+    assert summary["tokens_per_step"] == 512  # TINY's 512-token steps: 4 micro-batches of 2 x 64
+    meta = json.loads((base / "checkpoints" / "base" / "d2" / "step_000002" / "meta.json").read_text())
+    assert meta["run_config"]["device_batch_size"] == 2 and meta["auto_batch"] == {"start": 2, "chosen": 2}
+
+    # a resume keeps the checkpoint's number, whatever the start says now
+    pretrain(auto[:2] + ["--auto-batch-start", "8", "--num-steps", "4", "--resume", "--eval-every", "0",
+                         "--sample-every", "-1"], tmp_path / "b.jsonl")
+    assert "device batch size auto: 2 (the resumed checkpoint's)" in capsys.readouterr().out
+    meta = json.loads((base / "checkpoints" / "base" / "d2" / "step_000004" / "meta.json").read_text())
+    assert meta["run_config"]["device_batch_size"] == 2
+
+    # a chat stage inherits the number, not "auto"
+    mid = midtrain.run(["--tasks", "identity:40", "--val-conversations", "4", "--mc-eval", "", "--eval-every", "0",
+                        "--sample-every", "-1", "--num-steps", "1", "--device", "cpu", "--dtype", "fp32",
+                        "--metrics", str(tmp_path / "mid.jsonl")])
+    assert "mid.device_batch_size: inherited 2" in capsys.readouterr().out and mid["tokens_per_step"] == 512
+    shutil.rmtree(base / "checkpoints", ignore_errors=True)
+
+
+def _seconds(text: str) -> float:
+    """report.render.fmt_time's text back to seconds: '12.5 s', '3.2 min' or '5 h 07 min'."""
+    if m := re.fullmatch(r"(\d+) h (\d+) min", text):
+        return int(m[1]) * 3600 + int(m[2]) * 60
+    value, unit = text.split()
+    return float(value) * {"s": 1, "min": 60}[unit]
+
+
+def test_expected_time_follows_from_the_flops_and_the_assumed_mfu():
+    from picochat.common import Runtime
+    from picochat.model import GPT
+    from picochat.train.autobatch import ASSUMED_MFU
+    from picochat.train.pretrain import expected, model_config_for
+
+    cfg = PretrainConfig(depth=2, n_embd=64, head_dim=16, max_seq_len=64, total_batch_size=512, max_minutes=5)
+    model = GPT(model_config_for(cfg, 300))
+    steps = 20_000_000
+    line = expected(cfg, model, Runtime(torch.device("cpu"), torch.float32), steps)
+
+    # worked out from the shape: per block q, k, v, o (C x C each) and the MLP (C x 4C, 4C x C) = 12 C^2 weights,
+    # plus lm_head at the real vocabulary, 6 FLOPs per weight and token (forward + backward); causal attention
+    # over T = 64 averages (T + 1) / 2 keys a query, 2 products of 2 FLOPs per (head dim, key), x3 for training
+    C, L, T, V = 64, 2, 64, 300
+    linear = 6 * (L * 12 * C * C + V * C)
+    assert sum(p.numel() for p in model.blocks.parameters()) == L * 12 * C * C  # no other block weights
+    flops_per_token = linear + L * 3 * 4 * C * (T + 1) / 2
+    tokens = steps * 512
+    m = re.fullmatch(r"expected: (\S+) FLOPs \((\S+)/token x (\S+) tokens\) on 1 x cpu at (\S+) TFLOP/s peak each "
+                     r"and (\d+)% MFU: (.+), ~\$0\.00 at \$0 per device-hour \(--max-minutes 5 may end it sooner\)",
+                     line)
+    assert m, line
+    assert float(m[2]) == pytest.approx(flops_per_token, rel=5e-3)  # printed to 3 significant figures
+    assert float(m[3]) == pytest.approx(tokens, rel=5e-3)
+    assert float(m[1]) == pytest.approx(flops_per_token * tokens, rel=5e-3)
+    assert int(m[5]) / 100 == ASSUMED_MFU["cpu"] == 0.2
+    peak = float(m[4]) * 1e12  # the measured peak, 3 figures: the time below is good to ~0.5%
+    assert 1e9 < peak < 1e15
+    assert _seconds(m[6]) == pytest.approx(flops_per_token * tokens / (peak * 0.2), rel=1e-2)
+
+
+def test_the_probe_takes_the_largest_size_that_fits_and_divides_the_step():
+    from picochat.train.autobatch import candidate_sizes, largest_that_fits
+
+    # d12 on one GPU from the preset's 32: doubled up to one micro-batch per 524,288-token step, then halved
+    sizes = candidate_sizes(32, 2048, 524288, 1)
+    assert sizes == [256, 128, 64, 32, 16, 8, 4, 2, 1]
+    tried = []
+
+    def fits(rows: int) -> bool:  # a card whose memory holds 100 rows of 2,048 tokens
+        tried.append(rows)
+        return rows * 2048 <= 100 * 2048
+
+    assert largest_that_fits(sizes, fits) == 64 and tried == [256, 128, 64]  # stops at the first that fits
+    # 4 ranks: each rank's micro-batch is a quarter of what one rank could take
+    assert candidate_sizes(32, 2048, 524288, 4) == [64, 32, 16, 8, 4, 2, 1]
+    # a start above one micro-batch per step is not tried; an odd start keeps the halvings that divide the step
+    assert candidate_sizes(512, 2048, 524288, 1) == [256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert candidate_sizes(6, 128, 128 * 24, 1) == [24, 12, 6, 3, 1]
+    assert largest_that_fits(candidate_sizes(6, 128, 128 * 24, 1), lambda rows: rows < 5) == 3
+    assert largest_that_fits([8, 4, 2, 1], lambda rows: False) is None
