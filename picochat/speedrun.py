@@ -85,7 +85,8 @@ PRESETS: dict[str, Preset] = {
                    eval_base=["--tasks", "bpb"], eval_chat=["--tasks", "spellingbee", "--max-problems", "2",
                                                            "--max-tokens", "16"]),
 }
-SAMPLE_QUESTIONS = ["Hi! Who are you?", "How many r are in strawberry?", "What is 12 times 7?"]
+SAMPLE_QUESTIONS = ["Hi! Who are you?", "How many r are in strawberry?", "What is 12 times 7?",
+                    "What should I cook for dinner tonight?"]
 
 
 @dataclass
@@ -274,7 +275,8 @@ def run_stage(argv: list[str]) -> int:
 
 
 def print_samples(source: str, run: str) -> None:
-    """Greedy replies of the final model to a few questions, with the calculator tool on (as `picochat chat`)."""
+    """The final model's replies to a few questions, greedy and sampled (`picochat chat`'s default temperature and
+    top-k), with the calculator tool on (as `picochat chat`)."""
     from picochat.checkpoint import load_model
     from picochat.engine import Engine, SamplingParams
     from picochat.serve.chat_cli import stream_reply
@@ -282,11 +284,13 @@ def print_samples(source: str, run: str) -> None:
 
     model, tok, _ = load_model(source, None, "auto", run=run)
     engine = Engine(model, tok, tool=make_tool("calculator"))
-    params = SamplingParams(temperature=0.0, max_tokens=64, seed=0)
-    print("\nsample replies (greedy):")
-    for q in SAMPLE_QUESTIONS:
-        print(f"  you> {q}\n  picochat> ", end="", flush=True)
-        stream_reply(engine, {"messages": [{"role": "user", "content": q}]}, params, sys.stdout, color=False)
+    for title, params in (("greedy", SamplingParams(temperature=0.0, max_tokens=96, seed=0)),
+                          ("sampled, temperature 0.6, top-k 50",
+                           SamplingParams(temperature=0.6, top_k=50, max_tokens=96, seed=0))):
+        print(f"\nsample replies ({title}):")
+        for q in SAMPLE_QUESTIONS:
+            print(f"  you> {q}\n  picochat> ", end="", flush=True)
+            stream_reply(engine, {"messages": [{"role": "user", "content": q}]}, params, sys.stdout, color=False)
 
 
 def _run(argv: list[str] | None) -> None:
