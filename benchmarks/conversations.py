@@ -30,6 +30,8 @@ from picochat.data.conversations import ConversationLoader, task_pieces  # noqa:
 from picochat.tasks.mixtures import midtrain_mixture, sft_mixture  # noqa: E402
 from picochat.tokenizer import get_tokenizer  # noqa: E402
 
+from _env import stamp  # noqa: E402 (benchmarks/_env.py: machine, date, command)
+
 
 def tail_targets(tok, x, y) -> int:
     """Targets in BOS-led pieces that do not start a conversation or an exchange."""
@@ -90,7 +92,7 @@ def main() -> None:
         out[name] = {"conversations": len(mix)}
         for T in (512, 2048):
             out[name][T] = measure(tok, mix, T, args.batches, args.step_ms)
-    print(json.dumps(out))
+    print(json.dumps({**stamp(__file__), **out}))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from picochat.config import ModelConfig, derive_model_config
 from picochat.engine import Engine, GraphedSteps, SamplingParams
 from picochat.model import GPT
 
+from _env import stamp  # benchmarks/_env.py: machine, date, command
+
 
 def measure_bandwidth(device, mb: int = 256, reps: int = 5) -> float:
     """Bytes/s of a large copy (read + write), the best of `reps`."""
@@ -166,9 +168,11 @@ def main(argv=None) -> None:
     useful_flops = 2 * linear + cfg.depth * 4 * cfg.n_head * cfg.head_dim * avg_ctx  # forward FLOPs per token
     peak = measure_matmul_flops("bfloat16" if dtype == torch.bfloat16 else "float32", device.type)
     print(json.dumps({
+        **stamp(__file__, device, argv),
         "device": str(device), "depth": cfg.depth, "n_embd": cfg.n_embd, "vocab": cfg.vocab_size,
         "dtype": str(dtype).removeprefix("torch."), "compile": args.compile,
         "cuda_graphs": isinstance(engine.step, GraphedSteps),
+        "aot_batch1": getattr(engine.step, "aot", None) is not None,  # batch 1 ran the ahead-of-time library
         "threads": torch.get_num_threads(),
         "prefill_tok_per_s": round(prefill_tok_s, 1),
         "decode_tok_per_s_batch1": round(tok_s_1, 1),

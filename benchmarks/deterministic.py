@@ -24,6 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from picochat.common import set_deterministic
+from _env import stamp  # benchmarks/_env.py: machine, date, command
 from train import bench  # benchmarks/train.py, this script's neighbour (its folder is sys.path[0])
 
 
@@ -65,7 +66,8 @@ def main(argv=None) -> None:
     extra_us = sum(kernels["on"].get(op, (0, 0))[1] - kernels["off"].get(op, (0, 0))[1] for op in changed)
     med = {m: statistics.median(x["tok_per_s"] for x in rs) for m, rs in runs.items()}
     cpu = {m: statistics.median(x["cpu_s"] for x in rs) for m, rs in runs.items()}
-    print(json.dumps({"depth": args.depth, "seq_len": args.max_seq_len, "total_batch": args.total_batch_size,
+    print(json.dumps({**stamp(__file__, args.device, argv),
+                      "depth": args.depth, "seq_len": args.max_seq_len, "total_batch": args.total_batch_size,
                       "dtype": args.dtype, "compile": args.compile, "threads": torch.get_num_threads(),
                       "tok_per_s_off": [x["tok_per_s"] for x in runs["off"]],
                       "tok_per_s_on": [x["tok_per_s"] for x in runs["on"]],

@@ -37,6 +37,8 @@ from picochat.common import get_base_dir  # noqa: E402
 from picochat.data.corpus import iter_documents, write_corpus  # noqa: E402
 from picochat.data.loader import PackingLoader  # noqa: E402
 
+from _env import stamp  # noqa: E402 (benchmarks/_env.py: machine, date, command)
+
 STRIDE = 1_000_000  # token id = doc * STRIDE + position + 1; 0 is BOS
 
 
@@ -120,7 +122,7 @@ def main() -> None:
             next(loader)
         out.setdefault("us_per_row_T256", {})[packing] = round((time.perf_counter() - t0) / (n * 16) * 1e6, 1)
         loader.close()
-    print(json.dumps(out))
+    print(json.dumps({**stamp(__file__), **out}))
 
 
 if __name__ == "__main__":

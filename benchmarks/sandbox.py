@@ -15,6 +15,8 @@ import statistics
 
 from picochat.sandbox import run_python
 
+from _env import stamp  # benchmarks/_env.py: machine, date, command
+
 
 def measure(mode: str, runs: int) -> dict | None:
     os.environ["PICOCHAT_SANDBOX"] = mode
@@ -38,7 +40,8 @@ def main() -> None:
         bwrap = measure("bwrap", args.runs)
     except Exception:  # noqa: BLE001 - PICOCHAT_SANDBOX=bwrap raises a UserError where bubblewrap cannot run
         bwrap = None
-    print(json.dumps({"runs": args.runs, "bwrap": bwrap, "fallback": measure("fallback", args.runs)}))
+    print(json.dumps({**stamp(__file__), "runs": args.runs, "bwrap": bwrap,
+                      "fallback": measure("fallback", args.runs)}))
 
 
 if __name__ == "__main__":

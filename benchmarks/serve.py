@@ -35,8 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: make the picochat package importable
     sys.path.insert(0, str(REPO))
 
-from picochat.common import UserError, run_main  # noqa: E402
+from picochat.common import UserError, autodetect_device, run_main  # noqa: E402
 from picochat.config import f, parse_config  # noqa: E402
+
+from _env import stamp  # noqa: E402 (benchmarks/_env.py: machine, date, command)
 
 
 @dataclass
@@ -312,8 +314,8 @@ def _run(argv: list[str] | None) -> None:
             proc.wait()
         os.unlink(log.name)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("child_port", "startup_timeout")}
-    print(json.dumps({"benchmark": "serve", "server": {k: health.get(k) for k in ("model", "source", "step",
-                                                                                   "context", "max_batch")},
+    server = {k: health.get(k) for k in ("model", "source", "step", "context", "max_batch")}
+    print(json.dumps({**stamp(__file__, autodetect_device(cfg.device), argv), "server": server,
                       "settings": settings, "levels": results}), flush=True)
 
 

@@ -1,9 +1,15 @@
 """`--device-batch-size auto`: the flag's parser, the GPU presets' default, a CPU pretraining run that uses the start
 size and records the number (which --resume and a chat stage then use), the expected-time line against FLOPs worked
-out here from the model's shape, and the probe's size search with a fake memory predicate."""
+out here from the model's shape, and the probe's size search with a fake memory predicate. Then the benchmarks'
+machine and date fields (benchmarks/_env.py) on a real decode.py line, and benchmarks/table.py's rows from it."""
 
+import datetime
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +150,61 @@ def test_the_probe_takes_the_largest_size_that_fits_and_divides_the_step():
     assert candidate_sizes(6, 128, 128 * 24, 1) == [24, 12, 6, 3, 1]
     assert largest_that_fits(candidate_sizes(6, 128, 128 * 24, 1), lambda rows: rows < 5) == 3
     assert largest_that_fits([8, 4, 2, 1], lambda rows: False) is None
+
+
+# -- benchmarks: every JSON line says where and when; benchmarks/table.py renders the README's table ----------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_benchmark_line_says_where_and_when_and_becomes_a_table_row(tmp_path, capsys):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICOCHAT_")}
+    env.update(PICOCHAT_BASE_DIR=str(tmp_path), PICOCHAT_AOT_CACHE="off")
+    args = ["--depth", "1", "--head-dim", "16", "--vocab-size", "256", "--max-seq-len", "64", "--prompt-len", "8",
+            "--new-tokens", "8", "--samples", "2", "--repeats", "1", "--device", "cpu", "--dtype", "fp32"]
+    r = subprocess.run([sys.executable, "benchmarks/decode.py", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+
+    # the machine as /proc/cpuinfo and the scheduler say, today's UTC date, the command as typed in the repo root
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), None)
+    flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+    units = "+".join(sorted({"avx512_bf16", "amx_bf16"} & set(flags))) or "no native bf16"
+    assert line["machine"] == f"{cpu}, {len(os.sched_getaffinity(0))} cores, {units}"
+    assert line["date"] == datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    assert line["benchmark"] == "decode" and isinstance(line["load"], float)
+    assert line["command"] == "PICOCHAT_AOT_CACHE=off python benchmarks/decode.py " + " ".join(args)
+    assert line["aot_batch1"] is False and line["decode_tok_per_s_batch1"] > 0
+
+    # an older line without the stamp (a key tells its benchmark) gets "-" for what it does not say
+    old = {"settings": {"random": True, "depth": 4, "max_tokens": 64},
+           "levels": [{"concurrency": 8, "tokens_per_s": 4394.4, "ttft_p50_ms": 21.2, "ttft_p95_ms": 32.0}]}
+    (tmp_path / "figures.jsonl").write_text(json.dumps(line) + "\nserver ready: {...}\n" + json.dumps(old) + "\n")
+    table_py = _module(ROOT / "benchmarks" / "table.py")
+    assert table_py.main([str(tmp_path / "figures.jsonl")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[:2] == ["| what | figure | machine | date | command |", "| --- | --- | --- | --- | --- |"]
+    row = (f"| decode batch 1, d1 vocab 256, float32 eager | {line['decode_tok_per_s_batch1']:,.0f} tok/s "
+           f"({line['batch1_fraction_of_bound']:.0%} of the bandwidth bound) | {line['machine']}, load "
+           f"{line['load']:g} | {line['date']} | `{line['command']}` |")
+    assert row in table
+    assert any(t.startswith("| decode 2 samples, d1 vocab 256, float32 eager | ") for t in table)
+    assert ("| serving, 8 clients, random d4, 64 tokens per request | 4,394 tok/s, TTFT p50 21 / p95 32 ms "
+            "| - | - | - |") in table
+    assert len(table) == 2 + 3 + 1  # batch 1, 2 samples and prefill of the decode line; one serving level
+
+    assert table_py.main([str(tmp_path / "nothing.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "benchmarks/table.py: no file" in err
+
+
+def _module(path: Path):
+    """A benchmarks/ script as a module (benchmarks/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

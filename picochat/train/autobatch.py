@@ -101,7 +101,8 @@ def auto_device_batch_size(model: torch.nn.Module, start: int, seq_len: int, tot
                            reserve_bytes: int | None = None) -> int:
     """The micro-batch for `--device-batch-size auto`: on CUDA the largest of candidate_sizes(start, ...) whose
     forward + backward fits (every rank probes; the smallest answer wins, so the ranks agree), on other devices
-    and for an --fsdp model `start`. `reserve_bytes` defaults to optimizer_state_bytes(model). Call it before the first optimizer step."""
+    and for an --fsdp model `start`. `reserve_bytes` defaults to optimizer_state_bytes(model). Call it before the
+    first optimizer step."""
     from picochat.common import UserError, is_fsdp, print0
 
     if device.type != "cuda":

@@ -84,9 +84,8 @@ def plan_epochs(cfg: PretrainConfig, tok, num_steps: int) -> tuple[float, str]:
 
 def expected(cfg: PretrainConfig, model: GPT, rt: Runtime, steps: int) -> str:
     """The expected wall time and cost of `steps` more steps, from the FLOPs per token and the device's peak."""
-    # a short peak probe (0.05 s a size, ~0.5 s on 2 cores): the loop measures the peak again for its MFU figures
-    peak = measure_matmul_flops("bfloat16" if rt.dtype == torch.bfloat16 else "float32", rt.device.type,
-                                min_seconds=0.05)
+    # the loop's own call, arguments as it passes them: the probe is cached per process, so it runs once
+    peak = measure_matmul_flops("bfloat16" if rt.dtype == torch.bfloat16 else "float32", rt.device.type)
     gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None
     line = describe_expected(model.estimate_flops()["total"], steps * cfg.total_batch_size, peak, rt.world_size,
                              rt.device.type, gpu)
