@@ -235,21 +235,13 @@ class ConversationLoader:
                 **self.packer.state_dict()}
 
     def _load_state(self, state: dict) -> None:
-        want = self._identity()
-        try:
-            got = {k: state.get(k) for k in want}
-            g, k = (int(v) for v in state["next"])
-            counts = {name: int(state["counts"][name]) for name in self.counts}
-            refs, packer_counts = Packer.parse_state(state)
-            if any(len(ref) != 2 for ref, _, _ in refs):
-                raise ValueError("a buffered piece is not [conversation, piece, offset, seq]")
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
-            raise UserError(f"conversation loader state is malformed ({e!r}); start without it or use a matching "
-                            f"checkpoint") from None
-        if got != want:
-            diff = ", ".join(f"{k} {got[k]!r} (this run: {want[k]!r})" for k in want if got[k] != want[k])
-            raise UserError(f"conversation loader state does not match this loader: {diff}; resume with the same "
-                            f"data, world size, seed and sequence length, or start the data from scratch")
+        def fields(s: dict):
+            g, k = (int(v) for v in s["next"])
+            return g, k, {name: int(s["counts"][name]) for name in self.counts}
+
+        (g, k, counts), refs, packer_counts = Packer.check_state(
+            state, self._identity(), "conversation loader", "resume with the same data, world size, seed and "
+            "sequence length, or start the data from scratch", fields, "conversation, piece")
         rendered = {}
         pieces = []
         for (rg, rk), offset, seq in sorted(refs, key=lambda r: r[0]):  # sorted: one permutation per pass

@@ -22,7 +22,7 @@ from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -154,6 +154,25 @@ class Packer:
         refs = [(tuple(int(x) for x in r[:-2]), int(r[-2]), int(r[-1])) for r in state["buffer"]]
         return refs, (int(state["seq"]), int(state["used"]), int(state["dropped"]))
 
+    @staticmethod
+    def check_state(state: dict, want: dict, what: str, hint: str, fields: Callable[[dict], Any], ref: str):
+        """A loader's saved state, validated: its identity keys must equal `want` (else one line naming each
+        difference, then `hint`), `fields(state)` parses the owner's reader position, and each buffered piece is
+        [`ref` (two numbers), offset, seq]. Returns (fields(state), refs, counts) as `parse_state` gives them."""
+        try:
+            got = {k: state.get(k) for k in want}
+            own = fields(state)
+            refs, counts = Packer.parse_state(state)
+            if any(len(r) != 2 for r, _, _ in refs):
+                raise ValueError(f"a buffered piece is not [{ref}, offset, seq]")
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{what} state is malformed ({e!r}); start without it or use a matching "
+                            f"checkpoint") from None
+        if got != want:
+            diff = ", ".join(f"{k} {got[k]!r} (this run: {want[k]!r})" for k in want if got[k] != want[k])
+            raise UserError(f"{what} state does not match this loader: {diff}; {hint}")
+        return own, refs, counts
+
     def load(self, pieces: list[tuple[tuple, int, int, np.ndarray, np.ndarray | None]],
              counts: tuple[int, int, int]) -> None:
         """Restore a parsed state: `pieces` as (ref, offset, seq, tokens, mask) with the tokens re-read."""
@@ -258,31 +277,20 @@ class PackingLoader:
             self.packer.fill(rows[b], self._pull)
         return to_device(rows[:, :-1], rows[:, 1:], self.device)  # (B, T) each
 
+    def _identity(self) -> dict:
+        return {"version": STATE_VERSION, "corpus": self.corpus, "split": self.split, "rank": self.rank,
+                "world_size": self.world_size, "fingerprint": self.fingerprint, "packing": self.packing,
+                "buffer_docs": self.buffer_docs}
+
     def state_dict(self) -> dict:
         """JSON-serialisable position: reader (epoch, group, row), the pass's token counts and the buffered pieces
         as [row group, row, offset, seq] in arrival order."""
-        return {"version": STATE_VERSION, "corpus": self.corpus, "split": self.split, "rank": self.rank,
-                "world_size": self.world_size, "fingerprint": self.fingerprint, "packing": self.packing,
-                "buffer_docs": self.buffer_docs, "epoch": self.epoch, "pos": list(self._pos),
-                **self.packer.state_dict()}
+        return {**self._identity(), "epoch": self.epoch, "pos": list(self._pos), **self.packer.state_dict()}
 
     def _load_state(self, state: dict) -> None:
-        want = {"version": STATE_VERSION, "corpus": self.corpus, "split": self.split, "rank": self.rank,
-                "world_size": self.world_size, "fingerprint": self.fingerprint, "packing": self.packing,
-                "buffer_docs": self.buffer_docs}
-        try:
-            got = {k: state.get(k) for k in want}
-            epoch, pos = int(state["epoch"]), tuple(int(x) for x in state["pos"])
-            refs, counts = Packer.parse_state(state)
-            if any(len(ref) != 2 for ref, _, _ in refs):
-                raise ValueError("a buffered piece is not [row group, row, offset, seq]")
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
-            raise UserError(f"loader state is malformed ({e!r}); start without it or use a matching "
-                            f"checkpoint") from None
-        if got != want:
-            diff = ", ".join(f"{k} {got[k]!r} (this run: {want[k]!r})" for k in want if got[k] != want[k])
-            raise UserError(f"loader state does not match this loader: {diff}; resume with the same corpus, world "
-                            f"size and --packing, or start the data from scratch")
+        (epoch, pos), refs, counts = Packer.check_state(
+            state, self._identity(), "loader", "resume with the same corpus, world size and --packing, or start the "
+            "data from scratch", lambda s: (int(s["epoch"]), tuple(int(x) for x in s["pos"])), "row group, row")
         if len(pos) != 3 or not 0 <= pos[1] < len(self.groups) or pos[2] >= self.groups[pos[1]][3]:
             raise UserError(f"loader state position {list(pos)} is outside this corpus; start the data from scratch")
         self.epoch, self._pos = epoch, pos
