@@ -265,6 +265,19 @@ def test_sources_flag_picks_sources_and_rejects_unknown_ones(capsys):
     assert "does not go with --source" in capsys.readouterr().err
 
 
+def test_default_sources_skip_a_missing_one_with_a_note(capsys, monkeypatch):
+    monkeypatch.setattr(prep, "PYTHON_DOCS_GLOB", "/nonexistent/python3*/html/_sources")
+    monkeypatch.setattr(prep, "AUSTEN_DIRS", ("/nonexistent/janeaustenr",))
+    names = prep.pick_sources("")
+    out = capsys.readouterr().out
+    assert "python-docs" not in names and "austen" not in names and names[:2] == ["shakespeare", "kjv"]
+    assert "note: skipping source python-docs: not installed (`apt-get install python3-doc`)\n" in out
+    assert ("note: skipping source austen: not installed (`apt-get install --no-install-recommends r-cran-janeaustenr; "
+            "pip install rdata==1.1.0`)\n") in out
+    with pytest.raises(UserError, match=r"Jane Austen's novels are not installed .*apt-get install"):
+        prep.embedded_docs(["austen"])  # named, it is an error
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # downloads against a real local HTTP server
 
