@@ -114,7 +114,7 @@ def run(argv=None) -> dict:
         params = model.num_params()
         print0(f"parameters: {params['total']:,} ({', '.join(f'{k} {v:,}' for k, v in params.items() if k != 'total')})"
                f"; FLOPs/token {model.estimate_flops()['total']:.3g}")
-        print0(expected(cfg, model, rt, num_steps - prep.start_step))
+        print0(expected(cfg, model, rt, max(0, num_steps - prep.start_step)))
         T = cfg.max_seq_len
         train_loader = PackingLoader(tok, "train", B, T, corpus=cfg.corpus, rank=rt.rank, world_size=rt.world_size,
                                      device=rt.device, packing=packing, state=ck["loader"] if ck else None)
