@@ -294,12 +294,13 @@ class PretrainConfig(TrainConfig):
 
 
 def preset_cpu() -> dict:
-    """A 5-minute laptop run (10 at most): small enough to take a few hundred optimizer steps on 2 cores."""
-    # num_steps=260: one pass over the embedded corpus's 2.15M training tokens at 8,192 per step, so --packing auto
-    # picks split (crop keeps at most 23% of a pass at T = 256: a pass is ~61 steps and later passes repeat the
-    # same rows; at these 260 steps validation bpb ended 1.582 with split and 1.771 with crop, README: Measured).
-    # The old --max-epochs 4 cap was the workaround for that repetition.
-    return dict(depth=4, head_dim=64, max_seq_len=256, device_batch_size=16, total_batch_size=8192, num_steps=260,
+    """The 2-core demo's pretraining: ~9 minutes on a Zen 5 at ~6,000 tokens/s in bf16, 10 at most (the schedule
+    compresses to the cap on a slower CPU)."""
+    # num_steps=400: 3.3M tokens, 0.81 passes over the speedrun's 'demo' corpus (Austen + the chat sources' train
+    # rows, 4.0M training tokens), so --packing auto picks split (crop would keep ~26% of a pass at T = 256). On the
+    # old Shakespeare + KJV corpus (2.15M tokens) 260 steps ended at validation bpb 1.582 with split and 1.771 with
+    # crop (README: Measured); the old --max-epochs 4 cap was the workaround for crop's repetition.
+    return dict(depth=4, head_dim=64, max_seq_len=256, device_batch_size=16, total_batch_size=8192, num_steps=400,
                 warmup_steps=10, eval_every=50, eval_tokens=32768, save_every=100, max_minutes=10.0)
 
 

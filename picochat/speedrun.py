@@ -59,9 +59,12 @@ def _gpu_tier(pretrain: str, shards: int, vocab: int) -> Preset:
                   rl=["--task", "gsm8k"], eval_base=["--tasks", "core,hellaswag,bpb"], eval_chat=[])
 
 
+DEMO_SOURCES = "austen,chitchat,chatterbot,topical-chat"
 # shard counts and vocabularies as nanochat's speedrun tiers (d20: 240 shards, d26: 450, a 65,536-token vocabulary)
 PRESETS: dict[str, Preset] = {
-    "cpu": Preset(data=["prepare"], corpus="default", vocab_size=8192,
+    # the CPU demo pretrains on modern English that talks: Austen's novels and the chat sources' train rows as A:/B:
+    # dialogues (not Shakespeare + KJV, which made the chat model speak King James; README: Speedrun)
+    "cpu": Preset(data=["prepare", "--sources", DEMO_SOURCES, "--name", "demo"], corpus="demo", vocab_size=8192,
                   pretrain=["--preset", "cpu"], midtrain=["--preset", "cpu"], sft=["--preset", "cpu"],
                   rl=["--task", "spellingbee", "--num-steps", "30", "--max-minutes", "4", "--eval-size", "32"],
                   eval_base=["--tasks", "core,hellaswag,bpb", "--max-per-task", "100"],

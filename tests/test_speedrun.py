@@ -262,6 +262,16 @@ def test_dry_run_of_a_fresh_base_dir_lists_every_stage_to_do(tmp_path, monkeypat
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "report").exists()  # a dry run writes nothing
 
 
+def test_cpu_preset_pretrains_on_the_modern_demo_corpus(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PICOCHAT_BASE_DIR", str(tmp_path))
+    assert speedrun.main(["--preset", "cpu", "--dry-run"]) == 0
+    cmds = {name: cmd for _, name, cmd in _dry_run(capsys.readouterr().out)}
+    assert cmds["data"] == "picochat data prepare --sources austen,chitchat,chatterbot,topical-chat --name demo"
+    assert "shakespeare" not in cmds["data"] and "kjv" not in cmds["data"]
+    assert cmds["tok-train"] == "picochat tok-train --vocab-size 8192 --corpus demo"
+    assert cmds["pretrain"] == "picochat pretrain --preset cpu --corpus demo --run cpu"
+
+
 def test_bad_corpus_source_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PICOCHAT_BASE_DIR", str(tmp_path))
     assert speedrun.main(["--preset", "tiny", "--corpus-source", str(tmp_path / "nope")]) == 2
