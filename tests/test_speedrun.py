@@ -270,6 +270,15 @@ def test_cpu_preset_pretrains_on_the_modern_demo_corpus(tmp_path, monkeypatch, c
     assert "shakespeare" not in cmds["data"] and "kjv" not in cmds["data"]
     assert cmds["tok-train"] == "picochat tok-train --vocab-size 8192 --corpus demo"
     assert cmds["pretrain"] == "picochat pretrain --preset cpu --corpus demo --run cpu"
+    # a machine without Debian's janeaustenr (macOS, no root) runs the demo on the chat text, and says so
+    from picochat.data import prepare
+
+    monkeypatch.setitem(prepare.SOURCES, "austen", prepare.Source(list, lambda: "not installed (`apt-get x`)"))
+    assert speedrun.main(["--preset", "cpu", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    cmds = {name: cmd for _, name, cmd in _dry_run(out.out)}
+    assert cmds["data"] == "picochat data prepare --sources chitchat,chatterbot,topical-chat --name demo"
+    assert "the demo corpus goes without austen: not installed (`apt-get x`)" in out.err
 
 
 def test_bad_corpus_source_is_one_line(tmp_path, monkeypatch, capsys):
