@@ -26,9 +26,9 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: make the picocha
 from picochat.common import UserError, run_main  # noqa: E402
 
 
-def _engine(d: dict) -> str:
-    """decode.py's engine: dtype, and eager / compiled / the batch-1 step built ahead of time; CUDA graphs."""
-    how = "AOT batch-1" if d.get("aot_batch1") else "compiled" if d.get("compile") else "eager"
+def _engine(d: dict, batch1: bool) -> str:
+    """decode.py's engine: dtype, and eager / compiled / built ahead of time (the batch-1 step only); CUDA graphs."""
+    how = "AOT" if batch1 and d.get("aot_batch1") else "compiled" if d.get("compile") else "eager"
     return f"{d.get('dtype', '?')} {how}" + (", CUDA graphs" if d.get("cuda_graphs") else "")
 
 
@@ -41,9 +41,9 @@ def train_rows(d: dict) -> list[tuple[str, str]]:
 
 
 def decode_rows(d: dict) -> list[tuple[str, str]]:
-    what = f"d{d['depth']} vocab {d['vocab']:,}, {_engine(d)}"
-    rows = [(f"decode batch 1, {what}", f"{d['decode_tok_per_s_batch1']:,.0f} tok/s "
-                                        f"({d['batch1_fraction_of_bound']:.0%} of the bandwidth bound)")]
+    what = f"d{d['depth']} vocab {d['vocab']:,}, {_engine(d, batch1=False)}"
+    rows = [(f"decode batch 1, d{d['depth']} vocab {d['vocab']:,}, {_engine(d, batch1=True)}",
+             f"{d['decode_tok_per_s_batch1']:,.0f} tok/s ({d['batch1_fraction_of_bound']:.0%} of the bandwidth bound)")]
     for k, v in d.items():  # decode_tok_per_s_16_samples: the sample count is --samples
         if m := re.fullmatch(r"decode_tok_per_s_(\d+)_samples", k):
             rows.append((f"decode {m[1]} samples, {what}", f"{v:,.0f} tok/s"))

@@ -195,6 +195,12 @@ def test_a_benchmark_line_says_where_and_when_and_becomes_a_table_row(tmp_path, 
             "| - | - | - |") in table
     assert len(table) == 2 + 3 + 1  # batch 1, 2 samples and prefill of the decode line; one serving level
 
+    # the ahead-of-time library serves batch 1 only: the batched rows of the same line are the compiled engine's
+    aot = {**line, "compile": True, "aot_batch1": True}
+    assert [what for what, *_ in table_py.rows([json.dumps(aot)])] == [
+        "decode batch 1, d1 vocab 256, float32 AOT", "decode 2 samples, d1 vocab 256, float32 compiled",
+        "prefill, d1 vocab 256, float32 compiled"]
+
     assert table_py.main([str(tmp_path / "nothing.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "benchmarks/table.py: no file" in err
