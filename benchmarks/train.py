@@ -22,9 +22,8 @@ import torch
 
 from picochat.common import _cpu_flags, measure_matmul_flops, setup_runtime
 from picochat.config import ModelConfig, derive_model_config
-from picochat.model import GPT
-from picochat.optim import build_optimizer
-from picochat.train.loop import Prepared, Stage, micro_batches, train
+from picochat.model import GPT, HEAD_PLAIN_BYTES
+from picochat.train.loop import Prepared, Stage, make_optimizer, micro_batches, train
 from picochat.config import PretrainConfig
 
 
@@ -40,7 +39,8 @@ def bench(args, dtype: str) -> dict:
     torch.manual_seed(0)
     model = GPT(mcfg).to(rt.device)
     model.init_weights(0)
-    opt = build_optimizer(model.param_kinds(), n_embd=mcfg.n_embd, distributed=rt.ddp)
+    model.head_plain_bytes = args.head_plain_mb << 20
+    opt = make_optimizer(model, cfg, rt)  # the loop's own: Muon's Newton–Schulz in bf16 for a bf16 run
     B, T = args.device_batch_size, args.max_seq_len
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, args.vocab_size, (8, B, T + 1), generator=g)  # cycled: the loader is not measured here
@@ -99,6 +99,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "auto", "both"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps (the first is excluded from timing)")
+    p.add_argument("--head-plain-mb", type=int, default=HEAD_PLAIN_BYTES >> 20, help="compiled: micro-batches whose "
+                   "logits fit this many MB take the plain head in the graph (model.HEAD_PLAIN_BYTES); 0 = always the "
+                   "fused head")
     p.add_argument("--profile", action="store_true", help="profile one step after a warm-up one instead of timing "
                    "--steps: top operators by self CPU time (shares and call counts) in the JSON, the table on stderr")
     p.add_argument("--top", type=int, default=15, help="operators listed by --profile")

@@ -173,6 +173,13 @@ def head_losses(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: 
 # region that waits for both threads: 4x the regions), 16M 0.38-0.68x.
 HEAD_GROUP_BYTES = 256 << 20
 HEAD_CHUNK_ELEMS = 4 << 20
+# Inside torch.compile a micro-batch whose logits (rows x vocab in the compute dtype) fit HEAD_PLAIN_BYTES takes the
+# plain head (`plain_head_loss`) in the compiled graph instead: inductor fuses the softcap and cross-entropy, forward
+# and backward, and the step needs no graph break. Its logits memory is then that of one group of the fused head (the
+# same budget); a larger micro-batch (a large vocabulary, a GPU batch: 64k rows x 65k vocab is 8 GB) keeps the fused,
+# chunked head, which never holds more than a group. Reference CPU setting (32 x 512 rows, vocab 8,192, bf16: 256 MB):
+# plain and compiled.
+HEAD_PLAIN_BYTES = 256 << 20
 
 
 def head_rows(x: torch.Tensor, vocab: int, group_bytes: int, chunk_elems: int) -> tuple[int, int]:
@@ -201,6 +208,18 @@ class ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         gx, gw = ctx.saved_tensors
         return gx * grad_out, gw * grad_out, None, None, None, None, None
+
+
+def plain_head_loss(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, cap: float,
+                    grads: bool) -> torch.Tensor:
+    """`head_loss`'s result the textbook way: logits (N, V) in the compute dtype -> fp32 -> softcap ->
+    cross_entropy. Inside torch.compile inductor fuses the softcap, the log-softmax and their backward into a few
+    passes over the logits (see `GPT.plain_head`); eager would make each of them a full (N, V) fp32 tensor."""
+    logits = F.linear(x, w)[:, :vocab].float()  # (N, V)
+    if cap > 0:
+        logits = softcap(logits, cap)
+    losses = F.cross_entropy(logits, targets, ignore_index=-1, reduction="none")  # (N,), 0 where ignored
+    return losses.sum() if grads else losses
 
 
 @torch.compiler.disable
@@ -241,6 +260,7 @@ class GPT(nn.Module):
         # the fused head + loss (see head_rows): logits bytes per group, and fp32 logits per element-wise chunk on CPU
         self.head_group_bytes = HEAD_GROUP_BYTES
         self.head_chunk_elems = HEAD_CHUNK_ELEMS
+        self.head_plain_bytes = HEAD_PLAIN_BYTES  # 0: always the fused head
         cos, sin = self._rotary(cfg.sequence_len)
         self.register_buffer("cos", cos, persistent=False)  # (T, D/2)
         self.register_buffer("sin", sin, persistent=False)
@@ -248,6 +268,13 @@ class GPT(nn.Module):
     def head_rows(self, x: torch.Tensor) -> tuple[int, int]:
         """(group, chunk) rows of the fused head for x (N, C) under this model's budgets (see `head_rows`)."""
         return head_rows(x, self.config.vocab_size, self.head_group_bytes, self.head_chunk_elems)
+
+    def plain_head(self, x: torch.Tensor) -> bool:
+        """Whether the loss of x (N, C) takes the plain head inside the compiled graph (see HEAD_PLAIN_BYTES). Eager
+        always takes the fused one: there the plain path's element-wise ops each write (N, V) fp32 tensors (the fused
+        head took 0.49-0.59x its time at vocab 8k, benchmarks/head.py)."""
+        logit_bytes = x.size(0) * self.config.vocab_size * torch.finfo(compute_dtype(x)).bits // 8
+        return torch.compiler.is_compiling() and logit_bytes <= self.head_plain_bytes
 
     def has_ve(self, layer: int) -> bool:
         """Value embeddings on every other layer, always including the last (as in recent speedrun records)."""
@@ -363,10 +390,14 @@ class GPT(nn.Module):
         grads = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
         if targets is not None and (loss_reduction in ("sum", "mean") or not grads):
             # the fused head + loss, for training (gradients taken in the same pass) and for evaluation (losses
-            # without gradients): the (B, T, V) fp32 logits never exist whole
+            # without gradients): the (B, T, V) fp32 logits never exist whole; compiled, a micro-batch whose logits
+            # fit HEAD_PLAIN_BYTES takes the plain head inside the graph instead
             x2 = x.reshape(B * T, -1)  # (B, T, C) -> (B*T, C)
             t2 = targets.reshape(B * T)
-            loss = head_loss(x2, w, t2, self.config.vocab_size, cap, *self.head_rows(x2), grads)
+            if self.plain_head(x2):
+                loss = plain_head_loss(x2, w, t2, self.config.vocab_size, cap, grads)
+            else:
+                loss = head_loss(x2, w, t2, self.config.vocab_size, cap, *self.head_rows(x2), grads)
             if loss_reduction == "none":
                 return loss.view(B, T)  # (B*T,) -> (B, T)
             loss = loss if grads else loss.sum()

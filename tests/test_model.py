@@ -55,6 +55,43 @@ def test_fused_chunked_head_loss_matches_plain_cross_entropy(cap):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("cap", [15.0, 0.0])
+def test_compiled_plain_head_matches_fused_head_and_follows_the_budget(cap, monkeypatch):
+    """Compiled, a micro-batch whose logits fit head_plain_bytes takes the plain head inside the graph (the fused
+    head, a graph break, is not called); one byte less and it takes the fused head. Both give the eager fused head's
+    loss and gradients, sum and mean, with ignored targets. (aot_eager: dynamo and autograd as with inductor, without
+    its minutes of code generation; inductor's softcap form is test_softcap_compiled_form_equals_tanh.)"""
+    import picochat.model as model_mod
+
+    V, B, T = 300, 2, 16
+    model = randomize_outputs(make_tiny_model(vocab_size=V, depth=1, n_embd=32, sequence_len=T, logit_softcap=cap),
+                              seed=1)
+    calls = []
+    fused = model_mod.head_loss
+    monkeypatch.setattr(model_mod, "head_loss", lambda *a: calls.append(1) or fused(*a))
+    x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+    y[0, :3] = -1
+
+    def loss_and_grads(f, red):
+        model.zero_grad()
+        loss = f(x, targets=y, loss_reduction=red)
+        (loss * 0.5).backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    for red in ("sum", "mean"):
+        ref, g_ref = loss_and_grads(model, red)  # eager: always the fused head
+        for budget, fused_calls in ((B * T * V * 4, 0), (B * T * V * 4 - 1, 1)):  # fp32 logits: 4 bytes each
+            model.head_plain_bytes = budget
+            torch._dynamo.reset()
+            calls.clear()
+            loss, g = loss_and_grads(torch.compile(model, backend="aot_eager"), red)
+            assert len(calls) == fused_calls, (red, budget)
+            assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-4), (red, loss.item(), ref.item())
+            for a, b in zip(g, g_ref):
+                assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
+
+
 class OpLog(TorchDispatchMode):
     """Every aten op run inside the block: (name, [(shape, dtype) of tensor inputs], [(shape, dtype) of outputs],
     whether the outputs are new memory (not views))."""

@@ -205,7 +205,8 @@ def make_optimizer(model: GPT, cfg: TrainConfig, rt: Runtime) -> torch.optim.Opt
     return build_optimizer(model.param_kinds(), n_embd=model.config.n_embd, matrix_lr=cfg.matrix_lr,
                            embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr,
                            weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip,
-                           distributed=rt.ddp and not fsdp, fsdp=fsdp, named_params=model.named_parameters())
+                           distributed=rt.ddp and not fsdp, fsdp=fsdp, named_params=model.named_parameters(),
+                           ns_dtype=torch.bfloat16 if rt.dtype == torch.bfloat16 else None)
 
 
 def sync_params(model: torch.nn.Module) -> None:
