@@ -270,6 +270,9 @@ def test_spellingbee_counts_are_right_and_scored_by_the_final_number():
         parts = reply(conv)
         assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
         assert parts[2]["text"] == str(conv["count"])
+        # the call right after one short sentence that names the word: the copy distance a small model manages
+        assert parts[1]["text"] == f"'{conv['word']}'.count('{conv['letter']}')"
+        assert conv["word"] in parts[0]["text"] and len(parts[0]["text"].split()) <= 9
     assert reply(SpellingBee("train", size=40, words=WORDS)[7]) == reply(train[7])  # same (seed, index), same
     assert len({train[i]["messages"][0]["content"].split()[0].lower() for i in range(40)}) >= 4  # varied phrasing
     conv = {**train[0], "count": 3}

@@ -1,6 +1,6 @@
 """Spelling tasks generated from an English word list: SpellingBee (count a letter with the python tool) and
 SimpleSpelling (spell a word letter by letter). A small model cannot see the letters inside its tokens, so it must
-learn to spell the word out and count with code: "how many r are in strawberry" is the classic failure.
+count with code, and learn spelling as a task of its own: "how many r are in strawberry" is the classic failure.
 
 Words (lowercase a-z, 3-14 letters) come from `words=` (a text file, one word a line), else Debian's `wamerican`
 (/usr/share/dict/american-english), else PyPI `english-words==2.0.2` (its `web2` list). About one word in ten (by a
@@ -83,7 +83,7 @@ class _WordTask(Task):
 
 
 class SpellingBee(_WordTask):
-    """Count one letter in a word: spell it out, count with python, state the count."""
+    """Count one letter in a word: count with python, state the count."""
 
     def get_example(self, index: int) -> dict:
         rng = seeded(self.seed, index)
@@ -96,9 +96,11 @@ class SpellingBee(_WordTask):
             question = question.lower()
         expr = f"'{word}'.count('{letter}')"
         count = int(calculator(expr))
+        # the call comes first, copied while the word is a few tokens back: spelled out first (nanochat's order),
+        # the CPU demo's model misspelled the word and then copied its own misspelling into the call
+        # ("Spelled out, wrestling is: p, o, n, ...", then 'cornies'.count('s')); SimpleSpelling teaches spelling
         reply = [
-            {"type": "text", "text": f"Spelled out, {word} is: {', '.join(word)}. Let me count the '{letter}' "
-                                     f"with Python.\n"},
+            {"type": "text", "text": f"Let me count the '{letter}' in {word} with Python.\n"},
             {"type": "python", "text": expr},
             {"type": "python_output", "text": str(count)},
             {"type": "text", "text": f"\nThe letter '{letter}' appears {count} time{'' if count == 1 else 's'} "
