@@ -211,7 +211,9 @@ def judge(replies: list[dict], max_rep4: float) -> dict:
     for r in replies:
         r["rep4"] = rep4(r["reply"])
         r["follows_format"] = r["ended"] and bool(r["reply"].strip()) and r["rep4"] <= max_rep4
-    return {"follows": sum(r["follows_format"] for r in replies), "of": len(replies), "replies": replies}
+    # one reply to every prompt follows the format but answers nothing: the distinct count shows it
+    return {"follows": sum(r["follows_format"] for r in replies), "of": len(replies),
+            "distinct_replies": len({r["reply"] for r in replies}), "replies": replies}
 
 
 def ours_bpb(base: Path, run: str, val_tokens: int) -> dict:
