@@ -3,7 +3,7 @@
     python benchmarks/variants.py                  # the CPU preset's shape, bf16, 3 rounds of the five variants
     python benchmarks/variants.py --rounds 5 --steps 4 --variants baseline,depth6
 
-Each round times every variant once (baseline, sssl, value_embeds, resid_scalars, depth6: A B C D E A B C D E ...)
+Each round times every variant once (baseline, sssl, value_embeds, resid_scalars, depth6: A B C D E, B C D E A, ...)
 with benchmarks/train.py's `bench` (the real training loop on synthetic tokens), then prints ONE JSON line: each
 variant's ms/step per round, the median, and the median's ratio to the baseline's. The ratios are what equal-wall-clock
 step counts come from (README: Measured, "Pretraining quality per compute"): a variant gets the baseline's steps x
@@ -71,8 +71,11 @@ def main(argv=None) -> None:
                   "head_plain_mb": train_bench.HEAD_PLAIN_BYTES >> 20}
     load_start = os.getloadavg()
     times: dict[str, list[float]] = {v: [] for v in names}
-    for _ in range(args.rounds):
-        for v in names:
+    # a process's first timing reads slow (first-use costs outside bench's excluded first step): one discarded
+    # warm-up, and each round starts one variant later, so no variant always goes first
+    measure(argparse.Namespace(**bench_args), names[0])
+    for r in range(args.rounds):
+        for v in names[r % len(names):] + names[:r % len(names)]:
             times[v].append(measure(argparse.Namespace(**bench_args), v))
     median = {v: statistics.median(t) for v, t in times.items()}
     out = {"shape": {k: bench_args[k] for k in ("head_dim", "max_seq_len", "device_batch_size", "total_batch_size",
