@@ -31,7 +31,6 @@ import bz2
 import importlib.util
 import json
 import lzma
-import os
 import random
 import re
 import struct
@@ -44,7 +43,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from picochat.common import UserError, get_base_dir, print0, run_main
+from picochat.common import UserError, print0, run_main
 from picochat.config import f, parse_config
 from picochat.data.corpus import (MANIFEST, corpus_dir, describe, load_manifest, verify_corpus, write_corpus,
                                   write_manifest)
@@ -307,9 +306,9 @@ def chat_docs(task_name: str) -> list[str]:
 def _bigbench_missing() -> str | None:
     """None when the topical_chat data are on this machine (unpacked, or the bigbench sdist where
     `sources.bigbench_tasks` looks for it), else why not: reading it would download 358 MB."""
-    tasks = get_base_dir() / "tasks"
-    sdist = Path(os.environ.get("PICOCHAT_BIGBENCH_SDIST") or tasks / "bigbench-1.0.0.tar.gz")
-    if (tasks / "bigbench" / "topical_chat" / ".complete").is_file() or sdist.is_file():
+    from picochat.tasks.sources import bigbench_here
+
+    if bigbench_here("topical_chat"):
         return None
     return ("it needs the bigbench sdist, a 358 MB download (once, into <base>/tasks; the chat stages fetch it "
             "anyway): name topical-chat in --sources to download it")

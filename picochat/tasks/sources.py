@@ -200,6 +200,17 @@ BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc
 _BIGBENCH_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 
 
+def bigbench_sdist(sdist: str | Path | None = None) -> Path:
+    """Where the bigbench sdist is read from: `sdist`, else $PICOCHAT_BIGBENCH_SDIST, else
+    `<base dir>/tasks/bigbench-1.0.0.tar.gz` (downloaded there by bigbench_tasks when missing)."""
+    return Path(sdist or os.environ.get("PICOCHAT_BIGBENCH_SDIST") or get_base_dir() / "tasks" / "bigbench-1.0.0.tar.gz")
+
+
+def bigbench_here(name: str) -> bool:
+    """Can bigbench_tasks([name]) answer without a download: the task is unpacked, or the sdist is here."""
+    return (get_base_dir() / "tasks" / "bigbench" / name / ".complete").is_file() or bigbench_sdist().is_file()
+
+
 def bigbench_tasks(names: list[str], *, sdist: str | Path | None = None) -> dict[str, Path]:
     """{task name: its folder (holding task.json, or one subfolder per subtask)} for BIG-bench tasks, unpacked once
     into `<base dir>/tasks/bigbench/`. The sdist is `sdist`, else $PICOCHAT_BIGBENCH_SDIST, else
@@ -209,8 +220,7 @@ def bigbench_tasks(names: list[str], *, sdist: str | Path | None = None) -> dict
     root = get_base_dir() / "tasks" / "bigbench"
     missing = [n for n in names if not (root / n / ".complete").is_file()]
     if missing:
-        path = Path(sdist or os.environ.get("PICOCHAT_BIGBENCH_SDIST") or
-                    get_base_dir() / "tasks" / "bigbench-1.0.0.tar.gz")
+        path = bigbench_sdist(sdist)
         if not path.is_file():
             from picochat.data.download import download_file
 
