@@ -69,7 +69,7 @@ def test_pretrain_auto_on_cpu_uses_the_start_and_records_it(base, tmp_path, caps
     auto = ["--device-batch-size", "auto", "--auto-batch-start", "2", "--eval-every", "0", "--sample-every", "-1"]
     summary = pretrain(auto + ["--num-steps", "4", "--stop-at", "2"], tmp_path / "a.jsonl")
     out = capsys.readouterr().out
-    assert "device batch size auto: 2 (the preset's; no memory probe on cpu)" in out
+    assert "device batch size auto: 2 (--auto-batch-start; no memory probe on cpu)" in out
     assert "device_batch_size        = 2" in out  # the logged config holds the number
     assert summary["tokens_per_step"] == 512  # TINY's 512-token steps: 4 micro-batches of 2 x 64
     meta = json.loads((base / "checkpoints" / "base" / "d2" / "step_000002" / "meta.json").read_text())
@@ -150,6 +150,37 @@ def test_the_probe_takes_the_largest_size_that_fits_and_divides_the_step():
     assert candidate_sizes(6, 128, 128 * 24, 1) == [24, 12, 6, 3, 1]
     assert largest_that_fits(candidate_sizes(6, 128, 128 * 24, 1), lambda rows: rows < 5) == 3
     assert largest_that_fits([8, 4, 2, 1], lambda rows: False) is None
+    # d20 on 8 GPUs: at most 32 rows per micro-batch; a start whose multiples do not divide the step keeps only 1
+    assert candidate_sizes(32, 2048, 524288, 8) == [32, 16, 8, 4, 2, 1]
+    assert candidate_sizes(12, 256, 12288, 1) == [48, 24, 12, 6, 3, 1]  # 48 rows of 256 = the whole step
+    assert candidate_sizes(12, 256, 8192, 1) == [1]  # 8,192 / 256 = 32 rows: no multiple of 3 divides it
+
+
+def test_auto_batch_on_cpu_keeps_the_given_size(capsys):
+    import contextlib
+
+    from conftest import make_tiny_model
+    from picochat.train.autobatch import auto_device_batch_size
+
+    model = make_tiny_model(vocab_size=320, depth=1, n_embd=32, sequence_len=64)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert auto_device_batch_size(model, 16, 64, 4096, 1, torch.device("cpu"), contextlib.nullcontext) == 16
+    assert "device batch size auto: 16 (--auto-batch-start; no memory probe on cpu)" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no probe step touched the weights
+
+
+def test_expected_time_and_cost():
+    from picochat.train.autobatch import describe_expected, expected_time_cost
+
+    # 6e9 FLOPs/token x 1e9 tokens = 6e18 FLOPs over 8 x 1e15 FLOP/s at 20%: 3,750 s; 8 GPUs x 3,750 s at $3/h = $25
+    seconds, usd = expected_time_cost(6e9, 1e9, 1e15, 8, 0.2, 3.0)
+    assert seconds == pytest.approx(3750) and usd == pytest.approx(25.0)
+    assert expected_time_cost(6e9, 1e9, 1e15, 8, 0.2, None)[1] is None
+    line = describe_expected(6e9, 1e9, 1e15, 8, "cuda", "NVIDIA H100 80GB HBM3")
+    assert line == ("expected: 6e+18 FLOPs (6e+09/token x 1e+09 tokens) on 8 x NVIDIA H100 80GB HBM3 at 1e+03 TFLOP/s "
+                    "peak each and 20% MFU: 62.5 min, ~$24.92 at $2.99 per device-hour")
+    assert describe_expected(6e9, 1e9, 1e15, 1, "cuda", "Some GPU", mfu=0.5).endswith(
+        "at 1e+03 TFLOP/s peak each and 50% MFU: 3 h 20 min, no cost estimate (no built-in price for this GPU)")
 
 
 # -- benchmarks: every JSON line says where and when; benchmarks/table.py renders the README's table ----------------

@@ -2,7 +2,6 @@
 model, a few steps per stage), interrupted with SIGINT and SIGKILL and run again; every preset's stage commands
 parse with the stages' own flag parsers; the auto micro-batch and the time/cost estimate of train/autobatch.py."""
 
-import contextlib
 import json
 import os
 import random
@@ -13,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from picochat import speedrun
 from picochat.checkpoint import list_steps, run_dir
@@ -287,52 +285,6 @@ def test_bad_corpus_source_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"picochat: error: --corpus-source {tmp_path / 'nope'} is not a folder; point it at a folder of "
                    f".txt, .jsonl or .parquet files"]
-
-
-# -- train/autobatch.py ------------------------------------------------------------------------------------------------
-
-
-def test_candidate_sizes_divide_the_step_largest_first():
-    from picochat.train.autobatch import candidate_sizes, largest_that_fits
-
-    # d20 shapes: 524,288-token steps of T = 2,048 on 8 GPUs allow at most 32 rows per micro-batch
-    assert candidate_sizes(32, 2048, 524288, 8) == [32, 16, 8, 4, 2, 1]
-    assert candidate_sizes(16, 2048, 524288, 1) == [256, 128, 64, 32, 16, 8, 4, 2, 1]
-    assert candidate_sizes(12, 256, 12288, 1) == [48, 24, 12, 6, 3, 1]  # 48 rows of 256 = the whole step
-    assert candidate_sizes(12, 256, 8192, 1) == [1]  # 8,192 / 256 = 32 rows: no multiple of 3 divides it
-    tried = []
-
-    def fits(b: int) -> bool:  # a card that holds 20 rows
-        tried.append(b)
-        return b <= 20
-
-    assert largest_that_fits([64, 32, 16, 8], fits) == 16 and tried == [64, 32, 16]
-    assert largest_that_fits([64, 32], fits) is None
-
-
-def test_auto_batch_on_cpu_keeps_the_given_size(capsys):
-    from conftest import make_tiny_model
-    from picochat.train.autobatch import auto_device_batch_size
-
-    model = make_tiny_model(vocab_size=320, depth=1, n_embd=32, sequence_len=64)
-    before = [p.detach().clone() for p in model.parameters()]
-    assert auto_device_batch_size(model, 16, 64, 4096, 1, torch.device("cpu"), contextlib.nullcontext) == 16
-    assert "device batch size auto: 16 (the preset's; no memory probe on cpu)" in capsys.readouterr().out
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-
-
-def test_expected_time_and_cost():
-    from picochat.train.autobatch import describe_expected, expected_time_cost
-
-    # 6e9 FLOPs/token x 1e9 tokens = 6e18 FLOPs over 8 x 1e15 FLOP/s at 20%: 3,750 s; 8 GPUs x 3,750 s at $3/h = $25
-    seconds, usd = expected_time_cost(6e9, 1e9, 1e15, 8, 0.2, 3.0)
-    assert seconds == pytest.approx(3750) and usd == pytest.approx(25.0)
-    assert expected_time_cost(6e9, 1e9, 1e15, 8, 0.2, None)[1] is None
-    line = describe_expected(6e9, 1e9, 1e15, 8, "cuda", "NVIDIA H100 80GB HBM3")
-    assert line == ("expected: 6e+18 FLOPs (6e+09/token x 1e+09 tokens) on 8 x NVIDIA H100 80GB HBM3 at 1e+03 TFLOP/s "
-                    "peak each and 20% MFU: 62.5 min, ~$24.92 at $2.99 per device-hour")
-    assert describe_expected(6e9, 1e9, 1e15, 1, "cuda", "Some GPU", mfu=0.5).endswith(
-        "at 1e+03 TFLOP/s peak each and 50% MFU: 3 h 20 min, no cost estimate (no built-in price for this GPU)")
 
 
 # -- the loop's `finished` flag (what the speedrun's skip decision reads) -------------------------------------------

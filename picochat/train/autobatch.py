@@ -106,7 +106,7 @@ def auto_device_batch_size(model: torch.nn.Module, start: int, seq_len: int, tot
     from picochat.common import UserError, is_fsdp, print0
 
     if device.type != "cuda":
-        print0(f"device batch size auto: {start} (the preset's; no memory probe on {device.type})")
+        print0(f"device batch size auto: {start} (--auto-batch-start; no memory probe on {device.type})")
         return start
     if is_fsdp(model):
         print0(f"device batch size auto: {start} (--auto-batch-start; no memory probe of a sharded --fsdp model)")
