@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from conftest import make_tiny_model, randomize_outputs
 from picochat.common import UserError
-from picochat.engine import Engine, GraphedSteps, SamplingParams, sample_rows
+from picochat.engine import Engine, GraphedSteps, SamplingParams, penalize, sample_rows
 from picochat.serve.scheduler import Scheduler
 from picochat.config import ModelConfig, derive_model_config
 
@@ -592,6 +592,29 @@ def test_sample_rows_each_row_its_own_settings():
         u = float(cdf[token] - probs[token] / 2)  # the middle of that token's CDF interval
         assert sample_rows(logits[:1], temps[3:], [None], [None], torch.tensor([u])).item() == token
     assert inference_dtype(torch.device("cpu"), compile=False) == torch.float32  # eager CPU autocast re-casts weights
+
+
+def test_penalties_subtract_from_the_logits_of_sampled_tokens():
+    logits = torch.zeros(3, 5)
+    params = [SamplingParams(frequency_penalty=0.5, presence_penalty=1.0), SamplingParams(),
+              SamplingParams(frequency_penalty=-1.0)]
+    out = penalize(logits, [{1: 2, 3: 1}, {1: 5}, {4: 3}], params)
+    assert out.tolist() == [[0, -2.0, 0, -1.5, 0], [0] * 5, [0, 0, 0, 0, 3.0]]
+    assert logits.eq(0).all()  # a new tensor: the step's logits are left as they were
+
+
+def test_greedy_with_a_presence_penalty_stops_repeating(tiny_tokenizer, models):
+    engine = Engine(models[0], tiny_tokenizer)
+    ids = tiny_tokenizer.encode("The quick brown", prepend=tiny_tokenizer.bos_id)
+    (plain,), _ = engine.generate_batch(ids, 1, SamplingParams(temperature=0, max_tokens=24))
+    assert len(set(plain)) < len(plain)  # a random model's greedy reply repeats tokens: the case to fix
+    (once,), _ = engine.generate_batch(ids, 1, SamplingParams(temperature=0, max_tokens=24, presence_penalty=1e4))
+    assert len(set(once)) == len(once) == 24 and once[0] == plain[0]  # the first token has nothing to avoid yet
+    # sampled rows too, and a seed still reproduces them
+    p = SamplingParams(temperature=1.0, max_tokens=24, seed=5, frequency_penalty=1e4)
+    (a,), _ = engine.generate_batch(ids, 1, p)
+    (b,), _ = engine.generate_batch(ids, 1, p)
+    assert a == b and len(set(a)) == len(a)
 
 
 def test_decode_n_chunks_match_single_steps(tiny_tokenizer, models):

@@ -127,9 +127,9 @@ def streamed_chat(url: str, body: dict) -> tuple[str, list, dict | None]:
     return text, chunks, usage
 
 
-def engine_greedy(srv, prompt_ids: list[int], max_tokens: int) -> str:
+def engine_greedy(srv, prompt_ids: list[int], max_tokens: int, **penalties) -> str:
     engine = Engine(srv.model, srv.tokenizer)
-    steps = engine.generate(prompt_ids, 1, SamplingParams(temperature=0, max_tokens=max_tokens))
+    steps = engine.generate(prompt_ids, 1, SamplingParams(temperature=0, max_tokens=max_tokens, **penalties))
     return "".join(ev.text for events in steps for ev in events)
 
 
@@ -580,8 +580,6 @@ def test_model_card_top_p_zero_and_neutral_fields(served):
     ("response_format", {"type": "json_object"}),
     ("logprobs", True),
     ("top_logprobs", 3),
-    ("frequency_penalty", 0.5),
-    ("presence_penalty", -1),
     ("logit_bias", {"12": 5}),
 ])
 def test_fields_we_cannot_honour_are_400_naming_the_field(served, field, value):
@@ -589,6 +587,20 @@ def test_fields_we_cannot_honour_are_400_naming_the_field(served, field, value):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == field and field in err["message"]
+
+
+def test_frequency_and_presence_penalties_reach_the_engine(served):
+    msgs = [{"role": "user", "content": "say it again"}]
+    prompt = served.tokenizer.render_for_completion({"messages": msgs})
+    plain = post_chat(served, messages=msgs, max_tokens=40).json()["choices"][0]["message"]["content"]
+    for pen in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"frequency_penalty": -0.5}):
+        r = post_chat(served, messages=msgs, max_tokens=40, **pen)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == engine_greedy(
+            served, prompt, 40, **pen)
+    assert engine_greedy(served, prompt, 40, frequency_penalty=2.0) != plain  # the penalty changed this reply
+    for field, value in (("frequency_penalty", 2.5), ("presence_penalty", -3), ("frequency_penalty", "high")):
+        r = post_chat(served, messages=msgs, **{field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 
 
 def test_max_tokens_that_does_not_fit_is_400_like_openai(served):

@@ -25,9 +25,10 @@ from picochat.engine.cache import CacheView, KVCache, StepView
 from picochat.engine.core import Engine, check_prompt
 from picochat.engine.graphs import GraphedSteps, cuda_graph
 from picochat.engine.rows import Event, Request, Row, TextStream
-from picochat.engine.sampling import SamplingParams, sample_plain, sample_rows
+from picochat.engine.sampling import SamplingParams, penalize, sample_plain, sample_rows
 from picochat.engine.steps import CompiledStep, DecodeStep, EagerStep, inference_dtype
 
 __all__ = ["AOT_CACHE_KEEP", "Batch", "CacheView", "CompiledStep", "DecodeStep", "EagerStep", "Engine", "Event",
            "GraphedSteps", "KVCache", "Request", "Row", "SamplingParams", "StepView", "TextStream", "aot_cache_dir",
-           "aot_key", "check_prompt", "cuda_graph", "inference_dtype", "sample_plain", "sample_rows"]
+           "aot_key", "check_prompt", "cuda_graph", "inference_dtype", "penalize", "sample_plain",
+           "sample_rows"]

@@ -17,7 +17,7 @@ import torch
 
 from picochat.engine.cache import KVCache
 from picochat.engine.rows import Request, Row, TextStream, Uniforms
-from picochat.engine.sampling import sample_rows
+from picochat.engine.sampling import penalize, sample_rows
 
 if TYPE_CHECKING:
     from picochat.engine.core import Engine
@@ -111,9 +111,9 @@ class Batch:
 
     def _steps(self, max_steps: int) -> int:
         """How many tokens this step may decode per row: 1 while a row waits for a tool or samples with top-k/top-p
-        (filtered sampling is not in the compiled graph), else up to max_steps within every row's token budget and
+        or a penalty (eager sampling is not in the compiled graph), else up to max_steps within every row's token budget and
         the context."""
-        if max_steps <= 1 or any(r.waiting or r.request.params.filtered for r in self.rows):
+        if max_steps <= 1 or any(r.waiting or r.request.params.eager for r in self.rows):
             return 1
         room = min(min(r.request.params.max_tokens - r.produced, self.e.context - 1 - r.pos) for r in self.rows)
         return max(1, min(max_steps, room))
@@ -127,14 +127,17 @@ class Batch:
 
     def _sample_and_accept(self, rows: list[Row], logits: torch.Tensor, sampled: torch.Tensor | None = None,
                            temps: torch.Tensor | None = None, u: torch.Tensor | None = None) -> None:
-        """Pick each row's token (the compiled step's own sample unless a row filters with top-k/top-p) and run the
-        state machine of the rows that are decoding (a waiting row's sample is ignored)."""
+        """Pick each row's token (the compiled step's own sample unless a row samples eagerly: top-k, top-p, a
+        penalty) and run the state machine of the rows that are decoding (a waiting row's sample is ignored)."""
         params = [r.request.params for r in rows]
         if temps is None:
             temps = self._temperatures(rows)
             u = self._uniforms(rows, 1)[0]
-        if sampled is None or any(p.filtered for p in params):
-            sampled = sample_rows(logits.float(), temps, [p.top_k for p in params], [p.top_p for p in params], u)
+        if sampled is None or any(p.eager for p in params):
+            logits = logits.float()
+            if any(p.penalized for p in params):
+                logits = penalize(logits, [r.sampled for r in rows], params)
+            sampled = sample_rows(logits, temps, [p.top_k for p in params], [p.top_p for p in params], u)
         for r, t in zip(rows, sampled.tolist()):
             if not r.done and not r.waiting:
                 r.uniforms.take(1)

@@ -17,11 +17,35 @@ class SamplingParams:
     max_tokens: int = 256  # completion tokens per row, forced tool tokens included
     seed: int | None = None  # per-call generator: the same seed reproduces the same tokens
     stop: tuple[str, ...] = ()  # generation ends when the text contains one of these; it is never emitted
+    # OpenAI's penalties on tokens this row already sampled (tool output excluded: the model did not choose it):
+    # logit - frequency_penalty x times sampled - presence_penalty if sampled at all; they apply to greedy rows too
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     @property
-    def filtered(self) -> bool:
-        """top-k or top-p is on: such rows are sampled by `sample_rows` outside the compiled graph."""
-        return bool(self.top_k) or (self.top_p is not None and 0 < self.top_p < 1)
+    def penalized(self) -> bool:
+        return self.frequency_penalty != 0 or self.presence_penalty != 0
+
+    @property
+    def eager(self) -> bool:
+        """top-k, top-p or a penalty is on: such rows are sampled by `sample_rows` outside the compiled graph."""
+        return bool(self.top_k) or (self.top_p is not None and 0 < self.top_p < 1) or self.penalized
+
+
+def penalize(logits: torch.Tensor, sampled: list[dict[int, int]], params: list[SamplingParams]) -> torch.Tensor:
+    """logits (n, V) fp32 -> a new (n, V) with each row's penalties subtracted; sampled[i]: token -> how many times
+    row i sampled it. One scatter over the few (row, token) pairs that carry a penalty, not a pass per row."""
+    rows, toks, amounts = [], [], []
+    for i, (seen, p) in enumerate(zip(sampled, params)):
+        for t, c in seen.items() if p.penalized else ():
+            rows.append(i)
+            toks.append(t)
+            amounts.append(p.frequency_penalty * c + p.presence_penalty)
+    out = logits.clone()
+    if rows:
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(toks, device=logits.device))
+        out.index_put_(index, -torch.tensor(amounts, dtype=logits.dtype, device=logits.device), accumulate=True)
+    return out
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 0) -> torch.Tensor:

@@ -34,6 +34,8 @@ HELP = "commands: /clear (new conversation), /exit (quit); Ctrl-C stops a reply"
 class ChatConfig(CheckpointSource):
     temperature: float = f(0.6, "sampling temperature; 0 = greedy")
     top_k: int = f(50, "sample among the k most likely tokens; 0 = all")
+    frequency_penalty: float = f(0.0, "minus this x times already sampled, on each token's logit (OpenAI's, -2..2)")
+    presence_penalty: float = f(0.0, "minus this on the logit of every token already sampled (OpenAI's, -2..2)")
     max_tokens: int = f(512, "most tokens per reply")
     seed: int | None = f(None, "sampling seed for reproducible replies")
     tool: str = f("calculator", TOOL_HELP, choices=list(TOOL_KINDS))
@@ -159,6 +161,8 @@ def _run(argv: list[str] | None) -> None:
         raise UserError(f"--temperature must be >= 0, got {cfg.temperature}")
     if cfg.max_tokens < 1 or cfg.top_k < 0:
         raise UserError("--max-tokens must be >= 1 and --top-k >= 0")
+    if not (abs(cfg.frequency_penalty) <= 2 and abs(cfg.presence_penalty) <= 2):
+        raise UserError("--frequency-penalty and --presence-penalty must be between -2 and 2")
     model, tokenizer, meta = load_model(cfg.source, step=cfg.step, run=cfg.run or None, device=cfg.device)
     # on stderr: stdout may be a one-shot reply that a script reads
     print(f"picochat chat: loaded {meta['source']} run '{meta['run'] or '(old layout)'}' step {meta['step']}",
@@ -166,7 +170,8 @@ def _run(argv: list[str] | None) -> None:
     engine = Engine(model, tokenizer, tool=make_tool(cfg.tool), compile=cfg.compile)
     engine.warmup(1)  # compiles now when --compile, else a no-op
     params = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k or None, max_tokens=cfg.max_tokens,
-                            seed=cfg.seed)
+                            seed=cfg.seed, frequency_penalty=cfg.frequency_penalty,
+                            presence_penalty=cfg.presence_penalty)
     color = sys.stdout.isatty()
     if ns.prompt is not None:
         stream_reply(engine, {"messages": [{"role": "user", "content": ns.prompt}]}, params, sys.stdout, color)

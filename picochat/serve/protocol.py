@@ -33,11 +33,9 @@ UNSUPPORTED_CHAT = {
     "response_format": lambda v: v == {"type": "text"},
     "logprobs": lambda v: v is False,
     "top_logprobs": lambda v: v == 0,
-    "frequency_penalty": lambda v: v == 0,
-    "presence_penalty": lambda v: v == 0,
     "logit_bias": lambda v: v == {},
 }
-UNSUPPORTED_COMPLETION = {k: UNSUPPORTED_CHAT[k] for k in ("frequency_penalty", "presence_penalty", "logit_bias")}
+UNSUPPORTED_COMPLETION = {"logit_bias": UNSUPPORTED_CHAT["logit_bias"]}
 UNSUPPORTED_COMPLETION["suffix"] = lambda v: v == ""
 UNSUPPORTED_COMPLETION["best_of"] = lambda v: v == 1
 
@@ -195,6 +193,9 @@ def sampling(body: dict, prompt_ids: list[int], limits: Limits, param: str, allo
         max_tokens=min(limits.max_tokens, room) if max_tokens is None else max_tokens,
         seed=seed,
         stop=_stop(body),
+        # OpenAI's range; applied to the tokens this reply sampled (engine/sampling.py)
+        frequency_penalty=float(number(body, "frequency_penalty", 0.0, lo=-2.0, hi=2.0)),
+        presence_penalty=float(number(body, "presence_penalty", 0.0, lo=-2.0, hi=2.0)),
     )
     return GenRequest(prompt_ids, params, n, stream, include_usage)
 
