@@ -15,6 +15,8 @@ import torch
 
 from picochat.common import _cpu_flags, autodetect_device, measure_matmul_flops
 
+from _env import stamp  # benchmarks/_env.py: machine, date, command
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -23,7 +25,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     dev = autodetect_device(args.device).type
     native_bf16 = dev == "cuda" or bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
-    out = {"device": dev, "threads": torch.get_num_threads()}
+    out = {**stamp(__file__, dev), "device": dev, "threads": torch.get_num_threads()}
     for name in ("float32", "bfloat16") if native_bf16 else ("float32",):
         readings = []
         for _ in range(args.readings):

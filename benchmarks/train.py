@@ -26,6 +26,8 @@ from picochat.model import GPT, HEAD_PLAIN_BYTES
 from picochat.train.loop import Prepared, Stage, make_optimizer, micro_batches, train
 from picochat.config import PretrainConfig
 
+from _env import stamp  # benchmarks/_env.py: machine, date, command
+
 
 def bench(args, dtype: str) -> dict:
     os.environ["PICOCHAT_DTYPE"] = dtype
@@ -110,7 +112,7 @@ def main(argv=None) -> None:
     dev = rt.device.type
     native_bf16 = dev == "cuda" or bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
-    out = {"depth": args.depth, "head_dim": args.head_dim, "seq_len": args.max_seq_len,
+    out = {**stamp(__file__, rt.device), "depth": args.depth, "head_dim": args.head_dim, "seq_len": args.max_seq_len,
            "device_batch": args.device_batch_size, "total_batch": args.total_batch_size, "vocab": args.vocab_size,
            "device": str(rt.device), "compile": args.compile, "threads": torch.get_num_threads(),
            "peak_fp32_gflops": round(measure_matmul_flops("float32", dev) / 1e9, 1),

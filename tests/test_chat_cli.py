@@ -33,11 +33,11 @@ def base_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return base
 
 
-def greedy_reply(base: Path, messages: list[dict]) -> str:
+def greedy_reply(base: Path, messages: list[dict], **penalties) -> str:
     model, tok, _ = load_model("sft", base_dir=base)
     engine = Engine(model, tok)
     prompt = tok.render_for_completion({"messages": messages})
-    steps = engine.generate(prompt, 1, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    steps = engine.generate(prompt, 1, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, **penalties))
     events = [ev for step in steps for ev in step]
     assert {ev.segment for ev in events} == {"text"}  # no tool call, so the CLI prints the text as is
     return "".join(ev.text for ev in events)
@@ -55,6 +55,19 @@ def test_one_shot_prints_engine_greedy_reply(base_dir):
     # shown with control characters escaped (this random model's reply has some)
     reply = greedy_reply(base_dir, [{"role": "user", "content": "hello there"}])
     assert proc.stdout == chat_cli.printable(reply) + "\n"
+
+
+def test_penalty_flags_reach_the_engine_and_are_range_checked(base_dir, monkeypatch, capsys):
+    proc = run_cli(base_dir, ["-p", "hello there", "--temperature", "0", "--max-tokens", str(MAX_TOKENS),
+                              "--presence-penalty", "2", "--frequency-penalty", "1.5"])
+    assert proc.returncode == 0, proc.stderr
+    reply = greedy_reply(base_dir, [{"role": "user", "content": "hello there"}], presence_penalty=2.0,
+                         frequency_penalty=1.5)
+    assert proc.stdout == chat_cli.printable(reply) + "\n"
+    monkeypatch.setenv("PICOCHAT_BASE_DIR", str(base_dir))
+    assert chat_cli.main(["-p", "hi", "--frequency-penalty", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the fixture's note on its old layout
+    assert err.startswith("picochat: error:") and "--frequency-penalty" in err
 
 
 def test_interactive_clear_and_exit(base_dir):
