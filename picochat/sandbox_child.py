@@ -10,6 +10,7 @@ The layers that took effect are written to CONFIG["layers_fd"] as a JSON list be
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import sys
@@ -53,7 +54,7 @@ def main(argv: list[str]) -> None:
     sys.modules["__main__"] = module
     sys.argv = ["main.py"]
     try:
-        exec(compile(source, "main.py", "exec"), module.__dict__)
+        _run_cell(source, module.__dict__)
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - report every failure of the user's code as Python would, then exit
@@ -62,6 +63,20 @@ def main(argv: list[str]) -> None:
             tb = tb.tb_next  # hide the sandbox's own frames: the traceback should start in main.py
         traceback.print_exception(type(e), e, tb)
         sys.exit(MEMORY_EXIT if isinstance(e, MemoryError) else 1)
+
+
+def _run_cell(source: str, namespace: dict) -> None:
+    """main.py as a notebook cell: its statements, then a final top-level expression's value printed (its repr, as
+    Python's prompt shows it) unless it is None. The model's calls are mostly one expression,
+    'strawberry'.count('r'), whose value a plain run would drop: the tool answered "" where the training replies
+    (computed by the calculator) show the count."""
+    tree = compile(source, "main.py", "exec", ast.PyCF_ONLY_AST)  # the builtin: no ast.py frame in a traceback
+    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    exec(compile(tree, "main.py", "exec"), namespace)
+    if last is not None:
+        value = eval(compile(ast.Expression(last.value), "main.py", "eval"), namespace)
+        if value is not None:
+            print(repr(value))
 
 
 def _rlimits(config: dict) -> bool:

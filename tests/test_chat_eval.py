@@ -434,3 +434,24 @@ def test_quick_chat_eval_reads_the_offline_test_splits(tiny_tokenizer):
         assert got[name] == want
         centred.append((want - baseline) / (1 - baseline))
     assert got["chatcore2"] == pytest.approx(sum(centred) / 2)
+
+
+def test_the_tool_each_task_is_evaluated_with_gives_the_outputs_its_training_shows():
+    """A task's training replies carry their tool outputs; evaluation runs the model's calls through TASK_TOOLS'
+    tool. The two must agree: SpellingBee's python tool answered "" to its bare .count expressions while training
+    showed the count, so no evaluated reply ever saw one."""
+    from picochat.evals.chat import TASK_TOOLS
+    from picochat.tasks.arithmetic import Arithmetic
+
+    trained = {"spellingbee": SpellingBee("train", size=6, words=FIX / "words.txt"),
+               "gsm8k": Arithmetic("train", size=6)}  # offline, arithmetic teaches GSM8K's calculator replies
+    for name, task in trained.items():
+        tool = make_tool(TASK_TOOLS[name])
+        calls = 0
+        for i in range(len(task)):
+            parts = task[i]["messages"][-1]["content"]
+            for call, out in zip(parts, parts[1:]):
+                if call["type"] == "python":
+                    assert out["type"] == "python_output" and tool(call["text"]) == out["text"], (name, call)
+                    calls += 1
+        assert calls >= 6, name

@@ -107,6 +107,19 @@ def test_stdout_captured_exactly_and_stdin():
     assert 0 < r.duration_s < 5
 
 
+def test_a_final_expression_is_echoed_like_a_notebook_cell():
+    # the model's calls are mostly one expression, 'strawberry'.count('r'): without the echo its value was lost and
+    # the tool answered "" where training (the calculator's output) showed the count
+    r = run_python("\" strawberry\".count(\"r\")")
+    assert (r.status, r.stdout) == ("ok", "3\n")
+    assert run_python("x = 6\nprint('x is', x)\nx * 7").stdout == "x is 6\n42\n"
+    assert run_python("'abc'.upper()").stdout == "'ABC'\n"  # the repr, as Python's prompt shows it
+    assert run_python("print('once')").stdout == "once\n"  # a None value is not shown
+    assert run_python("for i in range(2):\n    i").stdout == ""  # only a final top-level expression
+    r = run_python("x = 1\nx / 0")
+    assert r.status == "error" and 'File "main.py", line 2' in r.stderr and "sandbox" not in r.stderr
+
+
 def test_exception_is_an_error_result_with_a_clean_traceback():
     r = run_python("x = 1\ny = x / 0\n")
     assert r.status == "error" and not r.ok
