@@ -11,6 +11,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+import regex
 
 from picochat.common import UserError
 from picochat.tasks import TaskMixture, TaskSequence, get_task
@@ -27,7 +28,7 @@ from picochat.tasks.mathqa import ElementaryMathQA
 from picochat.tasks.mmlu import MMLU
 from picochat.tasks.sources import choose_rows, hub_cache_dir, package_dir
 from picochat.tasks.spelling import SimpleSpelling, SpellingBee, load_words, split_words
-from picochat.tokenizer import Tokenizer
+from picochat.tokenizer import SPLIT_PATTERN, Tokenizer
 from picochat.tools import calculator
 
 FIX = Path(__file__).parent / "fixtures" / "tasks"
@@ -271,13 +272,31 @@ def test_spellingbee_counts_are_right_and_scored_by_the_final_number():
         assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
         assert parts[2]["text"] == str(conv["count"])
         # the call right after one short sentence that names the word: the copy distance a small model manages
-        assert parts[1]["text"] == f"'{conv['word']}'.count('{conv['letter']}')"
+        assert parts[1]["text"] == f'" {conv["word"]}".count("{conv["letter"]}")'
         assert conv["word"] in parts[0]["text"] and len(parts[0]["text"].split()) <= 9
     assert reply(SpellingBee("train", size=40, words=WORDS)[7]) == reply(train[7])  # same (seed, index), same
     assert len({train[i]["messages"][0]["content"].split()[0].lower() for i in range(40)}) >= 4  # varied phrasing
     conv = {**train[0], "count": 3}
     assert train.evaluate(conv, "s, t, r... The letter 'r' appears 3 times.") and train.reward(conv, "3") == 1.0
     assert not train.evaluate(conv, "It appears 2 times.") and not train.evaluate(conv, "many")
+
+
+def split(text: str) -> list[str]:
+    return regex.findall(SPLIT_PATTERN, text)  # the tokenizer's pre-tokens: BPE never merges across them
+
+
+def test_spellingbee_call_copies_the_words_tokens():
+    # the call holds the word as the same pre-token (so the same token ids) as the sentence before it and an unquoted
+    # question: a small model copies tokens; 'strawberry' would be 's|trawberry, tokens it would have to re-spell
+    task = SpellingBee("train", size=60, words=WORDS)
+    unquoted = 0
+    for i in range(60):
+        conv = task[i]
+        word, question, (sentence, call) = conv["word"], conv["messages"][0]["content"], reply(conv)[:2]
+        assert f" {word}" in split(sentence["text"]) and f" {word}" in split(call["text"])
+        assert calculator(call["text"]) == str(conv["count"])
+        unquoted += f" {word}" in split(question)
+    assert unquoted >= 10  # the question's own pre-token, where it writes the word bare after a space
 
 
 def test_spellingbee_chance_is_the_best_constant_count_and_tool_calls_are_diagnosed():
@@ -289,6 +308,7 @@ def test_spellingbee_chance_is_the_best_constant_count_and_tool_calls_are_diagno
     conv = {**convs[0], "word": "strawberry", "letter": "r", "count": 3}
     right = "s, t, r, a, w<|python_start|>'strawberry'.count('r')<|python_end|><|output_start|>3<|output_end|> 3"
     assert task.diagnose(conv, right) == {"tool": True, "right_call": True}
+    assert task.diagnose(conv, right.replace("'strawberry'", '" strawberry"')) == {"tool": True, "right_call": True}
     assert task.diagnose(conv, right.replace("'strawberry'", '"strawberry"')) == {"tool": True, "right_call": True}
     assert task.diagnose(conv, right.replace("strawberry'", "strawbery'")) == {"tool": True, "right_call": False}
     assert task.diagnose(conv, right.replace("('r')", "('s')")) == {"tool": True, "right_call": False}

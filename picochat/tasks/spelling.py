@@ -94,11 +94,14 @@ class SpellingBee(_WordTask):
         question = rng.choice(_COUNT_QUESTIONS).format(letter=f"{quote}{letter}{quote}", word=f"{quote}{word}{quote}")
         if rng.random() < 0.3:
             question = question.lower()
-        expr = f"'{word}'.count('{letter}')"
+        # The call copies the word token for token. Quoted, 'strawberry' pre-tokenises as 's + trawberry (a
+        # contraction) and "wrestling" as one piece with its quote: other tokens than the ` straw|berry` of the
+        # question and of the sentence before the call, so a small model would have to re-spell the word; the
+        # leading space (which .count ignores) keeps the same tokens. Spelled out first (nanochat's order), the CPU demo's model
+        # misspelled the word and copied its own misspelling into the call ("Spelled out, wrestling is: p, o, n,
+        # ...", then 'cornies'.count('s')); SimpleSpelling teaches spelling.
+        expr = f'" {word}".count("{letter}")'
         count = int(calculator(expr))
-        # the call comes first, copied while the word is a few tokens back: spelled out first (nanochat's order),
-        # the CPU demo's model misspelled the word and then copied its own misspelling into the call
-        # ("Spelled out, wrestling is: p, o, n, ...", then 'cornies'.count('s')); SimpleSpelling teaches spelling
         reply = [
             {"type": "text", "text": f"Let me count the '{letter}' in {word} with Python.\n"},
             {"type": "python", "text": expr},
@@ -123,7 +126,7 @@ class SpellingBee(_WordTask):
         call = re.search(r"<\|python_start\|>(.*?)<\|python_end\|>", completion, re.S)
         word, letter = conversation["word"], conversation["letter"]
         right = call is not None and re.fullmatch(
-            rf"\s*['\"]{word}['\"]\s*\.count\(\s*['\"]{letter}['\"]\s*\)\s*", call.group(1)) is not None
+            rf"\s*['\"] ?{word}['\"]\s*\.count\(\s*['\"]{letter}['\"]\s*\)\s*", call.group(1)) is not None
         return {"tool": call is not None, "right_call": right}
 
 
@@ -140,3 +143,4 @@ class SimpleSpelling(_WordTask):
     def evaluate(self, conversation: dict, completion: str) -> bool:
         letters = [x for x in re.split(r"[\s,\-]+", completion.strip().lower().rstrip(".")) if x]
         return letters == list(conversation["word"])
+
