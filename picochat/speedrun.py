@@ -104,7 +104,7 @@ PRESETS: dict[str, Preset] = {
                                                            "--max-tokens", "16"]),
 }
 SAMPLE_QUESTIONS = ["Hi! Who are you?", "How many r are in strawberry?", "What is 12 times 7?",
-                    "What should I cook for dinner tonight?"]
+                    "What should I cook for dinner tonight?", "Do you like music?"]
 
 
 @dataclass
@@ -294,8 +294,8 @@ def run_stage(argv: list[str]) -> int:
 
 
 def print_samples(source: str, run: str) -> None:
-    """The final model's replies to a few questions, greedy and sampled (`picochat chat`'s default temperature and
-    top-k), with the calculator tool on (as `picochat chat`)."""
+    """The final model's replies to a few questions, greedy with a frequency penalty and sampled (`picochat chat`'s
+    default temperature and top-k), with the calculator tool on (as `picochat chat`)."""
     from picochat.checkpoint import load_model
     from picochat.engine import Engine, SamplingParams
     from picochat.serve.chat_cli import stream_reply
@@ -303,7 +303,10 @@ def print_samples(source: str, run: str) -> None:
 
     model, tok, _ = load_model(source, None, "auto", run=run)
     engine = Engine(model, tok, tool=make_tool("calculator"))
-    for title, params in (("greedy", SamplingParams(temperature=0.0, max_tokens=96, seed=0)),
+    # the penalty: greedy, the CPU demo's model loops ("I do. I do. I do. ..." to "Do you like music?"); at 0.5 it
+    # ends its turn ("I do! I like to watch the piano and watch TV shows. I have a lot of favorite movies.")
+    for title, params in (("greedy, frequency penalty 0.5",
+                           SamplingParams(temperature=0.0, max_tokens=96, seed=0, frequency_penalty=0.5)),
                           ("sampled, temperature 0.6, top-k 50",
                            SamplingParams(temperature=0.6, top_k=50, max_tokens=96, seed=0))):
         print(f"\nsample replies ({title}):")

@@ -603,6 +603,27 @@ def test_penalties_subtract_from_the_logits_of_sampled_tokens():
     assert logits.eq(0).all()  # a new tensor: the step's logits are left as they were
 
 
+def test_penalties_count_the_replys_text_not_its_tool_calls(tiny_tokenizer):
+    """Code repeats tokens by nature (12*12) and a second tool call must not be discouraged: only text tokens the
+    row sampled are counted, and a row inside a python block is not penalized (batch.py)."""
+    from picochat.engine import Request, Row, TextStream
+    from picochat.engine.rows import Specials, Uniforms
+
+    tok = tiny_tokenizer
+    sid = tok.special_id
+    specials = Specials(tok.bos_id, sid("<|assistant_end|>"), sid("<|python_start|>"), sid("<|python_end|>"),
+                        sid("<|output_start|>"), sid("<|output_end|>"))
+    params = SamplingParams(frequency_penalty=1.0)
+    row = Row(Request(0, [tok.bos_id], 1, params, lambda ev: None), 0, 1, TextStream(()), Uniforms(None, 0, 0.0))
+    x, one, plus = tok.encode("x")[0], tok.encode("1")[0], tok.encode("+")[0]
+    for t, forced in [(x, False), (specials.python_start, False), (one, False), (plus, False), (one, False),
+                      (specials.python_end, False), (specials.output_start, True), (one, True),
+                      (specials.output_end, True), (x, False), (one, False)]:
+        row.accept(t, forced, specials, tok.decode_bytes([t]), context=64)
+    assert row.sampled == {x: 2, one: 1}  # the text's x, x and 1; not the code's 1 + 1, the markers or the output
+    assert row.segment == "text" and not row.done
+
+
 def test_greedy_with_a_presence_penalty_stops_repeating(tiny_tokenizer, models):
     engine = Engine(models[0], tiny_tokenizer)
     ids = tiny_tokenizer.encode("The quick brown", prepend=tiny_tokenizer.bos_id)

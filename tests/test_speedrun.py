@@ -202,7 +202,8 @@ def test_speedrun_every_stage_survives_sigint_and_sigkill(tmp_path, monkeypatch,
                                            .read_text())["metrics"]["bpb"], abs=1e-4)
     assert f"report: {base / 'report' / 'report.md'}" in log3
     assert log3.count("  picochat> ") == 2 * len(speedrun.SAMPLE_QUESTIONS)  # greedy, then sampled
-    assert "sample replies (greedy):" in log3 and "sample replies (sampled, temperature 0.6, top-k 50):" in log3
+    assert "sample replies (greedy, frequency penalty 0.5):" in log3
+    assert "sample replies (sampled, temperature 0.6, top-k 50):" in log3
     assert "chat with it:  picochat chat --source rl --run tiny" in log3
     assert "serve it:      picochat serve --source rl --run tiny" in log3
 

@@ -136,7 +136,9 @@ class Batch:
         if sampled is None or any(p.eager for p in params):
             logits = logits.float()
             if any(p.penalized for p in params):
-                logits = penalize(logits, [r.sampled for r in rows], params)
+                # text only: code repeats its tokens by nature (12*12), and a penalized <|python_start|> would
+                # discourage the next tool call
+                logits = penalize(logits, [r.sampled if r.segment == "text" else {} for r in rows], params)
             sampled = sample_rows(logits, temps, [p.top_k for p in params], [p.top_p for p in params], u)
         for r, t in zip(rows, sampled.tolist()):
             if not r.done and not r.waiting:

@@ -144,7 +144,7 @@ class Row:
     produced: int = 0
     segment: str = "text"  # "text" | "python"
     code: list[int] = field(default_factory=list)
-    sampled: dict[int, int] = field(default_factory=dict)  # token -> times sampled, kept for a penalized request
+    sampled: dict[int, int] = field(default_factory=dict)  # text token -> times sampled, for a penalized request
     waiting: bool = False  # a tool call is running: the row sits out decode steps
     done: bool = False
 
@@ -157,10 +157,10 @@ class Row:
         at = self.pos + len(self.feed)  # the position t is fed at
         self.feed.append(t)
         self.produced += 1
-        if not forced and req.params.penalized:
-            self.sampled[t] = self.sampled.get(t, 0) + 1
         segment = "output" if forced else ("python" if (self.segment == "python" or t == specials.python_start)
                                           else "text")
+        if segment == "text" and req.params.penalized:
+            self.sampled[t] = self.sampled.get(t, 0) + 1
         if t in (specials.assistant_end, specials.bos) and not forced:
             self._emit(Event(self.index, t, forced, segment, self.text.finish(), "stop", drop=1))
             return None

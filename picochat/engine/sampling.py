@@ -17,8 +17,9 @@ class SamplingParams:
     max_tokens: int = 256  # completion tokens per row, forced tool tokens included
     seed: int | None = None  # per-call generator: the same seed reproduces the same tokens
     stop: tuple[str, ...] = ()  # generation ends when the text contains one of these; it is never emitted
-    # OpenAI's penalties on tokens this row already sampled (tool output excluded: the model did not choose it):
-    # logit - frequency_penalty x times sampled - presence_penalty if sampled at all; they apply to greedy rows too
+    # OpenAI's penalties on the text tokens this row already sampled, in its text only (not in tool calls, whose
+    # code repeats tokens by nature, nor from tool output, which the model did not choose): logit -
+    # frequency_penalty x times sampled - presence_penalty if sampled at all; greedy rows are penalized too
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
 
