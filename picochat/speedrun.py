@@ -56,7 +56,7 @@ def _gpu_tier(pretrain: str, shards: int, vocab: int) -> Preset:
     # downloads FineWeb-Edu anyway, so it has the network; the offline packages are the CPU demo's stand-ins
     return Preset(data=["download", "--num-shards", str(shards)], corpus="fineweb-edu", vocab_size=vocab,
                   pretrain=["--preset", pretrain], midtrain=["--source", "hub"], sft=["--source", "hub"],
-                  rl=["--task", "gsm8k"], eval_base=["--tasks", "core,hellaswag,bpb"], eval_chat=[])
+                  rl=["--task", "gsm8k"], eval_base=["--tasks", "core,hellaswag,bpb,copy"], eval_chat=[])
 
 
 DEMO_SOURCES = ("austen", "chitchat", "chatterbot", "topical-chat")
@@ -82,7 +82,7 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset(data=["prepare", "--sources", "@demo", "--name", "demo"], corpus="demo", vocab_size=8192,
                   pretrain=["--preset", "cpu"], midtrain=["--preset", "cpu"], sft=["--preset", "cpu"],
                   rl=["--task", "spellingbee", "--num-steps", "30", "--max-minutes", "4", "--eval-size", "32"],
-                  eval_base=["--tasks", "core,hellaswag,bpb", "--max-per-task", "100"],
+                  eval_base=["--tasks", "core,hellaswag,bpb,copy", "--max-per-task", "100"],
                   eval_chat=["--max-problems", "50"]),
     "d12": _gpu_tier("d12", 60, 8192),
     "d20": _gpu_tier("d20", 240, 65536),

@@ -112,3 +112,40 @@ def test_two_ranks_give_the_single_process_numbers(base_dir, monkeypatch):
         if name.endswith(".jsonl"):  # the same problems, in the same order, with the same outcome
             assert [(r["index"], r.get("correct", r.get("pred_norm"))) for r in two[name]] == \
                    [(r["index"], r.get("correct", r.get("pred_norm"))) for r in one[name]]
+
+
+class CopyingModel(torch.nn.Module):
+    """A perfect copier of a sequence that repeats with period L: from position L on it predicts the token L - 1
+    back (what comes next the previous time around), before it nothing in particular."""
+
+    def __init__(self, vocab_size: int, sequence_len: int, period: int):
+        super().__init__()
+        self.config = type("Config", (), {"sequence_len": sequence_len})()
+        self.vocab_size, self.period = vocab_size, period
+
+    def forward(self, idx):
+        B, T = idx.shape
+        logits = torch.zeros(B, T, self.vocab_size)
+        for t in range(self.period, T):
+            logits[torch.arange(B), t, idx[:, t - self.period + 1]] = 30.0
+        return logits
+
+
+def test_copy_suite_tells_a_copier_from_a_model_that_does_not_copy(base_dir, monkeypatch, capsys, tiny_tokenizer):
+    from picochat.evals.copy import copy_sequences, evaluate_copy
+
+    V = tiny_tokenizer.vocab_size
+    oracle = evaluate_copy(CopyingModel(V, 129, period=64), tiny_tokenizer, "cpu", n=8)
+    task = oracle["tasks"]["copy"]
+    assert oracle["metrics"]["copy_acc"] == 1.0 and task["length"] == 64 and task["second_nats"] < 1e-6
+    assert task["first_nats"] == pytest.approx(math.log(V))  # uniform before the sequence repeats
+    assert oracle["metrics"]["copy_gain"] == pytest.approx(task["first_nats"] - task["second_nats"])
+    seqs = copy_sequences(V, 9, 4, 10)
+    assert seqs.max() < V - 9 and torch.equal(seqs, copy_sequences(V, 9, 4, 10))  # ordinary ids, seeded
+    # the tiny random checkpoint through the CLI: no copying, a result file the report reads, a summary row
+    monkeypatch.setenv("PICOCHAT_BASE_DIR", str(base_dir))
+    assert run.main(["base", "--run", "t", "--tasks", "copy", "--device", "cpu"]) == 0
+    result = read_results(base_dir)["copy.json"]
+    assert result["tasks"]["copy"]["length"] == 31  # (context 64 - BOS) // 2
+    assert result["metrics"]["copy_acc"] < 0.2 and abs(result["metrics"]["copy_gain"]) < 0.5
+    assert "copy       copy_acc" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from picochat.report.render import cost_blocks
 # (stage, run, steps, tokens per step, {suite: metrics}) of the synthetic pipeline
 PIPELINE = [
     ("base", "d2", 12, 256, {"bpb": {"bpb": 1.2345}, "core": {"core20": 0.1375},
-                             "hellaswag": {"hellaswag": 0.2875}}),
+                             "hellaswag": {"hellaswag": 0.2875}, "copy": {"copy_acc": 0.0312}}),
     ("mid", "d2", 6, 128, {"chat": {"arc_easy": 0.3125, "mmlu": 0.2625, "chatcore": 0.0417}}),
     ("sft", "d2", 4, 128, {"chat": {"arc_easy": 0.375, "arc_challenge": 0.25, "mmlu": 0.275, "gsm8k": 0.0625,
                                     "humaneval": 0.0, "spellingbee": 0.5, "chatcore": 0.1208}}),
@@ -73,7 +73,7 @@ def summary_table(md: str) -> dict[str, dict[str, str]]:
 
 
 def expected_table(pipeline) -> dict[str, dict[str, str]]:
-    labels = {"bpb": "bpb", "core20": "CORE-20", "hellaswag": "HellaSwag", "arc_easy": "ARC-E",
+    labels = {"bpb": "bpb", "core20": "CORE-20", "hellaswag": "HellaSwag", "copy_acc": "copying", "arc_easy": "ARC-E",
               "arc_challenge": "ARC-C", "mmlu": "MMLU", "gsm8k": "GSM8K", "humaneval": "HumanEval",
               "spellingbee": "SpellingBee", "chatcore": "ChatCORE"}
     table = {label: {s: "-" for s in ("base", "mid", "sft", "rl")} for label in labels.values()}
@@ -104,7 +104,7 @@ def test_card_of_all_four_stages_holds_their_numbers_and_plots(base):
                 "| MFU | 5.00% |", "| wall time | 12.5 s |", "| checkpoint | `checkpoints/base/d2/step_000012` |"):
         assert row in base_section
     assert "| hellaswag | 0.2875 | 16 |" in base_section  # per-task table of the result file
-    assert "| total | 39.0 s |" in md  # 12.5 + 6.5 + 4.5 + 3.5 of training + 6 results x 2 s
+    assert "| total | 41.0 s |" in md  # 12.5 + 6.5 + 4.5 + 3.5 of training + 7 results x 2 s
     # every plot is linked, exists and is a valid PNG of the expected size (one 400 x 300 panel per stage that logged
     # the metric; the summary bars 4 panels wide)
     links = re.findall(r"!\[[^]]*\]\(plots/([a-z_0-9]+)\.png\)", md)

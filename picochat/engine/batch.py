@@ -111,8 +111,8 @@ class Batch:
 
     def _steps(self, max_steps: int) -> int:
         """How many tokens this step may decode per row: 1 while a row waits for a tool or samples with top-k/top-p
-        or a penalty (eager sampling is not in the compiled graph), else up to max_steps within every row's token budget and
-        the context."""
+        or a penalty (eager sampling is not in the compiled graph), else up to max_steps within every row's token
+        budget and the context."""
         if max_steps <= 1 or any(r.waiting or r.request.params.eager for r in self.rows):
             return 1
         room = min(min(r.request.params.max_tokens - r.produced, self.e.context - 1 - r.pos) for r in self.rows)

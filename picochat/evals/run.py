@@ -1,6 +1,6 @@
 """`picochat eval base|chat`: evaluate a checkpoint and write the results where the report reads them.
 
-    picochat eval base                          # bpb, CORE (CORE-20 offline), HellaSwag of the latest base run
+    picochat eval base                          # bpb, CORE (CORE-20 offline), HellaSwag, copying: the latest base run
     picochat eval base --run d4 --step 260 --tasks core,hellaswag --max-per-task 50
     torchrun --nproc_per_node=8 -m picochat.evals.run base --source mid   # examples split across ranks, gathered
     picochat eval chat ...                      # chat evaluation: picochat.evals.chat
@@ -22,7 +22,7 @@ from pathlib import Path
 from picochat.common import UserError, autocast_ctx, get_base_dir, print0, run_main, runtime
 from picochat.config import f, parse_config
 
-SUITES = ("core", "hellaswag", "bpb")
+SUITES = ("core", "hellaswag", "bpb", "copy")
 
 
 @dataclass
@@ -30,7 +30,8 @@ class EvalBaseConfig:
     source: str = f("base", "checkpoint stage to evaluate: base | mid | sft | rl")
     run: str = f("", "run name under checkpoints/<source>/ (empty = the most recently written run)")
     step: int = f(-1, "checkpoint step (-1 = the run's last)")
-    tasks: str = f("core,hellaswag,bpb", "comma-separated suites: core, hellaswag, bpb")
+    tasks: str = f("core,hellaswag,bpb,copy", "comma-separated suites: core, hellaswag, bpb, copy (in-context "
+                   "copying of a repeated random sequence)")
     max_per_task: int = f(-1, "examples per CORE task and for HellaSwag (-1 = all; a prefix of a fixed shuffle)")
     core_bundle: str = f("auto", "auto (the full bundle if downloaded, else CORE-20) | full (download the 22-task "
                                  "bundle) | core20 (offline conversion) | a bundle folder")
@@ -121,7 +122,7 @@ def _base(argv: list[str] | None) -> None:
     from picochat.checkpoint import load_model
 
     cfg, _, _ = parse_config(EvalBaseConfig, argv, prog="picochat eval base",
-                             description="evaluate a base (or later) checkpoint: bpb, CORE, HellaSwag")
+                             description="evaluate a base (or later) checkpoint: bpb, CORE, HellaSwag, copying")
     suites = [s.strip() for s in cfg.tasks.split(",") if s.strip()]
     unknown = [s for s in suites if s not in SUITES]
     if unknown or not suites:
@@ -144,6 +145,10 @@ def _base(argv: list[str] | None) -> None:
                 result, records = _bpb(model, tok, meta, cfg, rt, autocast)
             elif suite == "core":
                 result, records = _core(model, tok, cfg, rt, autocast)
+            elif suite == "copy":
+                from picochat.evals.copy import evaluate_copy
+
+                result, records = evaluate_copy(model, tok, rt.device, autocast=autocast), {}
             else:
                 result, records = _hellaswag(model, tok, cfg, rt, autocast)
             result = {"suite": suite, "stage": meta["source"], "run": meta["run"] or "default", "step": meta["step"],
@@ -157,7 +162,7 @@ def _base(argv: list[str] | None) -> None:
 
 USAGE = """usage: picochat eval base|chat [flags]   (picochat eval base --help, picochat eval chat --help)
 
-  base   bpb on the validation slice, CORE (CORE-20 offline), HellaSwag
+  base   bpb on the validation slice, CORE (CORE-20 offline), HellaSwag, in-context copying
   chat   ARC, MMLU, GSM8K, HumanEval, SpellingBee, ChatCORE"""
 
 

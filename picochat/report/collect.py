@@ -24,9 +24,9 @@ from picochat.common import UserError
 
 # rows of the summary table: (metric key in the result files, label). "core" and "chatcore" also come as partial
 # variants named by their task count ("core20" = CORE over the 20 tasks available offline): see summary_rows
-SUMMARY_ROWS = [("bpb", "bpb"), ("core", "CORE"), ("hellaswag", "HellaSwag"), ("arc_easy", "ARC-E"),
-                ("arc_challenge", "ARC-C"), ("mmlu", "MMLU"), ("gsm8k", "GSM8K"), ("humaneval", "HumanEval"),
-                ("spellingbee", "SpellingBee"), ("chatcore", "ChatCORE")]
+SUMMARY_ROWS = [("bpb", "bpb"), ("core", "CORE"), ("hellaswag", "HellaSwag"), ("copy_acc", "copying"),
+                ("arc_easy", "ARC-E"), ("arc_challenge", "ARC-C"), ("mmlu", "MMLU"), ("gsm8k", "GSM8K"),
+                ("humaneval", "HumanEval"), ("spellingbee", "SpellingBee"), ("chatcore", "ChatCORE")]
 _PARTIAL_RE = re.compile(r"^(core|chatcore)(\d+|_subset)$")
 
 # bytes/token is measured on the first documents of the validation split, up to this many characters: 1M characters

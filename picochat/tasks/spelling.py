@@ -97,9 +97,9 @@ class SpellingBee(_WordTask):
         # The call copies the word token for token. Quoted, 'strawberry' pre-tokenises as 's + trawberry (a
         # contraction) and "wrestling" as one piece with its quote: other tokens than the ` straw|berry` of the
         # question and of the sentence before the call, so a small model would have to re-spell the word; the
-        # leading space (which .count ignores) keeps the same tokens. Spelled out first (nanochat's order), the CPU demo's model
-        # misspelled the word and copied its own misspelling into the call ("Spelled out, wrestling is: p, o, n,
-        # ...", then 'cornies'.count('s')); SimpleSpelling teaches spelling.
+        # leading space (which .count ignores) keeps the same tokens. Spelled out first (nanochat's order), the CPU
+        # demo's model misspelled the word and copied its own misspelling into the call ("Spelled out, wrestling
+        # is: p, o, n, ...", then 'cornies'.count('s')); SimpleSpelling teaches spelling.
         expr = f'" {word}".count("{letter}")'
         count = int(calculator(expr))
         reply = [
