@@ -624,6 +624,27 @@ def test_penalties_count_the_replys_text_not_its_tool_calls(tiny_tokenizer):
     assert row.segment == "text" and not row.done
 
 
+def test_a_row_inside_a_tool_call_is_not_penalized(tiny_tokenizer, monkeypatch):
+    """The batch hands `penalize` the row's text counts while it writes text and nothing while it writes code."""
+    import picochat.engine.batch as batch
+
+    tok = tiny_tokenizer
+    sid = tok.special_id
+    x, y = tok.encode("x")[0], tok.encode("y")[0]
+    chain = [sid("<|assistant_start|>"), x, sid("<|python_start|>"), y, sid("<|python_end|>")]
+    table = {a: b for a, b in zip(chain, chain[1:])}
+    table[sid("<|output_end|>")] = sid("<|assistant_end|>")
+    seen = []
+    monkeypatch.setattr(batch, "penalize", lambda logits, sampled, params: seen.append(dict(sampled[0])) or logits)
+    engine = Engine(ScriptedModel(tok.vocab_size, table, default=sid("<|assistant_end|>")), tok, tool=lambda c: "3")
+    prompt = [tok.bos_id, sid("<|assistant_start|>")]
+    (seq,), _ = engine.generate_batch(prompt, 1, SamplingParams(temperature=0, max_tokens=20, frequency_penalty=1.0))
+    assert seq[:4] == [x, sid("<|python_start|>"), y, sid("<|python_end|>")]
+    # picking x (nothing written yet), python_start (x written), y and python_end (inside the call: nothing), then
+    # assistant_end (text again: x)
+    assert seen == [{}, {x: 1}, {}, {}, {x: 1}]
+
+
 def test_greedy_with_a_presence_penalty_stops_repeating(tiny_tokenizer, models):
     engine = Engine(models[0], tiny_tokenizer)
     ids = tiny_tokenizer.encode("The quick brown", prepend=tiny_tokenizer.bos_id)

@@ -108,6 +108,12 @@ def _hellaswag(model, tok, cfg: EvalBaseConfig, rt, autocast) -> tuple[dict, dic
     return result, {"hellaswag": records}
 
 
+def _copy(model, tok, rt, autocast) -> tuple[dict, dict]:
+    from picochat.evals.copy import evaluate_copy
+
+    return evaluate_copy(model, tok, rt.device, autocast=autocast), {}
+
+
 def summary_table(results: list[dict]) -> str:
     lines = [f"{'suite':<10} {'metric':<12} {'value':>8} {'n':>7} {'time':>9} {'cpu':>9}"]
     for r in results:
@@ -146,9 +152,7 @@ def _base(argv: list[str] | None) -> None:
             elif suite == "core":
                 result, records = _core(model, tok, cfg, rt, autocast)
             elif suite == "copy":
-                from picochat.evals.copy import evaluate_copy
-
-                result, records = evaluate_copy(model, tok, rt.device, autocast=autocast), {}
+                result, records = _copy(model, tok, rt, autocast)
             else:
                 result, records = _hellaswag(model, tok, cfg, rt, autocast)
             result = {"suite": suite, "stage": meta["source"], "run": meta["run"] or "default", "step": meta["step"],

@@ -143,4 +143,3 @@ class SimpleSpelling(_WordTask):
     def evaluate(self, conversation: dict, completion: str) -> bool:
         letters = [x for x in re.split(r"[\s,\-]+", completion.strip().lower().rstrip(".")) if x]
         return letters == list(conversation["word"])
-
